@@ -1,0 +1,111 @@
+"""The DuckDB catalog: short connections, retried while another process holds the file.
+
+DuckDB lets one process write and then refuses every other process, readers included, so
+connections live only as long as one transaction: a long stage never blocks `msta-pipe sql`.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from pipeline.errors import UserError
+
+from .schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS, SCHEMA_VERSION
+
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
+
+
+class Catalog:
+    def __init__(self, home: Path, wait_seconds: float = 10.0) -> None:
+        self.home = home
+        self.path = home / "catalog.duckdb"
+        self.wait_seconds = wait_seconds
+        self._migrated = False
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.wait_seconds
+        delay = 0.02
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as exc:
+                m = _LOCK_HOLDER.search(str(exc))
+                if m is None:
+                    raise UserError(f"cannot open the catalog {self.path}: {exc}", 1) from None
+                if time.monotonic() >= deadline:
+                    raise UserError(
+                        f"the catalog {self.path} is locked by another process "
+                        f"(PID {m.group(2)}: {m.group(1)}); close it (a duckdb shell?) or wait, "
+                        "then run the command again", 1) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection for one transaction: committed on success, else rolled back."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        con = self._open(read_only=False)
+        try:
+            if not self._migrated:
+                self._migrate(con)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        finally:
+            con.close()
+
+    @contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        if not self.exists():
+            raise UserError(f"no catalog at {self.path}: run a stage first "
+                            "(e.g. `msta-pipe describe`), or pass the right --home", 2)
+        con = self._open(read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
+        has_meta = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()[0]
+        version = 0
+        if has_meta:
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise UserError(f"the catalog {self.path} has schema version {version}, newer than this "
+                            f"msta-pipe knows ({SCHEMA_VERSION}); upgrade msta-pipe", 2)
+        for v in range(version, SCHEMA_VERSION):
+            con.execute("BEGIN TRANSACTION")
+            con.execute(MIGRATIONS[v])
+            if v == 0:
+                con.execute(EMPTY_TEXT_EMBEDDINGS)
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(v + 1)])
+            con.execute("COMMIT")
+        self._migrated = True
+
+
+def insert_many(con: duckdb.DuckDBPyConnection, sql: str, rows: list[list[Any]]) -> None:
+    """executemany that accepts an empty batch (DuckDB refuses one)."""
+    if rows:
+        con.executemany(sql, rows)
+
+
+def rows_as_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None
+                  ) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params or [])
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]

@@ -1,0 +1,65 @@
+"""Garbage collection with an explicit scope (DVC's habit): what the catalog reaches stays.
+
+Reached: the output of the latest completed run of every target (of every run with
+--keep-history), artifacts named by the catalog's current tables, the clips of current
+frame indexes, and the working folders of runs that are unfinished or current (checkpoints
+of an interrupted training must survive a gc). Everything else under artifacts/ and runs/ goes.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .catalog import Catalog
+from .store import TMP_PREFIX, Store
+
+
+@dataclass
+class Report:
+    files: int = 0
+    bytes: int = 0
+    rows: int = 0
+
+
+def collect(catalog: Catalog, store: Store, keep_history: bool, dry_run: bool) -> Report:
+    with catalog.transaction() as con:
+        scope = "" if keep_history else """
+            AND (status <> 'done' OR started_at = (SELECT max(started_at) FROM runs r2
+                 WHERE r2.target = runs.target AND r2.status = 'done'))"""
+        outputs = {d for (d,) in con.execute(f"SELECT output FROM runs WHERE output IS NOT NULL {scope}").fetchall()}
+        outputs |= {d for (d,) in con.execute("""
+            SELECT artifact FROM text_embedding_files UNION SELECT artifact FROM frame_index
+            UNION SELECT checkpoint_digest FROM results WHERE checkpoint_digest IS NOT NULL""").fetchall()}
+        artifacts = con.execute("SELECT digest, path FROM artifacts").fetchall()
+        keep_paths = {p for d, p in artifacts if d in outputs}
+        drop_digests = [d for d, _ in artifacts if d not in outputs]
+        clips = con.execute("""SELECT entry_key, path, entry_key IN (SELECT entry_key FROM frame_index)
+                               FROM frame_clips""").fetchall()
+        keep_paths |= {p for _, p, used in clips if used}
+        drop_clips = [k for k, _, used in clips if not used]
+        run_keys = {k[:16] for (k,) in con.execute(f"SELECT key FROM runs WHERE true {scope}").fetchall()}
+        if not dry_run:
+            for d in drop_digests:
+                con.execute("DELETE FROM artifacts WHERE digest = ?", [d])
+            for k in drop_clips:
+                con.execute("DELETE FROM frame_clips WHERE entry_key = ?", [k])
+    report = Report(rows=len(drop_digests) + len(drop_clips))
+    if store.artifacts.exists():
+        for path in store.artifacts.rglob("*"):
+            if path.is_file() and (path.name.startswith(TMP_PREFIX) or store.relative(path) not in keep_paths):
+                _remove(path, report, dry_run)
+    runs_dir = store.home / "runs"
+    if runs_dir.exists():
+        for folder in runs_dir.iterdir():
+            if folder.is_dir() and folder.name not in run_keys:
+                _remove(folder, report, dry_run)
+    return report
+
+
+def _remove(path: Path, report: Report, dry_run: bool) -> None:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    report.files += len(files)
+    report.bytes += sum(p.stat().st_size for p in files)
+    if not dry_run:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -1,0 +1,82 @@
+"""The catalog's schema as forward-only migrations; `meta.schema_version` records the last applied.
+
+Table and column names are part of the user interface (README, "SQL tables"): add, never rename.
+"""
+
+MIGRATIONS: list[str] = [
+    # 1: the engine, the item caches and the description tables
+    """
+    CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+    CREATE TABLE runs (
+        run_id VARCHAR PRIMARY KEY, key VARCHAR NOT NULL, stage VARCHAR NOT NULL,
+        target VARCHAR NOT NULL, code_version VARCHAR NOT NULL, params JSON, locators JSON,
+        inputs JSON, request JSON, output VARCHAR, status VARCHAR NOT NULL, started_at TIMESTAMP,
+        finished_at TIMESTAMP, seconds DOUBLE, pid INTEGER, error VARCHAR, summary JSON);
+    CREATE TABLE artifacts (
+        digest VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, path VARCHAR NOT NULL,
+        file_sha256 VARCHAR NOT NULL, bytes BIGINT, created_at TIMESTAMP, meta JSON);
+    CREATE TABLE file_digests (
+        path VARCHAR PRIMARY KEY, size BIGINT, mtime_ns BIGINT, sha256 VARCHAR);
+    CREATE TABLE classes (
+        dataset VARCHAR, class_id INTEGER, raw_name VARCHAR, name VARCHAR,
+        PRIMARY KEY (dataset, class_id));
+    CREATE TABLE llm_requests (
+        attempt_id VARCHAR PRIMARY KEY, request_key VARCHAR NOT NULL, created_at TIMESTAMP,
+        dataset VARCHAR, class_name VARCHAR, kind VARCHAR, model VARCHAR, endpoint_host VARCHAR,
+        messages JSON, params JSON, response_format VARCHAR, response VARCHAR,
+        finish_reason VARCHAR, prompt_tokens INTEGER, completion_tokens INTEGER,
+        latency_s DOUBLE, status VARCHAR, error VARCHAR);
+    CREATE TABLE llm_endpoints (
+        endpoint_host VARCHAR, model VARCHAR, json_schema BOOLEAN, checked_at TIMESTAMP,
+        PRIMARY KEY (endpoint_host, model));
+    CREATE TABLE descriptions (
+        dataset VARCHAR, class_id INTEGER, class_name VARCHAR, kind VARCHAR, idx INTEGER,
+        phrase VARCHAR, text VARCHAR, n_tokens INTEGER, request_key VARCHAR, problems VARCHAR[],
+        PRIMARY KEY (dataset, class_id, kind, idx));
+    CREATE TABLE description_failures (
+        dataset VARCHAR, kind VARCHAR, class_id INTEGER, class_name VARCHAR, reason VARCHAR,
+        run_id VARCHAR);
+    CREATE TABLE text_embedding_files (
+        dataset VARCHAR, backbone VARCHAR, artifact VARCHAR, path VARCHAR, dim INTEGER,
+        PRIMARY KEY (dataset, backbone));
+    """,
+    # 2: the video side
+    """
+    CREATE TABLE frame_clips (
+        entry_key VARCHAR PRIMARY KEY, video VARCHAR, size BIGINT, mtime_ns BIGINT,
+        sampling JSON, shape INTEGER[], path VARCHAR, bytes BIGINT, format VARCHAR,
+        created_at TIMESTAMP);
+    CREATE TABLE frame_index (
+        artifact VARCHAR, dataset VARCHAR, list VARCHAR, video VARCHAR, label INTEGER,
+        entry_key VARCHAR);
+    CREATE TABLE frame_failures (
+        dataset VARCHAR, list VARCHAR, video VARCHAR, error VARCHAR, run_id VARCHAR,
+        created_at TIMESTAMP);
+    CREATE VIEW frames AS
+        SELECT i.dataset, i.list, i.video, i.label, c.sampling, c.shape, c.format, c.bytes,
+               c.path AS clip_path, i.artifact
+        FROM frame_index i JOIN frame_clips c USING (entry_key);
+    """,
+    # 3: training and evaluation
+    """
+    CREATE TABLE epochs (
+        run_key VARCHAR, epoch INTEGER, lr DOUBLE, loss DOUBLE, ce DOUBLE, cc DOUBLE,
+        train_acc DOUBLE, heldout_acc DOUBLE, seconds DOUBLE, PRIMARY KEY (run_key, epoch));
+    CREATE TABLE results (
+        run_key VARCHAR, protocol VARCHAR, dataset VARCHAR, split VARCHAR, metric VARCHAR,
+        value DOUBLE, views VARCHAR, checkpoint_digest VARCHAR, selection VARCHAR,
+        eval_key VARCHAR, created_at TIMESTAMP,
+        PRIMARY KEY (run_key, dataset, split, metric, selection));
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+EMPTY_TEXT_EMBEDDINGS = """
+CREATE OR REPLACE VIEW text_embeddings AS
+SELECT NULL::VARCHAR AS dataset, NULL::VARCHAR AS backbone, NULL::VARCHAR AS level,
+       NULL::INTEGER AS class_id, NULL::VARCHAR AS class_name, NULL::VARCHAR AS kind,
+       NULL::INTEGER AS idx, NULL::VARCHAR AS text, NULL::VARCHAR AS text_sha256,
+       NULL::FLOAT[] AS embedding
+WHERE false
+"""

@@ -1,0 +1,29 @@
+"""Views over artifact files, rebuilt whenever the files they read change.
+
+Parquet `fixed_size_list<float32>[D]` reads back in DuckDB as `FLOAT[]`; the cast to `FLOAT[D]`
+is what makes `array_cosine_similarity` usable in plain SQL.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from .schema import EMPTY_TEXT_EMBEDDINGS
+
+
+def refresh_text_embeddings(con: duckdb.DuckDBPyConnection, home: Path) -> None:
+    files = con.execute("SELECT path, dim FROM text_embedding_files ORDER BY dataset, backbone").fetchall()
+    if not files:
+        con.execute(EMPTY_TEXT_EMBEDDINGS)
+        return
+    dims = {d for _, d in files}
+    cast = f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]"  # mixed widths cannot share one array type
+    selects = [f"""SELECT dataset, backbone, level, class_id, class_name, kind, idx, text, text_sha256,
+                          embedding::{cast} AS embedding
+                   FROM read_parquet('{_quote(home / path)}')""" for path, _ in files]
+    con.execute("CREATE OR REPLACE VIEW text_embeddings AS " + "\nUNION ALL\n".join(selects))
+
+
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")

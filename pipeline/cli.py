@@ -1,0 +1,275 @@
+"""`msta-pipe`: the command line. Heavy modules (torch, open_clip, duckdb, pyarrow) are imported
+inside the commands that need them, so `msta-pipe --help` starts at once."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="msta-pipe",
+    help="MSTA video adapters for CLIP as a cached, content-addressed pipeline: LLM class descriptions, "
+         "frozen text embeddings, cached video frames, adapter training and evaluation. Every stage is "
+         "keyed by its parameters, input contents and code version in a DuckDB catalog under --home.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+Home = Annotated[Optional[Path], typer.Option(
+    "--home", help="Pipeline home holding catalog.duckdb and artifacts/ [env MSTA_HOME; default ./.msta]",
+    show_default=False)]
+ConfigPath = Annotated[Optional[Path], typer.Option(
+    "--config", help="Dataset config (TOML) [default ./msta.toml when it exists]", show_default=False)]
+Dataset = Annotated[str, typer.Option("--dataset", "-d", help="Dataset name: built-in (ssv2, k400, k600, "
+                                      "hmdb51, ucf101, NAME-base, NAME-novel, k600-zs1..3) or declared in the config")]
+Labels = Annotated[Optional[Path], typer.Option(
+    "--labels", help="Class list file for the dataset (overrides the config): `id,name` CSV, SSv2 labels.json, "
+                     "UCF-101 classInd.txt or one name per line", show_default=False)]
+Force = Annotated[bool, typer.Option("--force", help="Run the stage even if its result is cached "
+                                     "(item caches such as LLM answers are still used)")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Say what would run and why; change nothing")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars")]
+
+
+def home_dir(home: Path | None) -> Path:
+    return (home or Path(os.environ.get("MSTA_HOME", ".msta"))).resolve()
+
+
+def load_config(config: Path | None) -> Any:
+    from .datasets import Config
+
+    if config is None and Path("msta.toml").exists():
+        config = Path("msta.toml")
+    return Config(config)
+
+
+def make_runner(home: Path | None, **options: Any) -> Any:
+    from .runner import Runner
+
+    return Runner(home_dir(home), options, echo=lambda s: typer.echo(s, err=False))
+
+
+def writing(home: Path | None) -> Any:
+    """The home's writer lock for commands that change it (see pipeline/lock.py)."""
+    from .lock import HomeLock
+
+    return HomeLock(home_dir(home))
+
+
+@app.command()
+def describe(
+    dataset: Dataset,
+    labels: Labels = None,
+    kind: Annotated[str, typer.Option(help="spatial, temporal or both")] = "both",
+    n: Annotated[Optional[int], typer.Option("--n", help="Descriptions per class and kind "
+                 "[default 2; for --from-file: the count most classes have]", show_default=False)] = None,
+    model: Annotated[str, typer.Option(help="Model name at the endpoint [env MSTA_LLM_MODEL]")] = "gpt-4o-mini",
+    base_url: Annotated[Optional[str], typer.Option(
+        "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, Ollama, "
+                           "DeepSeek) [env OPENAI_BASE_URL; default OpenAI]. The key comes from OPENAI_API_KEY.",
+        show_default=False)] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature")] = 0.7,
+    max_tokens: Annotated[int, typer.Option(help="Answer length limit per request")] = 400,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed sent to the endpoint")] = 0,
+    max_reasks: Annotated[int, typer.Option(help="How often an invalid answer is answered back per class")] = 2,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight")] = 8,
+    timeout: Annotated[float, typer.Option(help="Seconds per request before it counts as failed")] = 60.0,
+    prompt_dir: Annotated[Optional[Path], typer.Option(
+        help="Folder with your own system.j2, spatial.j2, temporal.j2, reask.j2, frames.toml "
+             "[default: the packaged prompts/]", show_default=False)] = None,
+    from_file: Annotated[Optional[Path], typer.Option(
+        "--from-file", help="Import descriptions instead of asking an LLM: the MSTA authors' "
+                            '{"<class id>": [sentences]} or CuPL/DCLIP {"<class name>": [sentences]} JSON; '
+                            "needs --kind spatial or temporal", show_default=False)] = None,
+    force: Force = False,
+    dry_run: DryRun = False,
+    no_progress: NoProgress = False,
+    home: Home = None,
+    config: ConfigPath = None,
+) -> None:
+    """LLM-written spatial and temporal descriptions of every class, cached per request.
+
+    A rerun sends no request whose answer is stored; an interrupted run resumes where it stopped.
+    Answers that are not JSON, have the wrong count, empty or repeated phrases, or sentences over
+    CLIP's 77-token context are answered back (--max-reasks); classes that still fail are listed
+    and the command exits 1. Inspect the result with
+    `msta-pipe sql "select * from descriptions where dataset='NAME'"`.
+    """
+    from prompts import KINDS, PROMPT_DIR
+
+    from .dag import LLMOptions, describe_import_request, describe_llm_request
+
+    if kind not in (*KINDS, "both"):
+        raise UserError(f"--kind must be spatial, temporal or both, not {kind!r}", 2)
+    kinds = list(KINDS) if kind == "both" else [kind]
+    if n is not None and n < 1:
+        raise UserError("--n must be at least 1", 2)
+    pdir = (prompt_dir or PROMPT_DIR).resolve()
+    runner = make_runner(home, progress=not no_progress)
+    ds = load_config(config).dataset(dataset, labels)
+    if from_file is not None:
+        if kind == "both":
+            raise UserError("--from-file holds one kind of description: pass --kind spatial or --kind temporal", 2)
+        requests = [describe_import_request(runner, ds, kind, from_file, n, pdir)]
+    else:
+        from stages.llm import normalise_endpoint
+
+        url = base_url or os.environ.get("OPENAI_BASE_URL")
+        try:
+            endpoint = normalise_endpoint(url)
+        except ValueError as exc:
+            raise UserError(str(exc), 2) from None
+        if not dry_run and not url and not os.environ.get("OPENAI_API_KEY"):
+            raise UserError("no LLM endpoint configured: set OPENAI_API_KEY (OpenAI) or pass --base-url / "
+                            "OPENAI_BASE_URL for another OpenAI-compatible server; or import descriptions "
+                            "with --from-file", 2)
+        opts = LLMOptions(model=os.environ.get("MSTA_LLM_MODEL", model) if model == "gpt-4o-mini" else model,
+                          endpoint=endpoint, base_url_given=bool(url), n=n or 2, temperature=temperature,
+                          max_tokens=max_tokens, seed=seed, max_reasks=max_reasks, concurrency=concurrency,
+                          timeout=timeout, prompt_dir=pdir)
+        requests = [describe_llm_request(runner, ds, k, opts) for k in kinds]
+    _materialise(runner, home, requests, force, dry_run)
+
+
+def _materialise(runner: Any, home: Path | None, requests: list[Any], force: bool, dry_run: bool) -> list[Any]:
+    if dry_run:
+        return [runner.materialise(r, force=force, dry_run=True) for r in requests]
+    with writing(home):
+        return [runner.materialise(r, force=force) for r in requests]
+
+
+@app.command()
+def status(home: Home = None, config: ConfigPath = None) -> None:
+    """Every stage the home knows: fresh, stale (and why), failed or missing. Exits 1 if anything is stale."""
+    from .stage import Request
+    import json
+
+    runner = make_runner(home)
+    if not runner.catalog.exists():
+        typer.echo(f"no catalog at {runner.catalog.path}: nothing has run yet")
+        return
+    with runner.catalog.reader() as con:
+        rows = con.execute("""SELECT target, arg_max(request, started_at) FROM runs
+                              GROUP BY target ORDER BY min(started_at)""").fetchall()
+        datasets = [r[0] for r in con.execute("SELECT DISTINCT dataset FROM classes ORDER BY 1").fetchall()]
+    seen = {t for t, _ in rows}
+    lines = []
+    any_stale = False
+    for target, request in rows:
+        ev = runner.evaluate(Request.from_json(json.loads(request)))
+        any_stale |= ev.state in ("stale", "failed")
+        lines.append((target, ev.state, ev.reason))
+    for ds in datasets:
+        for kind in ("spatial", "temporal"):
+            if f"describe:{ds}:{kind}" not in seen:
+                lines.append((f"describe:{ds}:{kind}", "missing", "never run"))
+    width = max(len(t) for t, _, _ in lines) if lines else 10
+    for target, state, reason in lines:
+        typer.echo(f"{target:<{width}}  {state:<8} {reason}".rstrip())
+    if any_stale:
+        raise typer.Exit(1)
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="A read-only SQL query over the catalog (SELECT, WITH, SHOW, "
+                                              "DESCRIBE, SUMMARIZE, EXPLAIN, PRAGMA)")],
+    format: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+    home: Home = None,
+) -> None:
+    """Query the catalog: tables runs, artifacts, classes, llm_requests, descriptions, description_failures,
+    frame_clips, frame_failures, epochs, results and views text_embeddings, frames (see README)."""
+    import duckdb
+
+    from cache.catalog import Catalog
+
+    if format not in ("table", "csv", "json"):
+        raise UserError("--format must be table, csv or json", 2)
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise UserError(f"cannot parse the query: {exc}", 2) from None
+    allowed = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA}
+    refused = [s.type.name for s in statements if s.type not in allowed]
+    if refused:
+        raise UserError(f"`msta-pipe sql` is read-only: {', '.join(refused)} statements are refused", 2)
+    if not statements:
+        raise UserError("the query is empty", 2)
+    with Catalog(home_dir(home)).reader() as con:
+        try:
+            for stmt in statements[:-1]:
+                con.execute(stmt)
+            cur = con.execute(statements[-1])
+            names = [d[0] for d in cur.description] if cur.description else []
+            rows = cur.fetchall() if names else []
+        except duckdb.Error as exc:
+            raise UserError(f"query failed: {exc}", 1) from None
+    _print_rows(names, rows, format)
+
+
+def _print_rows(names: list[str], rows: list[tuple[Any, ...]], fmt: str) -> None:
+    import json
+
+    if fmt == "json":
+        typer.echo(json.dumps([dict(zip(names, r)) for r in rows], default=str, indent=1))
+    elif fmt == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(names)
+        w.writerows(rows)
+    else:
+        cells = [[_cell(v) for v in r] for r in rows]
+        widths = [min(60, max([len(n)] + [len(c[i]) for c in cells])) for i, n in enumerate(names)]
+        typer.echo("  ".join(n.ljust(w) for n, w in zip(names, widths)).rstrip())
+        typer.echo("  ".join("-" * w for w in widths))
+        for c in cells:
+            typer.echo("  ".join(v[:w].ljust(w) for v, w in zip(c, widths)).rstrip())
+        typer.echo(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "NULL" if v is None else str(v).replace("\n", " ")
+
+
+@app.command()
+def gc(
+    dry_run: DryRun = False,
+    keep_history: Annotated[bool, typer.Option("--keep-history", help="Also keep the artifacts of superseded "
+                                               "runs (default: only the latest completed run of each target)")] = False,
+    home: Home = None,
+) -> None:
+    """Delete artifact files that no catalog row reaches, leftover temporary files and stale run folders."""
+    from cache.gc import collect
+
+    runner = make_runner(home)
+    if not runner.catalog.exists():
+        typer.echo("nothing to collect: no catalog yet")
+        return
+    if dry_run:
+        report = collect(runner.catalog, runner.store, keep_history=keep_history, dry_run=True)
+    else:
+        with writing(home):
+            report = collect(runner.catalog, runner.store, keep_history=keep_history, dry_run=False)
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"{verb} {report.files} files ({report.bytes / 1e6:.1f} MB) and {report.rows} catalog rows")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)

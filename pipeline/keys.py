@@ -1,0 +1,60 @@
+"""Canonical JSON and content digests: the vocabulary of stage keys and artifact identities."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def _normalise(value: Any) -> Any:
+    """Make a value canonical: floats in repr form, tuples as lists, keys as strings."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            raise ValueError(f"cannot key a non-finite float: {value!r}")
+        # repr keeps 0.1 as 0.1 (json would too) and marks floats apart from ints in the key
+        return {"__float__": repr(value)}
+    if isinstance(value, dict):
+        return {str(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot key a value of type {type(value).__name__}: {value!r}")
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no whitespace, floats in repr form: equal values give equal text."""
+    return json.dumps(_normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest_value(value: Any) -> str:
+    return sha256_text(canonical_json(value))
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the frame cache treats as a video's identity: path, size and mtime (no content hash)."""
+    st = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

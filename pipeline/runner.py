@@ -1,0 +1,326 @@
+"""Resolves a request tree like make: upstream first, skip what is fresh, run what is stale.
+
+Key of a run = sha256 of canonical JSON {stage, code_version, params, inputs: {name: digest}}.
+Inputs are named by the digest of their content (an upstream artifact's logical digest or a
+file's sha256), so an upstream rerun that yields identical content invalidates nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cache.catalog import Catalog, rows_as_dicts
+from cache.store import Store, table_digest, write_parquet, atomic_write_bytes
+from .errors import UserError
+from .keys import canonical_json, sha256_bytes, sha256_file, digest_value
+from .stage import (Artifact, FileDigest, FileInput, Output, Request, Resolved, StageFailed,
+                    get_stage)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass
+class Context:
+    """What a running stage may use: the home's store and catalog, and run-time options."""
+    home: Path
+    catalog: Catalog
+    store: Store
+    options: dict[str, Any] = field(default_factory=dict)
+    echo: Callable[[str], None] = print
+    run_id: str = ""
+    key: str = ""
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return self.options.get(name, default)
+
+
+@dataclass
+class Evaluation:
+    """Freshness of one request as of now, without running anything."""
+    request: Request
+    target: str
+    state: str  # fresh | stale | missing | failed
+    reason: str = ""
+    key: str | None = None
+    artifact: Artifact | None = None
+    upstream: list["Evaluation"] = field(default_factory=list)
+
+
+class Runner:
+    def __init__(self, home: Path, options: Mapping[str, Any] | None = None,
+                 echo: Callable[[str], None] = print) -> None:
+        self.home = home
+        self.catalog = Catalog(home)
+        self.store = Store(home)
+        self.options = dict(options or {})
+        self.echo = echo
+        self._file_memo: dict[tuple[str, int, int], str] = {}
+
+    # -- digests of inputs -------------------------------------------------------------
+    def file_digest(self, path: Path) -> str:
+        """sha256 of a file, memoised on (path, size, mtime) in the catalog: weights are large."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise UserError(f"input file {path} does not exist", 2) from None
+        memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if memo_key in self._file_memo:
+            return self._file_memo[memo_key]
+        digest = None
+        if self.catalog.exists() and st.st_size > (8 << 20):
+            with self.catalog.reader() as con:
+                row = con.execute("SELECT sha256 FROM file_digests WHERE path=? AND size=? AND mtime_ns=?",
+                                  list(memo_key)).fetchone()
+            digest = row[0] if row else None
+        if digest is None:
+            digest = sha256_file(path)
+            if st.st_size > (8 << 20):
+                with self.catalog.transaction() as con:
+                    con.execute("INSERT OR REPLACE INTO file_digests VALUES (?, ?, ?, ?)",
+                                [*memo_key, digest])
+        self._file_memo[memo_key] = digest
+        return digest
+
+    def key_of(self, req: Request, input_digests: Mapping[str, str]) -> str:
+        stage = get_stage(req.stage)
+        return digest_value({"stage": req.stage, "code_version": stage.code_version,
+                             "params": dict(req.params), "inputs": dict(input_digests)})
+
+    # -- freshness ---------------------------------------------------------------------
+    def evaluate(self, req: Request) -> Evaluation:
+        stage = get_stage(req.stage)
+        target = stage.target(req)
+        upstream: list[Evaluation] = []
+        digests: dict[str, str] = {}
+        blocked = ""
+        for name, inp in req.inputs.items():
+            if isinstance(inp, FileInput):
+                if not inp.path.exists():
+                    blocked = blocked or f"input {name} ({inp.path}) is missing"
+                    continue
+                digests[name] = self.file_digest(inp.path)
+            else:
+                ev = self.evaluate(inp)
+                upstream.append(ev)
+                if ev.state != "fresh":
+                    blocked = blocked or f"upstream {ev.target} is {ev.state}"
+                else:
+                    digests[name] = ev.artifact.digest  # type: ignore[union-attr]
+        if blocked:
+            return Evaluation(req, target, "stale", blocked, upstream=upstream)
+        key = self.key_of(req, digests)
+        artifact = self._done_artifact(key)
+        if artifact is not None:
+            changed = stage.check(artifact)
+            if not changed:
+                return Evaluation(req, target, "fresh", key=key, artifact=artifact, upstream=upstream)
+            return Evaluation(req, target, "stale", changed, key=key, upstream=upstream)
+        state, reason = self._why_not_fresh(req, target, key, digests)
+        return Evaluation(req, target, state, reason, key=key, upstream=upstream)
+
+    def _done_artifact(self, key: str) -> Artifact | None:
+        """The artifact of a done run with this key, if its file is intact (else: a miss)."""
+        if not self.catalog.exists():
+            return None
+        with self.catalog.reader() as con:
+            rows = rows_as_dicts(con, """
+                SELECT a.* FROM runs r JOIN artifacts a ON a.digest = r.output
+                WHERE r.key = ? AND r.status = 'done' ORDER BY r.finished_at DESC LIMIT 1""", [key])
+        if not rows:
+            return None
+        row = rows[0]
+        path = self.store.absolute(row["path"])
+        if not self.store.verify(path, row["file_sha256"]):
+            return None
+        return Artifact(row["digest"], row["kind"], path, json.loads(row["meta"] or "{}"))
+
+    def _why_not_fresh(self, req: Request, target: str, key: str,
+                       digests: Mapping[str, str]) -> tuple[str, str]:
+        if not self.catalog.exists():
+            return "missing", "never run"
+        with self.catalog.reader() as con:
+            rows = rows_as_dicts(con, """
+                SELECT key, code_version, params, inputs, status, error, pid FROM runs
+                WHERE target = ? ORDER BY started_at DESC""", [target])
+        if not rows:
+            return "missing", "never run"
+        latest = rows[0]
+        if latest["key"] == key and latest["status"] == "failed":
+            return "failed", f"last run failed: {latest['error']}"
+        if latest["key"] == key and latest["status"] == "running":
+            alive = _pid_alive(latest["pid"])
+            return "stale", "running now" if alive else "interrupted (process gone); rerun resumes it"
+        done = [r for r in rows if r["status"] == "done"]
+        if not done:
+            return "missing", f"no completed run (last: {latest['status']})"
+        if any(r["key"] == key for r in done):
+            return "stale", "artifact file missing or modified"
+        return "stale", describe_difference(get_stage(req.stage).code_version, req.params, digests,
+                                            done[0])
+
+    # -- execution ---------------------------------------------------------------------
+    def materialise(self, req: Request, force: bool = False, dry_run: bool = False) -> Artifact | None:
+        """Make `req`'s artifact exist, running stale upstream stages first.
+
+        With dry_run, prints what would run and returns None for anything not already fresh.
+        """
+        stage = get_stage(req.stage)
+        target = stage.target(req)
+        resolved: dict[str, Resolved] = {}
+        digests: dict[str, str] = {}
+        pending = False
+        for name, inp in req.inputs.items():
+            if isinstance(inp, FileInput):
+                digest = self.file_digest(inp.path)
+                resolved[name] = FileDigest(inp.path, digest)
+                digests[name] = digest
+            else:
+                art = self.materialise(inp, dry_run=dry_run)
+                if art is None:
+                    pending = True
+                    continue
+                resolved[name] = art
+                digests[name] = art.digest
+        ctx = Context(self.home, self.catalog, self.store, self.options, self.echo)
+        if pending:
+            self.echo(f"would run {target} (after its upstream)")
+            plan = stage.plan(req, None, ctx)
+            if plan:
+                self.echo(f"  {plan}")
+            return None
+        key = self.key_of(req, digests)
+        changed = ""
+        if not force:
+            artifact = self._done_artifact(key)
+            if artifact is not None:
+                changed = stage.check(artifact)
+                if not changed:
+                    self.echo(f"fresh  {target}")
+                    return artifact
+        if dry_run:
+            reason = "--force" if force else changed or self._why_not_fresh(req, target, key, digests)[1]
+            self.echo(f"would run {target} ({reason})")
+            plan = stage.plan(req, resolved, ctx)
+            if plan:
+                self.echo(f"  {plan}")
+            return None
+        return self._execute(req, stage, target, key, resolved, digests, ctx)
+
+    def _execute(self, req: Request, stage: Any, target: str, key: str,
+                 resolved: Mapping[str, Resolved], digests: Mapping[str, str], ctx: Context) -> Artifact:
+        run_id = uuid.uuid4().hex
+        ctx.run_id, ctx.key = run_id, key
+        started = time.perf_counter()
+        with self.catalog.transaction() as con:
+            con.execute("""INSERT INTO runs (run_id, key, stage, target, code_version, params, locators,
+                           inputs, request, status, started_at, pid)
+                           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)""",
+                        [run_id, key, req.stage, target, stage.code_version,
+                         canonical_json(dict(req.params)), json.dumps(dict(req.locators), default=str),
+                         canonical_json(dict(digests)), json.dumps(req.to_json(), default=str),
+                         _now(), os.getpid()])
+        self.echo(f"run    {target}")
+        try:
+            output = stage.run(req, resolved, ctx)
+            return self._register(run_id, output, key, req, status="done", error=None,
+                                  seconds=time.perf_counter() - started)
+        except StageFailed as exc:
+            # sibling handlers below do not see what this one raises
+            if exc.output is not None:
+                self._register(run_id, exc.output, key, req, status="failed", error=str(exc),
+                               seconds=time.perf_counter() - started)
+            else:
+                self._fail(run_id, str(exc), started)
+            raise UserError(f"{target}: {exc}", 1) from None
+        except BaseException as exc:
+            msg = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, (UserError, KeyboardInterrupt)):
+                msg += "\n" + traceback.format_exc(limit=-3)
+            self._fail(run_id, msg, started)
+            raise
+
+    def _fail(self, run_id: str, error: str, started: float) -> None:
+        with self.catalog.transaction() as con:
+            con.execute("UPDATE runs SET status='failed', error=?, finished_at=?, seconds=? WHERE run_id=?",
+                        [error, _now(), time.perf_counter() - started, run_id])
+
+    def _register(self, run_id: str, output: Output, key: str, req: Request, status: str,
+                  error: str | None, seconds: float) -> Artifact:
+        """Write the artifact file atomically, then register it with the run in one transaction."""
+        provenance = {"stage": req.stage, "key": key, "params": dict(req.params)}
+        if output.table is not None:
+            digest = table_digest(output.table)
+            path = self.store.artifact_path(output.kind, digest, output.ext or ".parquet")
+            write_parquet(path, output.table, {**provenance, **output.meta})
+        elif output.data is not None:
+            digest = sha256_bytes(output.data)
+            path = self.store.artifact_path(output.kind, digest, output.ext)
+            atomic_write_bytes(path, output.data)
+        elif output.file is not None:
+            digest = sha256_file(output.file)
+            path = self.store.artifact_path(output.kind, digest, output.ext or output.file.suffix)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(output.file, path)
+        else:
+            raise ValueError("a stage output needs a table, data or a file")
+        artifact = Artifact(digest, output.kind, path, dict(output.meta))
+        file_sha = sha256_file(path)
+        with self.catalog.transaction() as con:
+            con.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [digest, output.kind, self.store.relative(path), file_sha,
+                         path.stat().st_size, _now(), json.dumps(dict(output.meta), default=str)])
+            con.execute("""UPDATE runs SET status=?, output=?, finished_at=?, seconds=?, error=?, summary=?
+                           WHERE run_id=?""",
+                        [status, digest, _now(), seconds, error,
+                         json.dumps(dict(output.summary), default=str), run_id])
+            if output.publish is not None:
+                output.publish(con, artifact)
+        return artifact
+
+
+def describe_difference(code_version: str, params: Mapping[str, Any], digests: Mapping[str, str],
+                        previous: Mapping[str, Any]) -> str:
+    """Why a request differs from the last completed run of the same target, in words."""
+    reasons = []
+    if previous["code_version"] != code_version:
+        reasons.append(f"code version {previous['code_version']} -> {code_version}")
+    old_params = json.loads(previous["params"] or "{}")
+    new_params = json.loads(canonical_json(dict(params)))
+    changed = sorted(k for k in set(old_params) | set(new_params) if old_params.get(k) != new_params.get(k))
+    if changed:
+        reasons.append("params: " + ", ".join(
+            f"{k} {_short(old_params.get(k))} -> {_short(new_params.get(k))}" for k in changed))
+    old_inputs = json.loads(previous["inputs"] or "{}")
+    for name in sorted(set(old_inputs) | set(digests)):
+        if old_inputs.get(name) != digests.get(name):
+            reasons.append(f"input content: {name} changed")
+    return "; ".join(reasons) or "changed"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        return value["__float__"]
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,141 @@
+"""The stage contract.
+
+A stage is a pure function of (its parameters, the content of its inputs, its code version)
+that produces one artifact. A `Request` names the stage, its keyed parameters, its
+locators (where things are, how fast to go: never part of the key) and its inputs, each either
+another `Request` or a `FileInput`. The engine turns a request tree into keys and runs;
+stage modules implement `run` and never see each other, only the artifacts they are handed.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Union
+
+if TYPE_CHECKING:
+    import duckdb
+    import pyarrow as pa
+
+    from .runner import Context
+
+
+@dataclass(frozen=True)
+class FileInput:
+    """A file outside the home (label list, template, weights): keyed by its content digest."""
+    path: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": str(self.path)}
+
+
+@dataclass(frozen=True)
+class Request:
+    stage: str
+    params: Mapping[str, Any]
+    inputs: Mapping[str, Union["Request", FileInput]] = field(default_factory=dict)
+    locators: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "params": dict(self.params), "locators": dict(self.locators),
+                "inputs": {k: v.to_json() for k, v in self.inputs.items()}}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> "Request":
+        inputs: dict[str, Request | FileInput] = {}
+        for name, spec in data.get("inputs", {}).items():
+            inputs[name] = FileInput(Path(spec["file"])) if "file" in spec else Request.from_json(spec)
+        return Request(data["stage"], dict(data["params"]), inputs, dict(data.get("locators", {})))
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A registered stage output: `digest` identifies its logical content."""
+    digest: str
+    kind: str
+    path: Path
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    path: Path
+    sha256: str
+
+
+Resolved = Union[Artifact, FileDigest]
+
+
+@dataclass
+class Output:
+    """What `Stage.run` returns: exactly one of `table`, `data` or `file` is the artifact.
+
+    `publish` runs inside the transaction that registers the artifact, so catalog tables that
+    mirror an artifact (descriptions, classes, ...) change together with it or not at all.
+    """
+    kind: str
+    table: "pa.Table | None" = None
+    data: bytes | None = None
+    file: Path | None = None
+    ext: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    summary: Mapping[str, Any] = field(default_factory=dict)
+    publish: Callable[["duckdb.DuckDBPyConnection", Artifact], None] | None = None
+
+
+class StageFailed(Exception):
+    """The stage finished but did not produce a complete artifact (e.g. some classes failed).
+
+    `output`, when given, is still published (valid rows stay inspectable) but the run is not
+    marked done, so a rerun tries again.
+    """
+
+    def __init__(self, message: str, output: Output | None = None) -> None:
+        super().__init__(message)
+        self.output = output
+
+
+class Stage:
+    name: ClassVar[str]
+    code_version: ClassVar[str]
+
+    def target(self, req: Request) -> str:
+        """A readable identity shared by every run of 'the same thing' with other parameters."""
+        raise NotImplementedError
+
+    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: "Context") -> Output:
+        raise NotImplementedError
+
+    def check(self, artifact: Artifact) -> str:
+        """Why a cached artifact no longer holds although its key matches ("" if it holds).
+
+        For inputs too many to key individually, e.g. the videos a frame index was decoded from.
+        """
+        return ""
+
+    def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: "Context") -> str:
+        """What a run would do, for --dry-run; `inputs` is None while upstream would run first."""
+        return ""
+
+
+# The DAG's vocabulary: stage name -> implementing class, imported only when used so that
+# the CLI starts without torch, open_clip or decord.
+STAGES: dict[str, str] = {
+    "labels": "stages.labels:LabelsStage",
+    "describe": "stages.describe:DescribeStage",
+    "embed": "stages.embed:EmbedStage",
+    "frames": "stages.frames:FramesStage",
+    "pretrain": "stages.pretrain:PretrainStage",
+    "train": "stages.train:TrainStage",
+    "evaluate": "stages.evaluate:EvaluateStage",
+}
+
+_instances: dict[str, Stage] = {}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in _instances:
+        module, cls = STAGES[name].split(":")
+        _instances[name] = getattr(importlib.import_module(module), cls)()
+    return _instances[name]

@@ -1,0 +1,126 @@
+"""Video lists: which videos, with which labels. Formats: ViFi-CLIP's `path label` lines,
+SSv2's official train.json/validation.json, and a Kinetics-style CSV. Paths are kept inside
+the dataset's video_root; labels are checked against the class list."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    relpath: str
+    label: int
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.replace("[", "").replace("]", "").lower())
+
+
+def read_video_list(path: Path, class_names: Sequence[str]) -> list[VideoItem]:
+    """Parse a list file; `class_names` are the raw names in id order (for name-labelled formats)."""
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"video list {path} does not exist", 2) from None
+    stripped = raw.lstrip()
+    if not stripped:
+        raise UserError(f"video list {path} is empty", 2)
+    if stripped.startswith("["):
+        items = _read_ssv2_json(path, raw, class_names)
+    elif stripped.split("\n", 1)[0].lower().replace(" ", "").startswith("label,youtube_id"):
+        items = _read_kinetics_csv(path, raw, class_names)
+    else:
+        items = _read_pairs(path, raw)
+    bad = [(i, it.label) for i, it in enumerate(items) if not 0 <= it.label < len(class_names)]
+    if bad:
+        raise UserError(f"{path}: entry {bad[0][0] + 1} has label {bad[0][1]}, outside the class list's "
+                        f"0..{len(class_names) - 1} ({len(bad)} such entries); is this list meant for "
+                        "another label set (base/novel halves renumber their ids)?", 2)
+    return items
+
+
+def _read_pairs(path: Path, raw: str) -> list[VideoItem]:
+    items = []
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise UserError(f"{path} line {lineno}: expected `relative/path.ext label_id`, got {line.strip()!r}", 2)
+        items.append(VideoItem(parts[0].strip(), int(parts[1])))
+    return items
+
+
+def _read_ssv2_json(path: Path, raw: str, class_names: Sequence[str]) -> list[VideoItem]:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})", 2) from None
+    index = {_norm(n): i for i, n in enumerate(class_names)}
+    items = []
+    for k, entry in enumerate(data):
+        if not isinstance(entry, dict) or "id" not in entry or "template" not in entry:
+            raise UserError(f"{path}: entry {k + 1} lacks `id`/`template` (SSv2 train.json/validation.json format)", 2)
+        label = index.get(_norm(entry["template"]))
+        if label is None:
+            raise UserError(f"{path}: entry {k + 1} has template {entry['template']!r}, not in the class list", 2)
+        items.append(VideoItem(f"{entry['id']}.webm", label))
+    return items
+
+
+def _read_kinetics_csv(path: Path, raw: str, class_names: Sequence[str]) -> list[VideoItem]:
+    index = {_norm(n): i for i, n in enumerate(class_names)}
+    items = []
+    for lineno, row in enumerate(csv.DictReader(io.StringIO(raw)), start=2):
+        try:
+            label = index[_norm(row["label"])]
+            name = f"{row['youtube_id']}_{int(row['time_start']):06d}_{int(row['time_end']):06d}.mp4"
+        except KeyError:
+            raise UserError(f"{path} line {lineno}: label {row.get('label')!r} is not in the class list", 2) from None
+        except (TypeError, ValueError):
+            raise UserError(f"{path} line {lineno}: expected label,youtube_id,time_start,time_end,split", 2) from None
+        items.append(VideoItem(f"{row.get('split') or 'train'}/{name}", label))
+    return items
+
+
+def resolve_videos(items: Sequence[VideoItem], root: Path, list_path: Path) -> tuple[list[Path], list[str]]:
+    """Absolute paths (rejecting any that leave `root`) and the relative paths of missing files."""
+    root = root.resolve()
+    paths, missing = [], []
+    for it in items:
+        p = (root / it.relpath).resolve()
+        if not p.is_relative_to(root):
+            raise UserError(f"{list_path}: {it.relpath!r} resolves outside the video_root {root}; refusing it", 2)
+        if not p.is_file():
+            missing.append(it.relpath)
+        paths.append(p)
+    return paths, missing
+
+
+def draw_few_shot(items: Sequence[VideoItem], k: int, seed: int, class_names: Sequence[str]) -> list[VideoItem]:
+    """K videos per class, stratified and reproducible: a seeded permutation of each class's sorted videos."""
+    by_class: dict[int, list[VideoItem]] = defaultdict(list)
+    for it in items:
+        by_class[it.label].append(it)
+    short = [(c, len(by_class.get(c, []))) for c in range(len(class_names)) if len(by_class.get(c, [])) < k]
+    if short:
+        c, have = short[0]
+        raise UserError(f"cannot draw {k} videos per class: class {c} ({class_names[c]!r}) has only {have} "
+                        f"({len(short)} classes are short); lower --shots or use a larger list", 2)
+    rng = np.random.default_rng(seed)
+    out: list[VideoItem] = []
+    for c in range(len(class_names)):
+        pool = sorted(by_class[c], key=lambda it: it.relpath)
+        out += [pool[i] for i in sorted(rng.permutation(len(pool))[:k])]
+    return out

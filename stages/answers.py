@@ -1,0 +1,168 @@
+"""Turning LLM answers and imported files into clean descriptions, or into reasons why not.
+
+A *fatal* problem (not JSON, wrong count, empty, not a string, a mere echo of the class name,
+a sentence over CLIP's context) makes an LLM answer unusable: the client asks again. Imported
+files cannot be asked again, so there fatal problems leave the class out, and the softer
+defects of real files (typos, template drift, parentheses) are kept beside the row in
+`problems`, never hidden.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from prompts import frame_pattern
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+_NUMBERING = re.compile(r"^\s*(?:\(?\d+[\.\):]|[-*\u2022])\s+")
+_QUOTES = "\"'\u201c\u201d\u2018\u2019`"
+_SENTENCE_BREAK = re.compile(r"[.!?]\s+(?=\S)")
+_VIDEOS_TYPO = re.compile(r"^(an?\s+)videos\b", re.IGNORECASE)
+
+TokenCounter = Callable[[Sequence[str]], list[int]]
+
+
+@dataclass
+class Description:
+    phrase: str
+    text: str
+    n_tokens: int
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Verdict:
+    descriptions: list[Description]
+    fatal: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.fatal
+
+
+def clean_phrase(raw: str) -> tuple[str, list[str]]:
+    """Strip numbering, bullets, quotes, wrapping brackets and a final period; say what was stripped."""
+    notes = []
+    text = re.sub(r"\s+", " ", raw).strip()
+    stripped = _NUMBERING.sub("", text)
+    if stripped != text:
+        notes.append("numbering stripped")
+    text = stripped.strip().strip(_QUOTES).strip()
+    if len(text) >= 2 and text[0] in "([{" and text[-1] in ")]}":
+        text = text[1:-1].strip()
+        notes.append("parentheses stripped")
+    text = text.rstrip(" .").strip(_QUOTES).strip()
+    if len(text) > 1 and text[0].isupper() and text[1].islower():
+        text = text[0].lower() + text[1:]  # it continues a sentence frame
+    return text, notes
+
+
+def _same_as_class(phrase: str, class_name: str) -> bool:
+    norm = lambda s: re.sub(r"[^a-z0-9]", "", re.sub(r"^(a|an|the)\s+", "", s.lower()))
+    return norm(phrase) == norm(class_name)
+
+
+def parse_answer(content: str | None, n: int) -> tuple[list[str] | None, list[str]]:
+    """The list of raw phrase strings in an answer, or None with the reasons."""
+    if not content or not content.strip():
+        return None, ["the answer is empty"]
+    text = _FENCE.sub("", content.strip())
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        match = re.search(r"\{.*\}", text, re.DOTALL)
+        try:
+            data = json.loads(match.group(0)) if match else None
+        except json.JSONDecodeError:
+            data = None
+        if data is None:
+            return None, [f"the answer is not JSON (it starts {text[:60]!r})"]
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        items = data.get("descriptions", lists[0] if len(lists) == 1 else None)
+    else:
+        items = data
+    if not isinstance(items, list):
+        return None, ['the JSON has no list under "descriptions"']
+    bad = [f"item {i + 1} is {type(x).__name__}, not a string" for i, x in enumerate(items)
+           if not isinstance(x, str)]
+    if bad:
+        return None, bad[:3]
+    return items, []
+
+
+def validate_phrases(items: Sequence[str], n: int, class_name: str, frame: str,
+                     count_tokens: TokenCounter, context_length: int) -> Verdict:
+    """An LLM answer's phrases against the rules; wraps clean ones in the sentence frame."""
+    fatal: list[str] = []
+    if len(items) != n:
+        fatal.append(f"expected exactly {n} phrases, got {len(items)}")
+    cleaned = [clean_phrase(x) for x in items]
+    phrases = [p for p, _ in cleaned]
+    for i, p in enumerate(phrases):
+        if not p:
+            fatal.append(f"phrase {i + 1} is empty")
+        elif _same_as_class(p, class_name):
+            fatal.append(f"phrase {i + 1} only repeats the class name")
+    seen: dict[str, int] = {}
+    for i, p in enumerate(phrases):
+        if p and p.casefold() in seen:
+            fatal.append(f"phrases {seen[p.casefold()] + 1} and {i + 1} are the same")
+        seen.setdefault(p.casefold(), i)
+    texts = [frame.format(phrase=p, class_name=class_name) for p in phrases]
+    tokens = count_tokens(texts) if texts else []
+    for i, t in enumerate(tokens):
+        if t > context_length:
+            fatal.append(f"phrase {i + 1} makes a sentence of {t} tokens, over the "
+                         f"{context_length}-token context; keep phrases under 12 words")
+    descriptions = [Description(p, t, k, notes) for (p, notes), t, k in zip(cleaned, texts, tokens)]
+    return Verdict(descriptions, fatal)
+
+
+def validate_sentences(sentences: Sequence[object], n: int, class_name: str, frame: str,
+                       count_tokens: TokenCounter, context_length: int) -> Verdict:
+    """Imported full sentences (e.g. the MSTA authors' files): text kept verbatim, defects noted."""
+    if not all(isinstance(s, str) for s in sentences):
+        kinds = sorted({type(s).__name__ for s in sentences if not isinstance(s, str)})
+        return Verdict([], [f"entries must be strings, found {', '.join(kinds)}"])
+    strings = [re.sub(r"\s+", " ", s).strip() for s in sentences]  # type: ignore[arg-type]
+    if len(strings) != n:
+        why = f"expected {n} descriptions, found {len(strings)}"
+        if len(strings) == 1 and len(_SENTENCE_BREAK.split(strings[0])) > 1:
+            why += (f"; the one string holds {len(_SENTENCE_BREAK.split(strings[0]))} sentences "
+                    "run together")
+        return Verdict([], [why])
+    empty = [i + 1 for i, s in enumerate(strings) if not s]
+    if empty:
+        return Verdict([], [f"description {i} is empty" for i in empty])
+    pattern = frame_pattern(frame)
+    tokens = count_tokens(strings)
+    out: list[Description] = []
+    for i, (s, k) in enumerate(zip(strings, tokens)):
+        problems: list[str] = []
+        m = pattern.match(s)
+        if m is None and _VIDEOS_TYPO.match(s):
+            m = pattern.match(_VIDEOS_TYPO.sub(r"\1video", s))
+            problems.append("typo 'A videos'")
+        if m is None:
+            phrase = s.rstrip(".")
+            problems.append(f"does not follow the frame {frame!r}")
+        else:
+            phrase = m.group("phrase")
+            named = m.groupdict().get("class_name")
+            if named is not None and named.strip().lower() != class_name.lower():
+                squashed = named.replace(" ", "").lower() == class_name.replace(" ", "").lower()
+                problems.append(f"names the class {'squashed as' if squashed else 'as'} {named!r}")
+        phrase, notes = clean_phrase(phrase)
+        problems += [f"{note} from the phrase" for note in notes]
+        if _same_as_class(phrase, class_name):
+            problems.append("only repeats the class name")
+        if any(d.text.casefold() == s.casefold() for d in out):
+            problems.append("duplicate of another description of this class")
+        if k > context_length:
+            problems.append(f"{k} tokens, over the {context_length}-token context: CLIP truncates it")
+        out.append(Description(phrase, s, k, problems))
+    return Verdict(out, [])
+

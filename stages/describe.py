@@ -1,0 +1,349 @@
+"""describe: N spatial or temporal descriptions per class, from an LLM or an imported file.
+
+One request per (class, kind), cached by a key over endpoint, model, rendered messages,
+sampling and output schema; an invalid answer is answered back with what is wrong (a new
+request, itself cached), so a rerun replays the whole exchange without sending anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from cache.catalog import insert_many
+from pipeline.errors import UserError
+from pipeline.runner import Context
+from pipeline.stage import Artifact, FileDigest, Output, Request, Resolved, Stage, StageFailed
+from prompts import load_frames
+
+from .answers import Description, parse_answer, validate_phrases, validate_sentences
+from .labels import read_classes
+from .llm import (LLMClient, LLMError, Recorder, Sampling, SchemaRejected, endpoint_host, recover_journals,
+                  request_key, response_format)
+
+SCHEMA = pa.schema([("dataset", pa.string()), ("class_id", pa.int32()), ("class_name", pa.string()),
+                    ("kind", pa.string()), ("idx", pa.int32()), ("phrase", pa.string()), ("text", pa.string()),
+                    ("n_tokens", pa.int32()), ("request_key", pa.string()), ("problems", pa.list_(pa.string()))])
+
+
+class TokenCounter:
+    """CLIP's BPE token count (start and end tokens included), loaded on first use: it imports torch."""
+
+    def __init__(self) -> None:
+        self._tok: Any = None
+
+    def __call__(self, texts: Sequence[str]) -> list[int]:
+        if self._tok is None:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            self._tok = SimpleTokenizer()
+        return [len(self._tok.encode(t)) + 2 for t in texts]
+
+
+@dataclass
+class ItemResult:
+    class_id: int
+    class_name: str
+    descriptions: list[Description] = field(default_factory=list)
+    request_key: str = ""
+    failure: str = ""
+    sent: int = 0
+    cached: int = 0
+
+
+class DescribeStage(Stage):
+    name = "describe"
+    code_version = "1"
+
+    def target(self, req: Request) -> str:
+        return f"describe:{req.params['dataset']}:{req.params['kind']}"
+
+    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
+        p = req.params
+        classes = [(cid, name) for cid, _raw, name in read_classes(_artifact(inputs["classes"]))]
+        frame = load_frames(_file(inputs["template:frames"]))[p["kind"]]
+        counter = TokenCounter()
+        if p["source"] == "file":
+            results, notes = self._import(req, _file(inputs["file"]), classes, frame, counter, ctx)
+        else:
+            results, notes = self._ask(req, inputs, classes, frame, counter, ctx)
+        return self._finish(req, results, notes, ctx)
+
+    # -- LLM -----------------------------------------------------------------------------
+    def _ask(self, req: Request, inputs: Mapping[str, Resolved], classes: list[tuple[int, str]], frame: str,
+             counter: TokenCounter, ctx: Context) -> tuple[list[ItemResult], dict[str, Any]]:
+        from tqdm import tqdm
+
+        p = req.params
+        api_key = resolve_api_key(p["endpoint"], req.locators.get("base_url_given", False))
+        journal = ctx.home / "journal"
+        recovered = recover_journals(ctx.catalog, journal)
+        if recovered:
+            ctx.echo(f"       recovered {recovered} recorded LLM attempts of an interrupted run")
+        with ctx.catalog.transaction() as con:
+            cache = dict(con.execute("SELECT request_key, any_value(response) FROM llm_requests "
+                                     "WHERE status = 'ok' GROUP BY request_key").fetchall())
+            row = con.execute("SELECT json_schema FROM llm_endpoints WHERE endpoint_host = ? AND model = ?",
+                              [endpoint_host(p["endpoint"]), p["model"]]).fetchone()
+        mode = None if row is None else ("json_schema" if row[0] else "json_object")
+        sampling = Sampling(p["temperature"], p["max_tokens"], p["seed"])
+        recorder = Recorder(ctx.catalog, journal)
+        client = LLMClient(p["endpoint"], p["model"], api_key, sampling, recorder,
+                           timeout=req.locators.get("timeout", 60.0))
+        conv = _Conversation(req, inputs, frame, counter, client, cache)
+        results: list[ItemResult] = []
+        try:
+            todo = list(classes)
+            if mode is None and todo:
+                # Learn once whether the endpoint takes json_schema (llama.cpp answers HTTP 500).
+                cid, name = todo.pop(0)
+                try:
+                    results.append(conv.describe(cid, name, "json_schema", probing=True))
+                    mode = "json_schema"
+                except SchemaRejected:
+                    mode = "json_object"
+                    ctx.echo("       the endpoint refuses response_format json_schema: asking for plain JSON")
+                    results.append(conv.describe(cid, name, mode))
+                with ctx.catalog.transaction() as con:
+                    con.execute("INSERT OR REPLACE INTO llm_endpoints VALUES (?, ?, ?, now())",
+                                [endpoint_host(p["endpoint"]), p["model"], mode == "json_schema"])
+            with ThreadPoolExecutor(max_workers=max(1, int(req.locators.get("concurrency", 8)))) as pool, \
+                    tqdm(total=len(classes), initial=len(results), desc=f"describe {p['kind']}",
+                         unit="class", disable=not ctx.option("progress", True)) as bar:
+                futures = [pool.submit(conv.describe, cid, name, mode) for cid, name in todo]
+                for fut in as_completed(futures):
+                    results.append(fut.result())
+                    bar.update(1)
+        finally:
+            recorder.close()
+        notes = {"requests_sent": client.sent, "answers_cached": sum(r.cached for r in results),
+                 "tokens_in": client.prompt_tokens, "tokens_out": client.completion_tokens,
+                 "response_format": mode, "model": p["model"], "endpoint": p["endpoint"]}
+        return results, notes
+
+    # -- import ----------------------------------------------------------------------------
+    def _import(self, req: Request, path: Path, classes: list[tuple[int, str]], frame: str,
+                counter: TokenCounter, ctx: Context) -> tuple[list[ItemResult], dict[str, Any]]:
+        mapping = read_description_file(path, classes)
+        counts = Counter(len(v) for v in mapping.values() if isinstance(v, list))
+        n = req.params["n"] or (counts.most_common(1)[0][0] if counts else 0)
+        results = []
+        for cid, name in classes:
+            entries = mapping.get(cid)
+            if entries is None:
+                results.append(ItemResult(cid, name, failure=f"no entry for this class in {path.name}"))
+                continue
+            verdict = validate_sentences(entries if isinstance(entries, list) else [entries], n, name, frame,
+                                         counter, req.params["context_length"])
+            results.append(ItemResult(cid, name, verdict.descriptions, failure="; ".join(verdict.fatal)))
+        first_use: dict[str, int] = {}
+        for r in sorted(results, key=lambda r: r.class_id):
+            for d in r.descriptions:
+                other = first_use.setdefault(d.text.casefold(), r.class_id)
+                if other != r.class_id:
+                    d.problems.append(f"same text as class {other}")
+        return results, {"source": str(path), "n": n}
+
+    # -- output ----------------------------------------------------------------------------
+    def _finish(self, req: Request, results: list[ItemResult], notes: dict[str, Any], ctx: Context) -> Output:
+        p = req.params
+        results.sort(key=lambda r: r.class_id)
+        rows = [(p["dataset"], r.class_id, r.class_name, p["kind"], i, d.phrase, d.text, d.n_tokens,
+                 r.request_key or None, d.problems)
+                for r in results if not r.failure for i, d in enumerate(r.descriptions)]
+        table = pa.Table.from_pylist([dict(zip(SCHEMA.names, row)) for row in rows], schema=SCHEMA)
+        failures = [r for r in results if r.failure]
+
+        def publish(con, artifact: Artifact) -> None:
+            con.execute("DELETE FROM descriptions WHERE dataset = ? AND kind = ?", [p["dataset"], p["kind"]])
+            insert_many(con, "INSERT INTO descriptions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [list(r) for r in rows])
+            con.execute("DELETE FROM description_failures WHERE dataset = ? AND kind = ?", [p["dataset"], p["kind"]])
+            insert_many(con, "INSERT INTO description_failures VALUES (?, ?, ?, ?, ?, ?)",
+                            [[p["dataset"], p["kind"], r.class_id, r.class_name, r.failure, ctx.run_id]
+                             for r in failures])
+
+        flagged = [(r, d) for r in results if not r.failure for d in r.descriptions if d.problems]
+        summary = {**notes, "classes": len(results), "rows": len(rows), "failed_classes": len(failures),
+                   "rows_with_problems": len(flagged)}
+        _report(ctx, p, summary, flagged, failures)
+        output = Output(kind="descriptions", table=table, publish=publish, summary=summary,
+                        meta={"dataset": p["dataset"], "kind": p["kind"]})
+        if failures:
+            raise StageFailed(f"{len(failures)} of {len(results)} classes have no valid {p['kind']} descriptions "
+                              "(listed above; also in the description_failures table); the others are stored",
+                              output)
+        return output
+
+    def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
+        p = req.params
+        if p["source"] == "file":
+            return f"import {p['kind']} descriptions from {req.inputs['file'].path}"  # type: ignore[union-attr]
+        if inputs is None:
+            return f"one {p['kind']} request per class to {p['endpoint']} (model {p['model']})"
+        classes = [(cid, name) for cid, _raw, name in read_classes(_artifact(inputs["classes"]))]
+        cached: set[str] = set()
+        if ctx.catalog.exists():
+            with ctx.catalog.reader() as con:
+                cached = {k for (k,) in con.execute(
+                    "SELECT DISTINCT request_key FROM llm_requests WHERE status = 'ok'").fetchall()}
+        conv = _Conversation(req, inputs, "", TokenCounter(), None, {})
+        keys = [conv.first_key(name, "json_schema") for _, name in classes]
+        keys_plain = [conv.first_key(name, "json_object") for _, name in classes]
+        hits = sum(a in cached or b in cached for a, b in zip(keys, keys_plain))
+        return (f"{len(classes) - hits} requests would be sent to {p['endpoint']} (model {p['model']}); "
+                f"{hits} answers are cached; invalid answers would add re-asks")
+
+
+class _Conversation:
+    """The exchange for one (class, kind): ask, validate, tell the model what was wrong, repeat."""
+
+    def __init__(self, req: Request, inputs: Mapping[str, Resolved], frame: str, counter: TokenCounter,
+                 client: LLMClient | None, cache: dict[str, str]) -> None:
+        from jinja2 import Environment, StrictUndefined
+
+        env = Environment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
+        kind = req.params["kind"]
+        self.p = req.params
+        self.system = env.from_string(_file(inputs["template:system"]).read_text(encoding="utf-8"))
+        self.user = env.from_string(_file(inputs[f"template:{kind}"]).read_text(encoding="utf-8"))
+        self.reask = env.from_string(_file(inputs["template:reask"]).read_text(encoding="utf-8"))
+        self.frame, self.counter, self.client, self.cache = frame, counter, client, cache
+        self.sampling = Sampling(self.p["temperature"], self.p["max_tokens"], self.p["seed"])
+
+    def _first_messages(self, name: str) -> list[dict[str, str]]:
+        n, kind = self.p["n"], self.p["kind"]
+        return [{"role": "system", "content": self.system.render(n=n, kind=kind).strip()},
+                {"role": "user", "content": self.user.render(class_name=name, n=n, kind=kind).strip()}]
+
+    def first_key(self, name: str, mode: str) -> str:
+        return request_key(self.p["endpoint"], self.p["model"], self._first_messages(name), self.sampling,
+                           response_format(mode, self.p["n"]))
+
+    def describe(self, class_id: int, name: str, mode: str, probing: bool = False) -> ItemResult:
+        assert self.client is not None
+        n = self.p["n"]
+        fmt = response_format(mode, n)
+        messages = self._first_messages(name)
+        result = ItemResult(class_id, name)
+        budget = 1 + self.p["max_reasks"]  # new answers this run; cached ones are free
+        problems: list[str] = []
+        while True:
+            key = request_key(self.p["endpoint"], self.p["model"], messages, self.sampling, fmt)
+            content = self.cache.get(key)
+            finish = None
+            if content is None:
+                if budget == 0:
+                    result.failure = "; ".join(problems) or "no valid answer"
+                    return result
+                budget -= 1
+                try:
+                    answer = self.client.complete(messages, fmt, key, {"dataset": self.p["dataset"],
+                                                  "class_name": name, "kind": self.p["kind"]},
+                                                  probing_schema=probing and result.sent == 0)
+                except SchemaRejected:
+                    raise
+                except LLMError as exc:
+                    result.failure = str(exc)
+                    return result
+                content, finish = answer.content, answer.finish_reason
+                self.cache[key] = content
+                result.sent += 1
+            else:
+                result.cached += 1
+            items, problems = parse_answer(content, n)
+            if finish == "length":
+                problems.append("the answer was cut off at max_tokens")
+            if items is not None:
+                verdict = validate_phrases(items, n, name, self.frame, self.counter, self.p["context_length"])
+                problems += verdict.fatal
+                if not problems:
+                    result.descriptions, result.request_key = verdict.descriptions, key
+                    return result
+            messages = messages + [{"role": "assistant", "content": content},
+                                   {"role": "user", "content": self.reask.render(
+                                       problems="; ".join(problems), n=n).strip()}]
+
+
+def resolve_api_key(endpoint: str, base_url_given: bool) -> str:
+    key = os.environ.get("OPENAI_API_KEY", "")
+    if key:
+        return key
+    if base_url_given:
+        return "not-needed"  # local servers (llama.cpp, vLLM, Ollama) accept any key
+    raise UserError("no LLM endpoint configured: set OPENAI_API_KEY for OpenAI, or pass --base-url "
+                    "(or OPENAI_BASE_URL) for another OpenAI-compatible server, or import descriptions "
+                    "with --from-file", 2)
+
+
+def read_description_file(path: Path, classes: list[tuple[int, str]]) -> dict[int, Any]:
+    """The MSTA authors' {"<class id>": [...]} or the CuPL/DCLIP {"<class name>": [...]} format."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})", 2) from None
+    except FileNotFoundError:
+        raise UserError(f"description file {path} does not exist (--from-file)", 2) from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"{path}: expected a JSON object {{\"<class id or name>\": [sentences]}}", 2)
+    if all(str(k).strip().isdigit() for k in data):
+        return {int(k): v for k, v in data.items()}
+    norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())
+    by_name = {norm(name): cid for cid, name in classes}
+    mapping: dict[int, Any] = {}
+    unknown = []
+    for k, v in data.items():
+        cid = by_name.get(norm(k))
+        if cid is None:
+            unknown.append(k)
+        else:
+            mapping[cid] = v
+    if unknown and not mapping:
+        raise UserError(f"{path}: none of its class names match the class list (e.g. {unknown[0]!r})", 2)
+    return mapping
+
+
+def _report(ctx: Context, p: Mapping[str, Any], summary: Mapping[str, Any],
+            flagged: list[tuple[ItemResult, Description]], failures: list[ItemResult]) -> None:
+    if "requests_sent" in summary:
+        ctx.echo(f"       {summary['classes']} classes: {summary['requests_sent']} requests sent, "
+                 f"{summary['answers_cached']} answers cached, {len(failures)} classes failed; "
+                 f"tokens in {summary['tokens_in']:,}, out {summary['tokens_out']:,}")
+    else:
+        ctx.echo(f"       imported {summary['rows']} {p['kind']} descriptions of {summary['classes']} classes "
+                 f"from {summary['source']} (N={summary['n']}), {len(failures)} classes failed")
+    if flagged:
+        kinds = Counter(prob.split(":")[0].split(" '")[0] for _, d in flagged for prob in d.problems)
+        ctx.echo(f"       {len(flagged)} descriptions carry problems: "
+                 + "; ".join(f"{k} ({v})" for k, v in kinds.most_common(6)))
+        by_class: dict[int, tuple[ItemResult, Counter[str]]] = {}
+        for r, d in flagged:
+            by_class.setdefault(r.class_id, (r, Counter()))[1].update(d.problems)
+        for r, probs in list(by_class.values())[:5]:
+            ctx.echo(f"         class {r.class_id} {r.class_name!r}: "
+                     + "; ".join(f"{p} (x{c})" if c > 1 else p for p, c in probs.items()))
+        if len(by_class) > 5:
+            ctx.echo(f"         ... all of them: msta-pipe sql \"select class_id, class_name, idx, problems "
+                     f"from descriptions where dataset='{p['dataset']}' and kind='{p['kind']}' and len(problems) > 0\"")
+    if failures:
+        ctx.echo(f"       FAILED classes ({len(failures)}), left out of descriptions:")
+        for r in failures[:20]:
+            ctx.echo(f"         {r.class_id:>4}  {r.class_name[:40]:<40}  {r.failure[:160]}")
+        if len(failures) > 20:
+            ctx.echo(f"         ... {len(failures) - 20} more in the description_failures table")
+
+
+def _artifact(r: Resolved) -> Artifact:
+    assert isinstance(r, Artifact)
+    return r
+
+
+def _file(r: Resolved) -> Path:
+    assert isinstance(r, FileDigest)
+    return r.path

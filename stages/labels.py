@@ -1,0 +1,51 @@
+"""labels: a dataset's class list file -> a `classes` artifact (class_id, raw_name, name)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pyarrow as pa
+
+from cache.catalog import insert_many
+
+from pipeline.labels import read_class_list
+from pipeline.runner import Context
+from pipeline.stage import Artifact, FileDigest, Output, Request, Resolved, Stage
+
+
+class LabelsStage(Stage):
+    name = "labels"
+    code_version = "1"
+
+    def target(self, req: Request) -> str:
+        return f"labels:{req.params['dataset']}"
+
+    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
+        source = inputs["file"]
+        assert isinstance(source, FileDigest)
+        classes = read_class_list(source.path)
+        table = pa.table({
+            "class_id": pa.array([c.class_id for c in classes], pa.int32()),
+            "raw_name": [c.raw_name for c in classes],
+            "name": [c.name for c in classes],
+        })
+        dataset = req.params["dataset"]
+
+        def publish(con, artifact: Artifact) -> None:
+            con.execute("DELETE FROM classes WHERE dataset = ?", [dataset])
+            insert_many(con, "INSERT INTO classes VALUES (?, ?, ?, ?)",
+                            [[dataset, c.class_id, c.raw_name, c.name] for c in classes])
+
+        ctx.echo(f"       {len(classes)} classes from {source.path}")
+        return Output(kind="classes", table=table, publish=publish,
+                      summary={"classes": len(classes), "source": str(source.path)})
+
+    def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
+        return f"read the class list {req.inputs['file'].path}"  # type: ignore[union-attr]
+
+
+def read_classes(artifact: Artifact) -> list[tuple[int, str, str]]:
+    """(class_id, raw_name, name) rows of a classes artifact, in id order."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(artifact.path)
+    return list(zip(t["class_id"].to_pylist(), t["raw_name"].to_pylist(), t["name"].to_pylist()))
