@@ -5,6 +5,7 @@ connections live only as long as one transaction: a long stage never blocks `mst
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -22,10 +23,11 @@ _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
 
 
 class Catalog:
-    def __init__(self, home: Path, wait_seconds: float = 10.0) -> None:
+    def __init__(self, home: Path, wait_seconds: float | None = None) -> None:
         self.home = home
         self.path = home / "catalog.duckdb"
-        self.wait_seconds = wait_seconds
+        # MSTA_LOCK_WAIT: how long to wait for another process's hold on the file before giving up
+        self.wait_seconds = wait_seconds if wait_seconds is not None else float(os.environ.get("MSTA_LOCK_WAIT", 10))
         self._migrated = False
 
     def exists(self) -> bool:

@@ -146,6 +146,80 @@ def _materialise(runner: Any, home: Path | None, requests: list[Any], force: boo
 
 
 @app.command()
+def embed(
+    dataset: Dataset,
+    backbone: Annotated[str, typer.Option(help="open_clip model name (msta-world, ViT-B-16, ...)")] = "ViT-B-16",
+    pretrained: Annotated[Optional[str], typer.Option(
+        help="Weights: a shipped short name (synthetic-world), a local .safetensors/.pt/.bin file, "
+             "local-dir:PATH, or an open_clip tag already in the local cache", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Descriptions per forward pass")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    force: Force = False,
+    dry_run: DryRun = False,
+    home: Home = None,
+    config: ConfigPath = None,
+) -> None:
+    """Embed every stored description of a dataset with the frozen text tower (no adapters) into Parquet.
+
+    Also stores the per-class normalised means D_c (spatial and temporal) that the consistency loss
+    uses; `text_embeddings` in SQL shows them with `embedding` cast to FLOAT[D], ready for
+    array_cosine_similarity. Runs describe first if its result is stale.
+    """
+    from .dag import embed_request
+
+    runner = make_runner(home)
+    ds = load_config(config).dataset(dataset)
+    _materialise(runner, home, [embed_request(runner, ds, backbone, pretrained, batch_size, device)], force, dry_run)
+
+
+@app.command()
+def frames(
+    dataset: Dataset,
+    list_name: Annotated[str, typer.Option("--list", help="Video list name of the dataset (train, test, "
+                                           "few_shot_2, train_s1, val, ...)")],
+    mode: Annotated[Optional[str], typer.Option(help="train (TSN draws, short side for random crops) or test "
+                    "(clips for multi-view testing) [default: train for lists named train*/few_shot*, else test]",
+                    show_default=False)] = None,
+    shots: Annotated[Optional[int], typer.Option(help="Draw this many videos per class from the list "
+                     "(stratified, reproducible with --seed)", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --shots draw")] = 0,
+    labels: Labels = None,
+    workers: Annotated[int, typer.Option(help="Decoding processes")] = max(1, min(8, (os.cpu_count() or 2))),
+    decoder: Annotated[Optional[str], typer.Option(help="decord or pyav [default: decord where installed]",
+                       show_default=False)] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Cache format: jpeg (compact) or raw (uint8 npy)")] = "jpeg",
+    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Leave out videos missing from disk "
+                                               "instead of failing")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail when any video cannot be decoded")] = False,
+    force: Force = False,
+    dry_run: DryRun = False,
+    no_progress: NoProgress = False,
+    home: Home = None,
+    config: ConfigPath = None,
+) -> None:
+    """Decode and sample the videos of a list once, caching uint8 frames that training reads.
+
+    A rerun decodes nothing; after an interruption only the missing clips are decoded. Videos that
+    cannot be decoded (corrupt, truncated, empty, not a video) are listed, recorded in the
+    frame_failures table and left out; the command still succeeds unless --strict.
+    """
+    from .dag import Selection, frames_request
+
+    if decoder not in (None, "decord", "pyav"):
+        raise UserError("--decoder must be decord or pyav", 2)
+    if fmt not in ("jpeg", "raw"):
+        raise UserError("--format must be jpeg or raw", 2)
+    mode = mode or ("train" if list_name.startswith(("train", "few_shot")) else "test")
+    if mode not in ("train", "test"):
+        raise UserError("--mode must be train or test", 2)
+    runner = make_runner(home, progress=not no_progress)
+    ds = load_config(config).dataset(dataset, labels)
+    req = frames_request(runner, ds, list_name, mode, Selection(shots, seed), decoder, fmt, skip_missing,
+                         strict, workers)
+    _materialise(runner, home, [req], force, dry_run)
+
+
+@app.command()
 def status(home: Home = None, config: ConfigPath = None) -> None:
     """Every stage the home knows: fresh, stale (and why), failed or missing. Exits 1 if anything is stale."""
     from .stage import Request

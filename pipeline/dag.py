@@ -98,3 +98,39 @@ def embed_request(runner: Any, ds: Dataset, backbone: str, pretrained: str | Non
         inputs["weights"] = weights
     params = {"dataset": ds.name, "backbone": backbone, "pretrained": pretrained or ""}
     return Request("embed", params, inputs, {"batch_size": batch_size, "device": device})
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A reproducible subset of a list: `per_class` videos of each class (all when None), drawn
+    with `seed`, leaving out the videos of `exclude` (another list: e.g. the training shots)."""
+    per_class: int | None = None
+    seed: int = 0
+    exclude: Path | None = None
+
+
+def default_decoder() -> str:
+    import importlib.util
+
+    return "decord" if importlib.util.find_spec("decord") is not None else "pyav"
+
+
+def frames_request(runner: Any, ds: Dataset, list_name: str, mode: str, selection: Selection = Selection(),
+                   decoder: str | None = None, fmt: str = "jpeg", skip_missing: bool = False,
+                   strict: bool = False, workers: int = 1, sampling_seed: int = 0) -> Request:
+    v = ds.video
+    if mode == "train":
+        sampling = {"mode": "train", "frames": v.frames, "samplings": v.samplings,
+                    "short_side": v.train_short_side, "seed": sampling_seed}
+    else:
+        sampling = {"mode": "test", "frames": v.frames, "clips": v.test_clips, "short_side": v.test_short_side}
+    inputs: dict[str, Request | FileInput] = {"classes": labels_request(runner, ds),
+                                              "list": FileInput(ds.list_path(list_name))}
+    if selection.exclude is not None:
+        inputs["exclude"] = FileInput(selection.exclude)
+    params = {"dataset": ds.name, "list": list_name, "mode": mode, "sampling": sampling,
+              "decoder": decoder or default_decoder(), "format": fmt, "skip_missing": skip_missing,
+              "select": None if selection.per_class is None else {"per_class": selection.per_class,
+                                                                   "seed": selection.seed}}
+    return Request("frames", params, inputs,
+                   {"video_root": str(ds.require_video_root()), "workers": workers, "strict": strict})

@@ -139,8 +139,15 @@ class Config:
         return sorted(set(self._declared) | set(BUILTINS))
 
     def dataset(self, name: str, labels: Path | None = None) -> Dataset:
+        """A dataset by name; with `labels`, an undeclared name is fine (a class list is all describe needs)."""
+        if labels is not None and not self._known(name):
+            return Dataset(name, labels.resolve(), None, {}, VideoSettings(), self.source)
         ds = self._dataset(name)
         return replace(ds, labels=labels.resolve()) if labels is not None else ds
+
+    def _known(self, name: str) -> bool:
+        parent = name.rsplit("-", 1)[0] if name.endswith(("-base", "-novel")) else name
+        return name in self._declared or parent in self._declared or parent in BUILTINS
 
     def _dataset(self, name: str) -> Dataset:
         if name in self._declared:
@@ -153,8 +160,8 @@ class Config:
         if name in BUILTINS:
             return self._from_table(name, {}, Path.cwd(), BUILTINS[name])
         raise UserError(f"unknown dataset {name!r}: built-in names are {', '.join(sorted(BUILTINS))} "
-                        f"(each with -base/-novel halves); declare others under [datasets.NAME] in "
-                        f"{self.source}", 2)
+                        "(ssv2, k400, hmdb51 and ucf101 also with -base/-novel halves); declare others under "
+                        f"[datasets.NAME] in {self.source}, or pass --labels PATH to describe a class list", 2)
 
     def _half(self, parent: str, half: str) -> Dataset:
         """`NAME-base` / `NAME-novel` from the parent's base_labels / novel_labels keys."""

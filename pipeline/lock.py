@@ -17,9 +17,9 @@ from .errors import UserError
 
 
 class HomeLock:
-    def __init__(self, home: Path, wait_seconds: float = 5.0) -> None:
+    def __init__(self, home: Path, wait_seconds: float | None = None) -> None:
         self.path = home / "lock"
-        self.wait_seconds = wait_seconds
+        self.wait_seconds = wait_seconds if wait_seconds is not None else float(os.environ.get("MSTA_LOCK_WAIT", 5))
         self._fd: int | None = None
 
     def acquire(self) -> None:

@@ -121,7 +121,7 @@ class Runner:
         key = self.key_of(req, digests)
         artifact = self._done_artifact(key)
         if artifact is not None:
-            changed = stage.check(artifact)
+            changed = stage.check(artifact, self.home)
             if not changed:
                 return Evaluation(req, target, "fresh", key=key, artifact=artifact, upstream=upstream)
             return Evaluation(req, target, "stale", changed, key=key, upstream=upstream)
@@ -203,7 +203,7 @@ class Runner:
         if not force:
             artifact = self._done_artifact(key)
             if artifact is not None:
-                changed = stage.check(artifact)
+                changed = stage.check(artifact, self.home)
                 if not changed:
                     self.echo(f"fresh  {target}")
                     return artifact

@@ -107,7 +107,7 @@ class Stage:
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: "Context") -> Output:
         raise NotImplementedError
 
-    def check(self, artifact: Artifact) -> str:
+    def check(self, artifact: Artifact, home: Path) -> str:
         """Why a cached artifact no longer holds although its key matches ("" if it holds).
 
         For inputs too many to key individually, e.g. the videos a frame index was decoded from.

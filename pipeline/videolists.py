@@ -108,11 +108,15 @@ def resolve_videos(items: Sequence[VideoItem], root: Path, list_path: Path) -> t
     return paths, missing
 
 
-def draw_few_shot(items: Sequence[VideoItem], k: int, seed: int, class_names: Sequence[str]) -> list[VideoItem]:
-    """K videos per class, stratified and reproducible: a seeded permutation of each class's sorted videos."""
+def draw_per_class(items: Sequence[VideoItem], k: int | None, seed: int, class_names: Sequence[str]
+                   ) -> list[VideoItem]:
+    """K videos per class (all with k=None), stratified and reproducible: a seeded permutation of
+    each class's videos in path order, so the draw does not depend on the list's line order."""
     by_class: dict[int, list[VideoItem]] = defaultdict(list)
     for it in items:
         by_class[it.label].append(it)
+    if k is None:
+        return sorted(items, key=lambda it: (it.label, it.relpath))
     short = [(c, len(by_class.get(c, []))) for c in range(len(class_names)) if len(by_class.get(c, [])) < k]
     if short:
         c, have = short[0]

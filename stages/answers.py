@@ -54,8 +54,9 @@ def clean_phrase(raw: str) -> tuple[str, list[str]]:
         text = text[1:-1].strip()
         notes.append("parentheses stripped")
     text = text.rstrip(" .").strip(_QUOTES).strip()
-    if len(text) > 1 and text[0].isupper() and text[1].islower():
-        text = text[0].lower() + text[1:]  # it continues a sentence frame
+    first = text.split(" ", 1)[0]
+    if first[:1].isupper() and (len(first) == 1 or first[1:].islower()):
+        text = text[0].lower() + text[1:]  # it continues a sentence frame; acronyms stay
     return text, notes
 
 

@@ -185,15 +185,20 @@ class DescribeStage(Stage):
         p = req.params
         if p["source"] == "file":
             return f"import {p['kind']} descriptions from {req.inputs['file'].path}"  # type: ignore[union-attr]
-        if inputs is None:
-            return f"one {p['kind']} request per class to {p['endpoint']} (model {p['model']})"
-        classes = [(cid, name) for cid, _raw, name in read_classes(_artifact(inputs["classes"]))]
+        if inputs is None:  # the class list is not registered yet: read its file for the count
+            from pipeline.labels import read_class_list
+
+            source = req.inputs["classes"].inputs["file"]  # type: ignore[union-attr]
+            classes = [(c.class_id, c.name) for c in read_class_list(source.path)]  # type: ignore[union-attr]
+        else:
+            classes = [(cid, name) for cid, _raw, name in read_classes(_artifact(inputs["classes"]))]
         cached: set[str] = set()
         if ctx.catalog.exists():
             with ctx.catalog.reader() as con:
                 cached = {k for (k,) in con.execute(
                     "SELECT DISTINCT request_key FROM llm_requests WHERE status = 'ok'").fetchall()}
-        conv = _Conversation(req, inputs, "", TokenCounter(), None, {})
+        templates = {k: FileDigest(v.path, "") for k, v in req.inputs.items() if k.startswith("template:")}
+        conv = _Conversation(req, templates, "", TokenCounter(), None, {})
         keys = [conv.first_key(name, "json_schema") for _, name in classes]
         keys_plain = [conv.first_key(name, "json_object") for _, name in classes]
         hits = sum(a in cached or b in cached for a, b in zip(keys, keys_plain))

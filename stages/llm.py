@@ -103,8 +103,8 @@ class Recorder:
         with self._lock:
             self._file.write(line + "\n")
             self._file.flush()
-            os.fsync(self._file.fileno())
             self._pending.append(row)
+        os.fsync(self._file.fileno())  # outside the lock: concurrent fsyncs of one file coalesce
 
     def _loop(self, every: float) -> None:
         while not self._stop.wait(every):

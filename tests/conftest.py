@@ -1,0 +1,43 @@
+"""Shared fixtures: a temporary pipeline home, the CLI as a subprocess, the real reference data."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"the reference data folder {SHARED_DATA} is absent (it exists only beside the project's checkout)")
+    return SHARED_DATA
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "MSTA_"))}
+    env.update({"MSTA_LOCK_WAIT": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`msta-pipe ARGS` in a fresh interpreter, the way a user runs it."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args), "--no-progress"]
+                          if _takes_progress(args) else [sys.executable, "-m", "pipeline", *map(str, args)],
+                          capture_output=True, text=True, env=env or cli_env(), cwd=cwd or ROOT, timeout=timeout)
+
+
+def _takes_progress(args: tuple[str | Path, ...]) -> bool:
+    return bool(args) and str(args[0]) in {"describe", "frames", "train", "evaluate", "demo"} and "--help" not in args

@@ -1,0 +1,103 @@
+"""Class lists in every format users have, display names, malformed files, the real label files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.datasets import Config
+from pipeline.errors import UserError
+from pipeline.labels import display_name, read_class_list
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_id_name_csv_quoted_and_unquoted(tmp_path: Path) -> None:
+    classes = read_class_list(write(tmp_path, "l.csv", 'id,name\n0,"Pushing something, slowly"\n1,brush_hair\n'))
+    assert [(c.class_id, c.raw_name, c.name) for c in classes] == [
+        (0, "Pushing something, slowly", "pushing something, slowly"), (1, "brush_hair", "brush hair")]
+
+
+def test_ssv2_labels_json_drops_brackets_and_orders_by_id(tmp_path: Path) -> None:
+    data = {"Approaching [something] with your camera": "1", "Attaching [something] to [something]": "0"}
+    classes = read_class_list(write(tmp_path, "labels.json", json.dumps(data)))
+    assert [c.raw_name for c in classes] == ["Attaching something to something", "Approaching something with your camera"]
+
+
+def test_ucf_class_ind_is_renumbered_from_zero(tmp_path: Path) -> None:
+    classes = read_class_list(write(tmp_path, "classInd.txt", "1 ApplyEyeMakeup\n2 YoYo\n"))
+    assert [(c.class_id, c.raw_name, c.name) for c in classes] == [(0, "ApplyEyeMakeup", "apply eye makeup"),
+                                                                  (1, "YoYo", "yo yo")]
+
+
+def test_plain_one_name_per_line(tmp_path: Path) -> None:
+    classes = read_class_list(write(tmp_path, "names.txt", "waving\n\nclapping hands\n"))
+    assert [(c.class_id, c.name) for c in classes] == [(0, "waving"), (1, "clapping hands")]
+
+
+@pytest.mark.parametrize("raw,expected", [("ApplyEyeMakeup", "apply eye makeup"), ("brush_hair", "brush hair"),
+                                          ("Approaching [something]", "approaching something"), ("TV", "TV"),
+                                          ("abseiling", "abseiling")])
+def test_display_names(raw: str, expected: str) -> None:
+    assert display_name(raw) == expected
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("id,name\n0,a\n2,b\n", "without gaps"),
+    ("id,name\nzero,a\n", "line 2"),
+    ("id,name\n0,a\n1,a\n", "more than once"),
+    ("", "is empty"),
+    ("{not json", "not valid JSON"),
+])
+def test_malformed_class_lists_name_the_file_and_the_problem(tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, "bad.csv", text)
+    with pytest.raises(UserError) as err:
+        read_class_list(path)
+    assert needle in str(err.value) and str(path) in str(err.value) and err.value.exit_code == 2
+
+
+@pytest.mark.parametrize("name,count", [("ssv2_labels.csv", 174), ("hmdb_51_labels.csv", 51), ("ucf_101_labels.csv", 101),
+                                        ("kinetics_400_labels.csv", 400), ("kinetics_600_labels.csv", 600),
+                                        ("ssv2_174_base_labels.csv", 87), ("ZS_split1_K600.csv", 160)])
+def test_real_label_files(shared_data: Path, name: str, count: int) -> None:
+    classes = read_class_list(shared_data / "labels" / name)
+    assert len(classes) == count and [c.class_id for c in classes] == list(range(count))
+
+
+def test_dataset_without_class_list_says_which_flag_or_key_to_set() -> None:
+    with pytest.raises(UserError) as err:
+        Config(None).dataset("ssv2").require_labels()
+    msg = str(err.value)
+    assert "--labels" in msg and "[datasets.ssv2]" in msg and "labels.json" in msg and err.value.exit_code == 2
+
+
+def test_config_datasets_halves_and_unknown_keys(tmp_path: Path, shared_data: Path) -> None:
+    cfg = write(tmp_path, "msta.toml", f"""
+[datasets.hmdb51]
+labels = "{shared_data}/labels/hmdb_51_labels.csv"
+base_labels = "{shared_data}/labels/hmdb_51_base_labels.csv"
+novel_labels = "{shared_data}/labels/hmdb_51_novel_labels.csv"
+video_root = "videos"
+splits_dir = "{shared_data}/splits/hmdb_splits"
+b2n_splits_dir = "{shared_data}/splits/base2novel_splits/hmdb_splits"
+[datasets.hmdb51.video]
+test_crops = 1
+""")
+    config = Config(cfg)
+    ds = config.dataset("hmdb51")
+    assert ds.video.test_clips == 10 and ds.video.test_crops == 1  # built-in default and override
+    assert ds.video_root == (tmp_path / "videos").resolve()
+    assert {"few_shot_2", "few_shot_16", "test", "test_3"} <= set(ds.lists)
+    base = config.dataset("hmdb51-base")
+    assert base.labels.name == "hmdb_51_base_labels.csv" and set(base.lists) >= {"train_s1", "train_s3", "val"}
+    assert set(config.dataset("hmdb51-novel").lists) == {"val"}
+    bad = write(tmp_path, "bad.toml", "[datasets.x]\nlabel = 'typo.csv'\n")
+    with pytest.raises(UserError, match="unknown keys"):
+        Config(bad).dataset("x")
+    with pytest.raises(UserError, match="unknown dataset 'nope'"):
+        Config(cfg).dataset("nope")

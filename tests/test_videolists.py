@@ -1,0 +1,67 @@
+"""Video lists: the three formats, root containment, label checks, the few-shot draw, real B2N lists."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.labels import read_class_list
+from pipeline.videolists import VideoItem, draw_per_class, read_video_list, resolve_videos
+
+NAMES = ["Pushing something from left to right", "Holding something"]
+
+
+def test_vifi_pairs_ssv2_json_and_kinetics_csv(tmp_path: Path) -> None:
+    pairs = tmp_path / "l.txt"
+    pairs.write_text("a/x y.avi 1\nb.mp4 0\n")
+    assert read_video_list(pairs, NAMES) == [VideoItem("a/x y.avi", 1), VideoItem("b.mp4", 0)]
+    ssv2 = tmp_path / "validation.json"
+    ssv2.write_text(json.dumps([{"id": "74225", "label": "holding a cup", "template": "Holding [something]",
+                                 "placeholders": ["a cup"]}]))
+    assert read_video_list(ssv2, NAMES) == [VideoItem("74225.webm", 1)]
+    kin = tmp_path / "k.csv"
+    kin.write_text("label,youtube_id,time_start,time_end,split\nholding something,abc,5,15,val\n")
+    assert read_video_list(kin, NAMES) == [VideoItem("val/abc_000005_000015.mp4", 1)]
+
+
+def test_bad_lists_are_refused_with_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "l.txt"
+    p.write_text("a.mp4 0\nb.mp4\n")
+    with pytest.raises(UserError, match="line 2"):
+        read_video_list(p, NAMES)
+    p.write_text("a.mp4 7\n")
+    with pytest.raises(UserError, match="outside the class list"):
+        read_video_list(p, NAMES)
+
+
+def test_paths_outside_the_root_are_rejected_and_missing_counted(tmp_path: Path) -> None:
+    root = tmp_path / "videos"
+    root.mkdir()
+    (root / "ok.mp4").write_bytes(b"x")
+    paths, missing = resolve_videos([VideoItem("ok.mp4", 0), VideoItem("gone.mp4", 1)], root, tmp_path / "l")
+    assert paths[0] == root / "ok.mp4" and missing == ["gone.mp4"]
+    with pytest.raises(UserError, match="outside the video_root"):
+        resolve_videos([VideoItem("../secret.mp4", 0)], root, tmp_path / "l")
+
+
+def test_few_shot_draw_is_reproducible_stratified_and_seed_dependent() -> None:
+    items = [VideoItem(f"c{c}/v{i}.mp4", c) for c in range(3) for i in range(10)]
+    a = draw_per_class(items, 4, 1, ["a", "b", "c"])
+    assert a == draw_per_class(list(reversed(items)), 4, 1, ["a", "b", "c"])  # line order does not matter
+    assert [sum(it.label == c for it in a) for c in range(3)] == [4, 4, 4]
+    assert a != draw_per_class(items, 4, 2, ["a", "b", "c"])
+    with pytest.raises(UserError, match="class 2 .* has only 1"):
+        draw_per_class(items[:21], 2, 0, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("ds,labels", [("ssv2", "ssv2_174"), ("hmdb", "hmdb_51"), ("ucf", "ucf_101"), ("k400", "kinetics_400")])
+def test_real_base_to_novel_lists_use_their_half_ids(shared_data: Path, ds: str, labels: str) -> None:
+    folder = shared_data / "splits" / "base2novel_splits" / f"{ds}_splits"
+    base = [c.raw_name for c in read_class_list(shared_data / "labels" / f"{labels}_base_labels.csv")]
+    novel = [c.raw_name for c in read_class_list(shared_data / "labels" / f"{labels}_novel_labels.csv")]
+    train = read_video_list(folder / "fs_base_s1_train.txt", base)
+    assert {it.label for it in train} == set(range(len(base)))
+    assert all(sum(it.label == c for it in train) == 16 for c in range(len(base)))  # 16 shots per base class
+    assert {it.label for it in read_video_list(folder / "novel_val.txt", novel)} == set(range(len(novel)))
