@@ -67,6 +67,9 @@ MIGRATIONS: list[str] = [
         value DOUBLE, views VARCHAR, checkpoint_digest VARCHAR, selection VARCHAR,
         eval_key VARCHAR, created_at TIMESTAMP,
         PRIMARY KEY (run_key, dataset, split, metric, selection));
+    CREATE TABLE class_accuracy (
+        eval_key VARCHAR, run_key VARCHAR, dataset VARCHAR, split VARCHAR, selection VARCHAR,
+        class_id INTEGER, class_name VARCHAR, videos INTEGER, accuracy DOUBLE);
     """,
 ]
 

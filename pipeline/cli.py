@@ -2,6 +2,7 @@
 inside the commands that need them, so `msta-pipe --help` starts at once."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,9 @@ Force = Annotated[bool, typer.Option("--force", help="Run the stage even if its 
                                      "(item caches such as LLM answers are still used)")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Say what would run and why; change nothing")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars")]
+PRETRAINED_HELP = ("Weights: a shipped short name (synthetic-world, for --backbone msta-world), a local "
+                   ".safetensors/.pt/.bin file, local-dir:PATH, an open_clip tag already in the local cache "
+                   "(openai, laion2b_s34b_b88k, ...), or 'random' for random init")
 
 
 def home_dir(home: Path | None) -> Path:
@@ -149,9 +153,7 @@ def _materialise(runner: Any, home: Path | None, requests: list[Any], force: boo
 def embed(
     dataset: Dataset,
     backbone: Annotated[str, typer.Option(help="open_clip model name (msta-world, ViT-B-16, ...)")] = "ViT-B-16",
-    pretrained: Annotated[Optional[str], typer.Option(
-        help="Weights: a shipped short name (synthetic-world), a local .safetensors/.pt/.bin file, "
-             "local-dir:PATH, or an open_clip tag already in the local cache", show_default=False)] = None,
+    pretrained: Annotated[str, typer.Option(help=PRETRAINED_HELP)] = "openai",
     batch_size: Annotated[int, typer.Option(help="Descriptions per forward pass")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     force: Force = False,
@@ -217,6 +219,216 @@ def frames(
     req = frames_request(runner, ds, list_name, mode, Selection(shots, seed), decoder, fmt, skip_missing,
                          strict, workers)
     _materialise(runner, home, [req], force, dry_run)
+
+
+def _pretrained(value: str | None) -> str | None:
+    return None if value in (None, "", "random") else value
+
+
+def _resolve_device(device: str, precision: str) -> tuple[str, str]:
+    """'auto' becomes what this machine has, so that the stage key says where a run really ran."""
+    if device == "auto" or precision == "auto":
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if precision == "auto":
+            precision = "bf16" if device.startswith("cuda") else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError("--precision must be auto, fp32, bf16 or fp16", 2)
+    return device, precision
+
+
+@app.command()
+def train(
+    stage: Annotated[str, typer.Option(help="adapter (MSTA), full (full fine-tuning baseline) or pretrain "
+                                       "(contrastive pre-training of a tiny CLIP on the synthetic world)")] = "adapter",
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Training dataset (source dataset "
+                       "for zero-shot; the parent name, e.g. ssv2, for base2novel)", show_default=False)] = None,
+    protocol: Annotated[str, typer.Option(help="few-shot, base2novel, zero-shot or fully-supervised")] = "few-shot",
+    shots: Annotated[Optional[int], typer.Option(help="K videos per class (few-shot; base2novel draws 16 when "
+                     "no train_sN list exists)", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Training seed; for base2novel also the split (1, 2 or 3: list "
+                                      "train_sN), for drawn few-shot lists also the draw")] = 2048,
+    epochs: Annotated[int, typer.Option(help="Epochs")] = 50,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-3,
+    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs (per step, from 0) before the cosine")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Clips per optimiser step, over all processes")] = 32,
+    micro_batch: Annotated[Optional[int], typer.Option(help="Clips per forward pass; the rest is gradient "
+                           "accumulation [default: the whole batch]", show_default=False)] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames T per clip [default: the dataset's, 8]",
+                      show_default=False)] = None,
+    adapter_scale: Annotated[float, typer.Option(help="lambda, the adapter scale")] = 0.005,
+    adapter_dim: Annotated[int, typer.Option(help="Bottleneck width r")] = 128,
+    adapter_layers: Annotated[str, typer.Option(help="Adapted blocks, 1-based inclusive, e.g. 8-12")] = "8-12",
+    temporal_branch: Annotated[str, typer.Option(help="paper (depthwise temporal conv on the up-projection) or "
+                               "bottleneck (on the down-projected features; ours)")] = "paper",
+    alpha: Annotated[float, typer.Option(help="Weight of the consistency loss L_CC")] = 1.0,
+    n_descriptions: Annotated[int, typer.Option(help="Descriptions per class and kind the embeddings must hold")] = 2,
+    no_consistency: Annotated[bool, typer.Option("--no-consistency", help="Ablation: no L_CC (alpha 0)")] = False,
+    no_temporal: Annotated[bool, typer.Option("--no-temporal", help="Ablation: no temporal branch")] = False,
+    no_shared: Annotated[bool, typer.Option("--no-shared", help="Ablation: each tower its own r->r projection")] = False,
+    only: Annotated[Optional[str], typer.Option(help="Ablation: adapters in the vision or text tower only",
+                    show_default=False)] = None,
+    backbone: Annotated[str, typer.Option(help="open_clip model name")] = "ViT-B-16",
+    pretrained: Annotated[str, typer.Option(help=PRETRAINED_HELP)] = "openai",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun: one GPU per process)")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16")] = "auto",
+    hflip: Annotated[Optional[float], typer.Option(help="Horizontal flip probability [default: the dataset's]",
+                     show_default=False)] = None,
+    heldout_per_class: Annotated[int, typer.Option(help="Held-out videos per class, drawn from the dataset's "
+                                 "`train` list outside the training videos, that select the best epoch")] = 2,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-identical "
+                             "reruns and resumes on the CPU)")] = False,
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes")] = 2,
+    steps: Annotated[int, typer.Option(help="pretrain: optimiser steps")] = 600,
+    out: Annotated[Optional[Path], typer.Option(help="pretrain: also copy the weights here", show_default=False)] = None,
+    force: Force = False,
+    dry_run: DryRun = False,
+    no_progress: NoProgress = False,
+    home: Home = None,
+    config: ConfigPath = None,
+) -> None:
+    """Train MSTA adapters (or a baseline) against the cached artifacts, running stale upstream stages first.
+
+    Defaults are the authors' recipe (MSTA.md section 3). A checkpoint is written every epoch; rerunning a
+    killed training resumes from it. Multi-GPU: `torchrun --nproc_per_node N -m pipeline train ...`
+    (rank 0 alone writes the catalog and artifacts).
+    """
+    from .dag import TrainOptions, train_request
+
+    if stage == "pretrain":
+        _pretrain(backbone, steps, batch_size, lr, seed, device, out, force, dry_run, no_progress, home)
+        return
+    if stage not in ("adapter", "full"):
+        raise UserError("--stage must be adapter, full or pretrain", 2)
+    if dataset is None:
+        raise UserError("--dataset is required for --stage adapter/full", 2)
+    if only not in (None, "vision", "text"):
+        raise UserError("--only must be vision or text", 2)
+    from msta.adapters import AdapterConfig, parse_layers
+
+    try:
+        adapter = AdapterConfig(dim=adapter_dim, layers=parse_layers(adapter_layers), scale=adapter_scale,
+                                shared=not no_shared, temporal=not no_temporal, temporal_branch=temporal_branch,
+                                towers=only or "both")
+    except ValueError as exc:
+        raise UserError(str(exc), 2) from None
+    device, precision = _resolve_device(device, precision)
+    opts = TrainOptions(protocol=protocol, method=stage, shots=shots, split_seed=seed, seed=seed, epochs=epochs,
+                        lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, batch_size=batch_size,
+                        micro_batch=micro_batch, frames=frames,
+                        adapter=tuple(sorted(adapter.to_dict().items())) if stage == "adapter" else (),
+                        alpha=0.0 if no_consistency else alpha, n_descriptions=n_descriptions, backbone=backbone,
+                        pretrained=_pretrained(pretrained), device=device, precision=precision, hflip=hflip,
+                        heldout_per_class=heldout_per_class, deterministic=deterministic, workers=workers)
+    runner = make_runner(home, progress=not no_progress)
+    cfg = load_config(config)
+    req = train_request(runner, cfg, cfg.dataset(dataset), opts)
+    art = _train_materialise(runner, home, req, force, dry_run)
+    if art is not None:
+        typer.echo(f"adapters: {art.path}" if stage == "adapter" else f"weights: {art.path}")
+        if art.meta.get("best_epoch"):
+            typer.echo(f"best held-out epoch {art.meta['best_epoch']} (accuracy {art.meta['best_heldout_acc']:.3f})")
+
+
+def _train_materialise(runner: Any, home: Path | None, req: Any, force: bool, dry_run: bool) -> Any:
+    """Single process, or one rank of a torchrun launch: rank 0 runs upstream stages and registers
+    the result; the other ranks wait, then train alongside it without touching the catalog."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dry_run:
+        return _materialise(runner, home, [req], force, dry_run)[0]
+    from msta.runtime import barrier, init_distributed
+
+    rank, _, _ = init_distributed()
+    if rank == 0:
+        with writing(home):
+            for inp in req.inputs.values():
+                if hasattr(inp, "stage"):
+                    runner.materialise(inp)
+    barrier()
+    if rank == 0:
+        with writing(home):
+            art = runner.materialise(req, force=force)
+    else:
+        art = runner.follow(req, force=force)
+    barrier()
+    return art
+
+
+def _pretrain(backbone: str, steps: int, batch_size: int, lr: float, seed: int, device: str, out: Path | None,
+              force: bool, dry_run: bool, no_progress: bool, home: Path | None) -> None:
+    import shutil
+
+    from .stage import Request
+
+    device, _ = _resolve_device(device, "fp32")
+    if backbone == "ViT-B-16":
+        backbone = "msta-world"  # the only sensible default: pre-training a real CLIP is out of scope
+    req = Request("pretrain", {"config": backbone, "steps": steps, "batch_size": batch_size, "lr": lr,
+                               "seed": seed, "device": device})
+    runner = make_runner(home, progress=not no_progress)
+    art = _materialise(runner, home, [req], force, dry_run)[0]
+    if art is not None:
+        typer.echo(f"weights: {art.path}")
+        for key, value in art.meta.items():
+            typer.echo(f"  {key}: {value}")
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(art.path, out)
+            typer.echo(f"copied to {out}")
+
+
+@app.command()
+def evaluate(
+    dataset: Dataset,
+    list_name: Annotated[Optional[str], typer.Option("--list", help="Video list to test on [default: what the "
+                         "run's protocol tests on: test; base2novel: NAME-base val and NAME-novel val]",
+                         show_default=False)] = None,
+    run: Annotated[Optional[str], typer.Option(help="Key (or a unique prefix) of the training run "
+                   "[default: the latest adapter run on the dataset]", show_default=False)] = None,
+    frozen: Annotated[bool, typer.Option("--frozen", help="Evaluate the frozen backbone (frame-mean zero-shot)")] = False,
+    selection: Annotated[str, typer.Option(help="last, best-heldout or both")] = "both",
+    backbone: Annotated[str, typer.Option(help="--frozen: open_clip model name")] = "ViT-B-16",
+    pretrained: Annotated[str, typer.Option(help="--frozen: " + PRETRAINED_HELP)] = "openai",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16")] = "auto",
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes")] = 2,
+    force: Force = False,
+    dry_run: DryRun = False,
+    no_progress: NoProgress = False,
+    home: Home = None,
+    config: ConfigPath = None,
+) -> None:
+    """Multi-view test of a trained run or the frozen CLIP: top-1, top-5, per-class accuracy, confusion PNG.
+
+    Results go to the `results` table (metrics top1, top5; base, novel and hm for base-to-novel), with the
+    run key, views, checkpoint digest and selection rule (`last`, or `best-heldout`: the epoch chosen on
+    held-out training videos; the test list never selects anything).
+    """
+    from .evaluation import run_evaluation
+
+    if selection not in ("last", "best-heldout", "both"):
+        raise UserError("--selection must be last, best-heldout or both", 2)
+    device, precision = _resolve_device(device, precision)
+    runner = make_runner(home, progress=not no_progress)
+    with (writing(home) if not dry_run else contextlib.nullcontext()):
+        rows = run_evaluation(runner, load_config(config), dataset, list_name, run, frozen, selection, backbone,
+                              _pretrained(pretrained), device, precision, workers, force, dry_run)
+    if rows:
+        _print_rows(["dataset", "split", "selection", "metric", "value"], rows, "table")
+
+
+@app.command()
+def report(
+    format: Annotated[str, typer.Option("--format", help="markdown or csv")] = "markdown",
+    home: Home = None,
+) -> None:
+    """All results as Markdown tables shaped like the paper's, with the paper's numbers beside ours."""
+    from .report import render
+
+    typer.echo(render(make_runner(home).catalog, format))
 
 
 @app.command()

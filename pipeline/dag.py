@@ -102,11 +102,13 @@ def embed_request(runner: Any, ds: Dataset, backbone: str, pretrained: str | Non
 
 @dataclass(frozen=True)
 class Selection:
-    """A reproducible subset of a list: `per_class` videos of each class (all when None), drawn
-    with `seed`, leaving out the videos of `exclude` (another list: e.g. the training shots)."""
+    """A reproducible subset of a list: `per_class` videos of each class (all when None) drawn with
+    `seed`, after leaving out the videos of another list file (`exclude_list`) or of another draw
+    from the same list (`exclude_draw` = (per_class, seed)): e.g. held-out videos next to the shots."""
     per_class: int | None = None
     seed: int = 0
-    exclude: Path | None = None
+    exclude_list: Path | None = None
+    exclude_draw: tuple[int, int] | None = None
 
 
 def default_decoder() -> str:
@@ -117,20 +119,161 @@ def default_decoder() -> str:
 
 def frames_request(runner: Any, ds: Dataset, list_name: str, mode: str, selection: Selection = Selection(),
                    decoder: str | None = None, fmt: str = "jpeg", skip_missing: bool = False,
-                   strict: bool = False, workers: int = 1, sampling_seed: int = 0) -> Request:
+                   strict: bool = False, workers: int = 1, sampling_seed: int = 0, frames: int | None = None,
+                   clips: int | None = None) -> Request:
     v = ds.video
     if mode == "train":
-        sampling = {"mode": "train", "frames": v.frames, "samplings": v.samplings,
+        sampling = {"mode": "train", "frames": frames or v.frames, "samplings": v.samplings,
                     "short_side": v.train_short_side, "seed": sampling_seed}
     else:
-        sampling = {"mode": "test", "frames": v.frames, "clips": v.test_clips, "short_side": v.test_short_side}
+        sampling = {"mode": "test", "frames": frames or v.frames, "clips": clips or v.test_clips,
+                    "short_side": v.test_short_side}
     inputs: dict[str, Request | FileInput] = {"classes": labels_request(runner, ds),
                                               "list": FileInput(ds.list_path(list_name))}
-    if selection.exclude is not None:
-        inputs["exclude"] = FileInput(selection.exclude)
+    if selection.exclude_list is not None:
+        inputs["exclude"] = FileInput(selection.exclude_list)
+    select = None
+    if selection != Selection():
+        select = {"per_class": selection.per_class, "seed": selection.seed,
+                  "exclude_draw": list(selection.exclude_draw) if selection.exclude_draw else None}
     params = {"dataset": ds.name, "list": list_name, "mode": mode, "sampling": sampling,
               "decoder": decoder or default_decoder(), "format": fmt, "skip_missing": skip_missing,
-              "select": None if selection.per_class is None else {"per_class": selection.per_class,
-                                                                   "seed": selection.seed}}
+              "select": select}
     return Request("frames", params, inputs,
                    {"video_root": str(ds.require_video_root()), "workers": workers, "strict": strict})
+
+
+PROTOCOLS = ("few-shot", "base2novel", "zero-shot", "fully-supervised")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Every flag of `train --stage adapter|full`; all but the locators enter the stage key."""
+    protocol: str
+    method: str = "adapter"
+    shots: int | None = None
+    split_seed: int = 1
+    seed: int = 2048
+    epochs: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    warmup_epochs: int = 5
+    min_lr_ratio: float = 0.01
+    batch_size: int = 32
+    micro_batch: int | None = None
+    frames: int | None = None
+    adapter: tuple[tuple[str, Any], ...] = ()
+    alpha: float = 1.0
+    n_descriptions: int = 2
+    backbone: str = "ViT-B-16"
+    pretrained: str | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    hflip: float | None = None
+    heldout_per_class: int = 2
+    deterministic: bool = False
+    template: str = "a video of {}."
+    workers: int = 2
+    frame_workers: int = 2
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Where a protocol's training videos and held-out videos come from."""
+    dataset: Dataset
+    list_name: str
+    selection: Selection
+    heldout: Selection | None
+
+
+def train_data(config: Any, ds: Dataset, o: TrainOptions) -> TrainData:
+    def heldout_from_train(d: Dataset, exclude_list: Path | None, exclude_draw: tuple[int, int] | None) -> Selection | None:
+        if "train" not in d.lists or o.heldout_per_class <= 0:
+            return None  # no pool beside the training videos: only the last epoch can be reported
+        return Selection(o.heldout_per_class, o.seed, exclude_list, exclude_draw)
+
+    if o.protocol == "few-shot":
+        if o.shots is None:
+            raise UserError("--protocol few-shot needs --shots K", 2)
+        name = f"few_shot_{o.shots}"
+        if name in ds.lists:
+            return TrainData(ds, name, Selection(), heldout_from_train(ds, ds.lists[name], None))
+        if "train" not in ds.lists:
+            raise UserError(f"dataset {ds.name!r} has neither a list {name!r} nor a `train` list to draw "
+                            f"{o.shots} shots per class from; declare one under [datasets.{ds.name}.lists]", 2)
+        return TrainData(ds, "train", Selection(o.shots, o.split_seed),
+                         heldout_from_train(ds, None, (o.shots, o.split_seed)))
+    if o.protocol == "base2novel":
+        base = config.dataset(f"{ds.name}-base")
+        name = f"train_s{o.split_seed}"
+        if name in base.lists:
+            return TrainData(base, name, Selection(), heldout_from_train(base, base.lists[name], None))
+        shots = o.shots or 16
+        if "train" not in base.lists:
+            raise UserError(f"dataset {base.name!r} has neither a list {name!r} nor a `train` list to draw the "
+                            "base-class shots from", 2)
+        return TrainData(base, "train", Selection(shots, o.split_seed),
+                         heldout_from_train(base, None, (shots, o.split_seed)))
+    if o.protocol in ("zero-shot", "fully-supervised"):
+        ds.list_path("train")
+        heldout = Selection(o.heldout_per_class, o.seed) if "heldout" in ds.lists else None
+        return TrainData(ds, "train", Selection(), heldout)
+    raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}", 2)
+
+
+def train_request(runner: Any, config: Any, ds: Dataset, o: TrainOptions) -> Request:
+    data = train_data(config, ds, o)
+    d = data.dataset
+    hflip = d.video.hflip if o.hflip is None else o.hflip
+    params = {"method": o.method, "protocol": o.protocol, "dataset": d.name, "shots": o.shots,
+              "split_seed": o.split_seed, "seed": o.seed, "epochs": o.epochs, "lr": o.lr,
+              "weight_decay": o.weight_decay, "warmup_epochs": o.warmup_epochs, "min_lr_ratio": o.min_lr_ratio,
+              "batch_size": o.batch_size, "micro_batch": o.micro_batch, "adapter": dict(o.adapter),
+              "alpha": o.alpha, "n_descriptions": o.n_descriptions, "backbone": o.backbone,
+              "pretrained": o.pretrained or "", "device": o.device, "precision": o.precision, "hflip": hflip,
+              "deterministic": o.deterministic, "template": o.template, "frames": o.frames}
+    inputs: dict[str, Request | FileInput] = {
+        "classes": labels_request(runner, d),
+        "frames_train": frames_request(runner, d, data.list_name, "train", data.selection,
+                                       workers=o.frame_workers, frames=o.frames)}
+    if data.heldout is not None:
+        inputs["frames_heldout"] = frames_request(runner, d, "train" if "heldout" not in d.lists else "heldout",
+                                                  "test", data.heldout, workers=o.frame_workers, frames=o.frames,
+                                                  clips=1)
+    if o.alpha > 0:
+        inputs["embed"] = embed_request(runner, d, o.backbone, o.pretrained)
+        for kind in ("spatial", "temporal"):
+            n = inputs["embed"].inputs[kind].params.get("n")  # type: ignore[union-attr]
+            if n is not None and n != o.n_descriptions:
+                raise UserError(f"the {kind} descriptions of {d.name!r} have N={n}, but --n-descriptions is "
+                                f"{o.n_descriptions}: describe again with --n {o.n_descriptions} or change the flag", 2)
+    weights = weights_input(o.pretrained)
+    if weights is not None:
+        inputs["weights"] = weights
+    return Request("train", params, inputs, {"workers": o.workers})
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    dataset: Dataset
+    list_name: str
+    role: str  # the metric this evaluation feeds: top1 (with top5), base or novel
+
+
+def evaluate_request(runner: Any, target: EvalTarget, model: Request | None, selection: str, backbone: str,
+                     pretrained: str | None, template: str, device: str, precision: str,
+                     workers: int = 2, frame_workers: int = 2) -> Request:
+    d = target.dataset
+    inputs: dict[str, Request | FileInput] = {
+        "classes": labels_request(runner, d),
+        "frames": frames_request(runner, d, target.list_name, "test", workers=frame_workers,
+                                 frames=model.params.get("frames") if model else None)}
+    if model is not None:
+        inputs["model"] = model
+    weights = weights_input(pretrained)
+    if weights is not None:
+        inputs["weights"] = weights
+    params = {"dataset": d.name, "list": target.list_name, "role": target.role, "selection": selection,
+              "backbone": backbone, "pretrained": pretrained or "", "template": template,
+              "crops": d.video.test_crops, "device": device, "precision": precision}
+    return Request("evaluate", params, inputs, {"workers": workers})

@@ -216,6 +216,28 @@ class Runner:
             return None
         return self._execute(req, stage, target, key, resolved, digests, ctx)
 
+    def follow(self, req: Request, force: bool = False) -> Artifact | None:
+        """What a non-zero rank of a torchrun launch does: run the stage's work beside rank 0 on the
+        inputs rank 0 has materialised, writing nothing (rank 0 alone registers the result)."""
+        ev = self.evaluate(req)
+        if ev.state == "fresh" and not force:
+            return ev.artifact
+        resolved: dict[str, Resolved] = {}
+        digests: dict[str, str] = {}
+        for name, inp in req.inputs.items():
+            if isinstance(inp, FileInput):
+                resolved[name] = FileDigest(inp.path, self.file_digest(inp.path))
+            else:
+                up = self.evaluate(inp)
+                if up.artifact is None:
+                    raise UserError(f"rank 0 did not materialise {up.target} ({up.reason})", 1)
+                resolved[name] = up.artifact
+            digests[name] = resolved[name].digest if isinstance(resolved[name], Artifact) else resolved[name].sha256  # type: ignore[union-attr]
+        key = self.key_of(req, digests)
+        ctx = Context(self.home, self.catalog, self.store, self.options, lambda s: None, run_id="", key=key)
+        get_stage(req.stage).run(req, resolved, ctx)
+        return None
+
     def _execute(self, req: Request, stage: Any, target: str, key: str,
                  resolved: Mapping[str, Resolved], digests: Mapping[str, str], ctx: Context) -> Artifact:
         run_id = uuid.uuid4().hex

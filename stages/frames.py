@@ -66,9 +66,12 @@ class FramesStage(Stage):
     def target(self, req: Request) -> str:
         p = req.params
         target = f"frames:{p['dataset']}:{p['list']}:{p['mode']}"
-        if p["select"] is not None:
-            target += f":{p['select']['per_class'] or 'all'}pc-s{p['select']['seed']}"
-        return target + (":rest" if "exclude" in req.inputs else "")
+        select = p["select"]
+        if select is not None:
+            target += f":{select['per_class'] or 'all'}pc-s{select['seed']}"
+            if select["exclude_draw"]:
+                target += f"-minus-{select['exclude_draw'][0]}pc-s{select['exclude_draw'][1]}"
+        return target + ("-minus-list" if "exclude" in req.inputs else "")
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         from tqdm import tqdm
@@ -82,8 +85,13 @@ class FramesStage(Stage):
         if "exclude" in inputs:
             excluded = {it.relpath for it in read_video_list(_file(inputs["exclude"]), names)}
             items = [it for it in items if it.relpath not in excluded]
-        if p["select"] is not None:
-            items = draw_per_class(items, p["select"]["per_class"], p["select"]["seed"], names)
+        select = p["select"]
+        if select is not None:
+            if select["exclude_draw"]:
+                k, seed = select["exclude_draw"]
+                drawn = {it.relpath for it in draw_per_class(items, k, seed, names)}
+                items = [it for it in items if it.relpath not in drawn]
+            items = draw_per_class(items, select["per_class"], select["seed"], names)
         paths, missing = resolve_videos(items, root, list_path)
         if missing and not p["skip_missing"]:
             raise UserError(f"{len(missing)} of {len(items)} videos of {list_path} are missing under {root}, e.g. "

@@ -1,0 +1,88 @@
+"""What `msta-pipe evaluate` evaluates: which run, which lists, which checkpoints, and the
+base-to-novel harmonic mean that combines two evaluations."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .dag import EvalTarget, evaluate_request
+from .errors import UserError
+from .stage import Request
+
+
+def find_run(runner: Any, dataset: str, run: str | None) -> Request:
+    """The training run to evaluate: by key prefix, else the latest completed one on `dataset`."""
+    if not runner.catalog.exists():
+        raise UserError("no catalog yet: train a run first (msta-pipe train ...)", 2)
+    with runner.catalog.reader() as con:
+        if run:
+            rows = con.execute("SELECT key, request FROM runs WHERE stage='train' AND status='done' AND key LIKE ? "
+                               "ORDER BY finished_at DESC", [run + "%"]).fetchall()
+            if len({k for k, _ in rows}) > 1:
+                raise UserError(f"--run {run} matches {len({k for k, _ in rows})} runs; give more of the key", 2)
+        else:
+            rows = con.execute("""SELECT key, request FROM runs WHERE stage='train' AND status='done'
+                                  AND params->>'dataset' IN (?, ?) ORDER BY finished_at DESC LIMIT 1""",
+                               [dataset, f"{dataset}-base"]).fetchall()
+    if not rows:
+        where = f"with key {run}" if run else f"on dataset {dataset!r}"
+        raise UserError(f"no completed training run {where}: train one, pass --run KEY, or use --frozen", 2)
+    return Request.from_json(json.loads(rows[0][1]))
+
+
+def targets_for(config: Any, dataset: str, list_name: str | None, protocol: str | None) -> list[EvalTarget]:
+    if list_name is not None:
+        return [EvalTarget(config.dataset(dataset), list_name, "top1")]
+    if protocol == "base2novel":
+        parent = dataset[: -len("-base")] if dataset.endswith("-base") else dataset
+        return [EvalTarget(config.dataset(f"{parent}-base"), "val", "base"),
+                EvalTarget(config.dataset(f"{parent}-novel"), "val", "novel")]
+    return [EvalTarget(config.dataset(dataset), "test", "top1")]
+
+
+def run_evaluation(runner: Any, config: Any, dataset: str, list_name: str | None, run: str | None, frozen: bool,
+                   selection: str, backbone: str, pretrained: str | None, device: str, precision: str,
+                   workers: int, force: bool, dry_run: bool) -> list[tuple[Any, ...]]:
+    model = None if frozen else find_run(runner, dataset, run)
+    protocol = None if model is None else model.params["protocol"]
+    if model is not None:
+        backbone, pretrained = model.params["backbone"], model.params["pretrained"] or None
+    template = model.params["template"] if model is not None else "a video of {}."
+    if model is None:
+        selections = ["none"]
+    elif selection == "both":
+        selections = ["last"] + (["best-heldout"] if "frames_heldout" in model.inputs else [])
+    else:
+        if selection == "best-heldout" and "frames_heldout" not in model.inputs:
+            raise UserError("this run had no held-out videos, so no epoch was selected: use --selection last", 2)
+        selections = [selection]
+    out: list[tuple[Any, ...]] = []
+    for sel in selections:
+        metrics: dict[str, tuple[float, Any]] = {}
+        for target in targets_for(config, dataset, list_name, protocol):
+            req = evaluate_request(runner, target, model, sel, backbone, pretrained, template, device, precision,
+                                   workers)
+            art = runner.materialise(req, force=force, dry_run=dry_run)
+            if art is None:
+                continue
+            for name in ("top1", "top5"):
+                out.append((target.dataset.name, target.list_name, sel, name, round(art.meta[name], 4)))
+            if target.role in ("base", "novel"):
+                metrics[target.role] = (art.meta["top1"], art)
+        if len(metrics) == 2:
+            out.append(_harmonic_mean(runner, dataset, sel, metrics))
+    return out
+
+
+def _harmonic_mean(runner: Any, dataset: str, sel: str, metrics: dict[str, tuple[float, Any]]) -> tuple[Any, ...]:
+    base, art = metrics["base"]
+    novel = metrics["novel"][0]
+    hm = 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
+    parent = dataset[: -len("-base")] if dataset.endswith("-base") else dataset
+    meta = art.meta
+    with runner.catalog.transaction() as con:
+        con.execute("DELETE FROM results WHERE run_key=? AND dataset=? AND split='val' AND metric='hm' AND selection=?",
+                    [meta["run_key"], parent, sel])
+        con.execute("INSERT INTO results VALUES (?, 'base2novel', ?, 'val', 'hm', ?, ?, ?, ?, NULL, now())",
+                    [meta["run_key"], parent, hm, meta["views"], meta["checkpoint"], sel])
+    return (parent, "base+novel", sel, "hm", round(hm, 4))

@@ -1,0 +1,174 @@
+"""evaluate: multi-view testing of a trained run (or of the frozen CLIP) on one list.
+
+Each video is seen as clips x crops views; per-view softmax probabilities are summed and the
+class with the largest sum wins (MSTA.md section 3). Writes top-1/top-5 rows to `results`,
+per-class accuracy to `class_accuracy`, the predictions as Parquet, and a confusion-matrix PNG.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from cache.catalog import insert_many
+from pipeline.errors import UserError
+from pipeline.keys import sha256_file
+from pipeline.runner import Context
+from pipeline.stage import Artifact, Output, Request, Resolved, Stage
+
+from .frames import read_frame_index
+from .labels import read_classes
+
+
+class EvaluateStage(Stage):
+    name = "evaluate"
+    code_version = "1"
+
+    def target(self, req: Request) -> str:
+        p = req.params
+        model = req.inputs.get("model")
+        owner = (get_target(model) if isinstance(model, Request) else f"frozen:{p['backbone']}")
+        return f"evaluate:{owner}:{p['dataset']}:{p['list']}:{p['selection']}"
+
+    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
+        import torch
+
+        from msta.backbone import BackboneError, load_backbone
+        from msta.data import ClipDataset, make_loader
+        from msta.runtime import autocast, resolve_device
+
+        p = req.params
+        device = resolve_device(p["device"])
+        try:
+            backbone = load_backbone(p["backbone"], p["pretrained"] or None, device=device)
+        except BackboneError as exc:
+            raise UserError(str(exc), 2) from None
+        model, run_key, checkpoint, protocol = self._model(backbone, inputs.get("model"), p)
+        model.to(device).eval()
+        classes = read_classes(_artifact(inputs["classes"]))
+        names = [name for _, _, name in classes]
+        items = read_frame_index(_artifact(inputs["frames"]).path, ctx.home)
+        dataset = ClipDataset(items, "test", backbone.image_size, crops=p["crops"], mean=backbone.mean, std=backbone.std)
+        loader = make_loader(dataset, batch_size=4, shuffle=False, seed=0, epoch=0,
+                             workers=int(req.locators.get("workers", 0)))
+        from tqdm import tqdm
+
+        scores = []
+        with torch.no_grad(), autocast(device, p["precision"]):
+            class_emb = model.encode_classes(names)
+            for batch, _labels in tqdm(loader, desc=f"evaluate {p['dataset']}:{p['list']}", unit="batch",
+                                       disable=not ctx.option("progress", True)):
+                b, v = batch.shape[:2]
+                probs = model.logits(model.encode_video(batch.to(device).flatten(0, 1)), class_emb).float().softmax(-1)
+                scores.append(probs.view(b, v, -1).sum(1).cpu())
+        score = torch.cat(scores)
+        labels = torch.tensor([label for _, label in items])
+        top5 = score.topk(min(5, len(names)), dim=-1).indices
+        pred = top5[:, 0]
+        metrics = {"top1": (pred == labels).float().mean().item(),
+                   "top5": (top5 == labels[:, None]).any(-1).float().mean().item()}
+        per_class = [(cid, name, int((labels == cid).sum()), float((pred[labels == cid] == cid).float().mean())
+                      if (labels == cid).any() else float("nan")) for cid, _, name in classes]
+        view_text = f"{_artifact(inputs['frames']).meta['sampling']['clips']}x{p['crops']}"
+        run_dir = ctx.store.run_dir(ctx.key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _confusion_png(labels, pred, names, run_dir / "confusion.png", f"{p['dataset']}:{p['list']} ({run_key[:24]})")
+        table = pa.table({"video": [Path(path).name for path, _ in items], "label": labels.tolist(),
+                          "pred": pred.tolist(), "top5": top5.tolist(),
+                          "true_score": score.gather(1, labels[:, None]).squeeze(1).tolist()})
+        rows = [[run_key, protocol, p["dataset"], p["list"], name, value, view_text, checkpoint, p["selection"], ctx.key]
+                for name, value in metrics.items()]
+        if p["role"] in ("base", "novel"):
+            rows.append([run_key, protocol, p["dataset"], p["list"], p["role"], metrics["top1"], view_text, checkpoint,
+                         p["selection"], ctx.key])
+
+        def publish(con, artifact: Artifact) -> None:
+            for r in rows:
+                con.execute("DELETE FROM results WHERE run_key=? AND dataset=? AND split=? AND metric=? AND selection=?",
+                            [r[0], r[2], r[3], r[4], r[8]])
+            insert_many(con, "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())", rows)
+            con.execute("DELETE FROM class_accuracy WHERE eval_key = ?", [ctx.key])
+            insert_many(con, "INSERT INTO class_accuracy VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [[ctx.key, run_key, p["dataset"], p["list"], p["selection"], cid, name, n, acc]
+                         for cid, name, n, acc in per_class])
+
+        ctx.echo(f"       {p['dataset']}:{p['list']} ({len(items)} videos, {view_text} views, {p['selection']}): "
+                 f"top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}; confusion matrix {run_dir / 'confusion.png'}")
+        return Output(kind="predictions", table=table, publish=publish,
+                      meta={"run_key": run_key, "checkpoint": checkpoint, "views": view_text, **metrics},
+                      summary={"run_key": run_key, **metrics, "videos": len(items), "views": view_text,
+                               "confusion": str(run_dir / "confusion.png")})
+
+    def _model(self, backbone: Any, model_art: Resolved | None, p: Mapping[str, Any]) -> tuple[Any, str, str, str]:
+        """(model, run key, checkpoint digest, protocol) for the frozen CLIP or a trained run."""
+        from msta.model import MSTA, VideoCLIP, read_adapter_info
+
+        if model_art is None:
+            return VideoCLIP(backbone, p["template"]), f"frozen:{p['backbone']}", backbone.identity.weights_digest, "zero-shot"
+        art = _artifact(model_art)
+        path = art.path
+        if p["selection"] == "best-heldout":
+            if not art.meta.get("best_file"):
+                raise UserError("this run had no held-out videos, so it has no best-heldout checkpoint; "
+                                "evaluate --selection last", 2)
+            path = Path(art.meta["best_file"])
+            if not path.exists() or sha256_file(path) != art.meta["best_sha256"]:
+                raise UserError(f"the best-heldout checkpoint {path} is missing or altered; retrain with --force", 1)
+        checkpoint = sha256_file(path)
+        if art.kind == "adapters":
+            info = read_adapter_info(path)
+            model = MSTA(backbone, info.config, p["template"])
+            extra = model.load_adapters(path)
+            return model, extra.get("run_key", art.digest), checkpoint, extra.get("protocol", "")
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        model = VideoCLIP(backbone, p["template"])
+        model.clip.load_state_dict(load_file(str(path)))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return model, meta.get("run_key", art.digest), checkpoint, meta.get("protocol", "")
+
+    def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
+        p = req.params
+        return f"evaluate on {p['dataset']}:{p['list']} ({p['selection']})"
+
+
+def get_target(req: Request) -> str:
+    from pipeline.stage import get_stage
+
+    return get_stage(req.stage).target(req)
+
+
+def _confusion_png(labels: Any, pred: Any, names: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    c = len(names)
+    matrix = np.zeros((c, c))
+    np.add.at(matrix, (labels.numpy(), pred.numpy()), 1)
+    matrix /= np.maximum(matrix.sum(1, keepdims=True), 1)
+    size = min(16, 3 + c * 0.25)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    if c <= 40:
+        ax.set_xticks(range(c), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(c), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _artifact(r: Resolved) -> Artifact:
+    assert isinstance(r, Artifact)
+    return r

@@ -1,0 +1,363 @@
+"""train: MSTA adapters (or the full fine-tuning baseline) on cached frames and cached description
+embeddings. The frozen description branch never runs here: D_s, D_t come from the embed artifact.
+
+    for each epoch:
+        for each batch of cached clips (augmented):
+            w   = adapted text tower on "a video of {class}." for all C classes
+            v   = adapted vision tower on the B*T frames, mean over T
+            L   = CE(exp(s) cos(v, w), y) + alpha * mean_c [2 - cos(w_c, D_s) - cos(w_c, D_t)]
+        held-out accuracy -> "best" epoch; checkpoint (atomic) -> a killed run resumes here
+
+Every random choice is a function of (seed, epoch, index), and the checkpoint holds the optimiser,
+scheduler and RNG states, so a resumed run ends with the same numbers as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cache.store import atomic_write
+from pipeline.errors import UserError
+from pipeline.runner import Context
+from pipeline.stage import Artifact, Output, Request, Resolved, Stage
+
+from .embed import read_class_embeddings
+from .frames import read_frame_index
+from .labels import read_classes
+
+
+class TrainStage(Stage):
+    name = "train"
+    code_version = "1"
+
+    def target(self, req: Request) -> str:
+        p = req.params
+        tag = {"few-shot": f"k{p['shots']}", "base2novel": f"s{p['split_seed']}"}.get(p["protocol"], "")
+        return f"train:{p['method']}:{p['dataset']}:{p['protocol']}{':' + tag if tag else ''}"
+
+    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
+        import torch
+
+        from msta.runtime import init_distributed, resolve_device
+
+        p = req.params
+        rank, world, local_rank = init_distributed()
+        device = resolve_device(p["device"])
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", local_rank)
+        run_dir = ctx.store.run_dir(ctx.key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(p, inputs, device, rank, world, run_dir, ctx, req.locators)
+        result = trainer.fit()
+        return Output(kind="adapters" if p["method"] == "adapter" else "finetuned", file=result["last"],
+                      ext=".safetensors", meta=result["meta"], summary=result["summary"])
+
+    def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
+        p = req.params
+        return (f"train {p['method']} on {p['dataset']} ({p['protocol']}) for {p['epochs']} epochs, "
+                f"batch {p['batch_size']}, lr {p['lr']}, on {p['device']}")
+
+
+class Trainer:
+    """One training run: model, data, optimiser and schedule built from the stage's parameters."""
+
+    def __init__(self, p: Mapping[str, Any], inputs: Mapping[str, Resolved], device: Any, rank: int, world: int,
+                 run_dir: Path, ctx: Context, locators: Mapping[str, Any]) -> None:
+        import torch
+
+        from msta.adapters import AdapterConfig
+        from msta.backbone import BackboneError, load_backbone
+        from msta.data import ClipDataset
+        from msta.model import MSTA, full_finetune
+        from msta.runtime import seed_everything, set_deterministic
+
+        self.p, self.device, self.rank, self.world = p, device, rank, world
+        self.run_dir, self.ctx, self.key = run_dir, ctx, ctx.key
+        self.workers = int(locators.get("workers", 0))
+        seed_everything(p["seed"])
+        set_deterministic(p["deterministic"])
+        try:
+            backbone = load_backbone(p["backbone"], p["pretrained"] or None, device=device)
+        except BackboneError as exc:
+            raise UserError(str(exc), 2) from None
+        if p["method"] == "adapter":
+            self.cfg = AdapterConfig.from_dict(p["adapter"])
+            self.model = MSTA(backbone, self.cfg, p["template"])
+        else:
+            self.cfg = None
+            self.model = full_finetune(backbone, p["template"])
+        self.model.to(device)
+        classes = read_classes(_artifact(inputs["classes"]))
+        self.class_names = [name for _, _, name in classes]
+        self.d_spatial = self.d_temporal = None
+        if p["alpha"] > 0:
+            means = read_class_embeddings(_artifact(inputs["embed"]).path, [cid for cid, _, _ in classes])
+            self.d_spatial, self.d_temporal = means["spatial"].to(device), means["temporal"].to(device)
+        size, mean, std = backbone.image_size, backbone.mean, backbone.std
+        train_items = read_frame_index(_artifact(inputs["frames_train"]).path, ctx.home)
+        self.train_set = ClipDataset(train_items, "train", size, seed=p["seed"], hflip=p["hflip"], mean=mean, std=std)
+        self.heldout_set = None
+        if "frames_heldout" in inputs:
+            items = read_frame_index(_artifact(inputs["frames_heldout"]).path, ctx.home)
+            self.heldout_set = ClipDataset(items, "test", size, crops=1, mean=mean, std=std)
+        micro = p["micro_batch"] or p["batch_size"]
+        if p["batch_size"] % (micro * world):
+            raise UserError(f"--batch-size {p['batch_size']} must be a multiple of --micro-batch ({micro}) x "
+                            f"processes ({world})", 2)
+        self.micro, self.accum = micro, p["batch_size"] // (micro * world)
+        self.steps_per_epoch = math.ceil(len(self.train_set) / p["batch_size"])
+        params = self.model.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=p["lr"], weight_decay=p["weight_decay"])
+        total = self.steps_per_epoch * p["epochs"]
+        warmup = self.steps_per_epoch * p["warmup_epochs"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(warmup, total, p["min_lr_ratio"]))
+        self.step_module = _step_module(self.model, self.class_names)
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_module = DistributedDataParallel(
+                self.step_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        p = self.p
+        start, best, history = self._resume()
+        if start > 0:
+            self.ctx.echo(f"       resuming from the checkpoint of epoch {start} of {p['epochs']}")
+        bar = tqdm(total=p["epochs"], initial=start, desc=f"train {p['dataset']}", unit="epoch",
+                   disable=self.rank != 0 or not self.ctx.option("progress", True))
+        for epoch in range(start, p["epochs"]):
+            t0 = time.perf_counter()
+            stats = self._train_epoch(epoch)
+            heldout = self.accuracy(self.heldout_set) if self.heldout_set is not None else None
+            row = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0], **stats, "heldout_acc": heldout,
+                   "seconds": time.perf_counter() - t0}
+            history.append(row)
+            if heldout is not None and (best is None or heldout > best["acc"]):
+                best = {"epoch": epoch + 1, "acc": heldout}
+                if self.rank == 0:
+                    self._save_weights(self.run_dir / "best.safetensors", {"epoch": str(epoch + 1)})
+            if self.rank == 0:
+                self._record(row)
+                self._checkpoint(epoch + 1, best, history)
+                _plot_curves(history, self.run_dir / "curves.png", p)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.2f}",
+                            heldout="-" if heldout is None else f"{heldout:.2f}")
+            bar.update(1)
+        bar.close()
+        last = self.run_dir / "last.safetensors"
+        if self.rank == 0:
+            self._save_weights(last, {"epoch": str(p["epochs"])})
+        meta: dict[str, Any] = {"method": p["method"], "protocol": p["protocol"], "dataset": p["dataset"],
+                                "epochs": p["epochs"], "best_epoch": best["epoch"] if best else None,
+                                "best_heldout_acc": best["acc"] if best else None}
+        if best is not None:
+            from pipeline.keys import sha256_file
+
+            meta["best_file"] = str(self.run_dir / "best.safetensors")
+            meta["best_sha256"] = sha256_file(self.run_dir / "best.safetensors")
+        final = history[-1] if history else {}
+        summary = {**meta, "final_loss": final.get("loss"), "final_train_acc": final.get("train_acc"),
+                   "final_heldout_acc": final.get("heldout_acc"), "curves": str(self.run_dir / "curves.png"),
+                   "trainable_parameters": sum(t.numel() for t in self.model.trainable_parameters())}
+        return {"last": last, "meta": meta, "summary": summary}
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        import torch
+
+        from msta.data import make_loader
+        from msta.losses import msta_loss
+        from msta.runtime import autocast
+
+        p = self.p
+        self.model.train()
+        loader = make_loader(self.train_set, self.micro, shuffle=True, seed=p["seed"], epoch=epoch,
+                             workers=self.workers, rank=self.rank, world_size=self.world)
+        sums = {"loss": 0.0, "ce": 0.0, "cc": 0.0, "correct": 0.0, "seen": 0.0}
+        self.optimizer.zero_grad(set_to_none=True)
+        n_batches = len(loader)
+        for i, (frames, labels) in enumerate(loader):
+            frames, labels = frames.to(self.device, non_blocking=True), labels.to(self.device)
+            last_micro = (i + 1) % self.accum == 0 or i + 1 == n_batches
+            sync = self.step_module.no_sync() if self.world > 1 and not last_micro else contextlib.nullcontext()
+            with sync:
+                with autocast(self.device, p["precision"]):
+                    logits, class_emb = self.step_module(frames)
+                    loss, ce, cc = msta_loss(logits, labels, class_emb, self.d_spatial, self.d_temporal, p["alpha"])
+                (loss / self.accum).backward()
+            if last_micro:
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            b = labels.shape[0]
+            sums["loss"] += loss.item() * b
+            sums["ce"] += ce.item() * b
+            sums["cc"] += (cc.item() if cc is not None else 0.0) * b
+            sums["correct"] += (logits.argmax(-1) == labels).sum().item()
+            sums["seen"] += b
+        totals = torch.tensor([sums[k] for k in ("loss", "ce", "cc", "correct", "seen")], dtype=torch.float64)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            totals = totals.to(self.device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        loss, ce, cc, correct, seen = totals.tolist()
+        seen = max(seen, 1.0)
+        return {"loss": loss / seen, "ce": ce / seen, "cc": cc / seen if p["alpha"] > 0 else None,
+                "train_acc": correct / seen}
+
+    def accuracy(self, dataset: Any) -> float:
+        """Top-1 on a held-out set (one view per clip); every rank computes it on its shard."""
+        import torch
+
+        from msta.data import make_loader
+        from msta.runtime import autocast
+
+        self.model.eval()
+        loader = make_loader(dataset, self.micro, shuffle=False, seed=0, epoch=0, workers=self.workers,
+                             rank=self.rank, world_size=self.world)
+        correct = seen = 0
+        with torch.no_grad(), autocast(self.device, self.p["precision"]):
+            class_emb = self.model.encode_classes(self.class_names)
+            for views, labels in loader:
+                views, labels = views.to(self.device), labels.to(self.device)
+                b, v = views.shape[:2]
+                probs = self.model.logits(self.model.encode_video(views.flatten(0, 1)), class_emb).softmax(-1)
+                pred = probs.view(b, v, -1).sum(1).argmax(-1)
+                correct += (pred == labels).sum().item()
+                seen += b
+        totals = torch.tensor([correct, seen], dtype=torch.float64)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            totals = totals.to(self.device)
+            dist.all_reduce(totals)
+        return float(totals[0] / max(totals[1].item(), 1))
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _weights(self) -> dict[str, Any]:
+        if self.cfg is not None:
+            return {k: v.detach().cpu().clone() for k, v in self.model.adapter_state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.model.clip.state_dict().items()}
+
+    def _save_weights(self, path: Path, extra: dict[str, str]) -> None:
+        extra = {**extra, "run_key": self.key, "protocol": self.p["protocol"], "dataset": self.p["dataset"]}
+        if self.cfg is not None:
+            self.model.save_adapters(path, extra)
+        else:
+            from safetensors.torch import save
+
+            data = save({k: v.contiguous() for k, v in self._weights().items()}, metadata=extra)
+            atomic_write(path, lambda f: f.write(data))
+
+    def _checkpoint(self, epoch: int, best: dict[str, Any] | None, history: list[dict[str, Any]]) -> None:
+        import io
+
+        import torch
+
+        state = {"key": self.key, "epoch": epoch, "weights": self._weights(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                 "best": json.dumps(best), "history": json.dumps(history)}
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write(self.run_dir / "checkpoint.pt", lambda f: f.write(buf.getvalue()))
+
+    def _resume(self) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
+        import torch
+
+        path = self.run_dir / "checkpoint.pt"
+        if not path.exists():
+            return 0, None, []
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["key"] != self.key:
+            return 0, None, []
+        if self.cfg is not None:
+            own = self.model.adapter_state_dict()
+            with torch.no_grad():
+                for name, tensor in state["weights"].items():
+                    own[name].copy_(tensor)
+        else:
+            self.model.clip.load_state_dict(state["weights"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        return int(state["epoch"]), json.loads(state["best"]), json.loads(state["history"])
+
+    def _record(self, row: dict[str, Any]) -> None:
+        with self.ctx.catalog.transaction() as con:
+            con.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [self.key, row["epoch"], row["lr"], row["loss"], row["ce"], row["cc"], row["train_acc"],
+                         row["heldout_acc"], row["seconds"]])
+
+
+def _step_module(model: Any, class_names: list[str]) -> Any:
+    import torch
+
+    class Step(torch.nn.Module):
+        """forward = one step's model work, so that DDP's hooks see every adapter parameter used."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, frames: Any) -> tuple[Any, Any]:
+            class_emb = self.model.encode_classes(class_names)
+            return self.model.logits(self.model.encode_video(frames), class_emb), class_emb
+
+    return Step()
+
+
+
+def _warmup_cosine(warmup: int, total: int, floor: float) -> Any:
+    """Per-step factor: linear from 0 over `warmup` steps, then cosine down to `floor` x lr."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def _plot_curves(history: list[dict[str, Any]], path: Path, p: Mapping[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(epochs, [h["loss"] for h in history], label="loss")
+    ax1.plot(epochs, [h["ce"] for h in history], label="cross-entropy")
+    if p["alpha"] > 0:
+        ax1.plot(epochs, [h["cc"] for h in history], label="L_CC")
+    ax1.set_xlabel("epoch")
+    ax1.legend()
+    ax2.plot(epochs, [h["train_acc"] for h in history], label="train")
+    if any(h["heldout_acc"] is not None for h in history):
+        ax2.plot(epochs, [h["heldout_acc"] for h in history], label="held-out")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1)
+    ax2.legend()
+    fig.suptitle(f"{p['method']} on {p['dataset']} ({p['protocol']})")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _artifact(r: Resolved) -> Artifact:
+    assert isinstance(r, Artifact)
+    return r
