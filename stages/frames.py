@@ -221,21 +221,20 @@ def read_frame_index(artifact_path: Path, home: Path) -> list[tuple[str, int]]:
 
 
 def _readable(path: str) -> bool:
-    from msta.clipstore import ClipStoreError, load_clip
+    """A clip file at its final name was renamed there whole (atomic write); its header suffices."""
+    from msta.clipstore import ClipStoreError, clip_shape
 
-    if not os.path.exists(path):
-        return False
     try:
-        load_clip(path)
+        clip_shape(path)
         return True
     except (ClipStoreError, OSError):
         return False
 
 
 def _shape_of(path: str) -> tuple[list[int], int]:
-    from msta.clipstore import load_clip
+    from msta.clipstore import clip_shape
 
-    return list(load_clip(path).shape), os.path.getsize(path)
+    return list(clip_shape(path)), os.path.getsize(path)
 
 
 def _artifact(r: Resolved) -> Artifact:

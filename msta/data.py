@@ -1,0 +1,131 @@
+"""Dataset and loader over cached clips (files written by `msta.clipstore.save_clip`).
+
+Every random choice (which stored sampling, every augmentation parameter, the order of the
+epoch) is a function of (seed, epoch, index) alone: an item comes out the same whatever the
+number of workers, whichever rank loads it, and wherever a killed run is resumed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from msta.clipstore import clip_shape, load_clip
+from msta.transforms import CLIP_MEAN, CLIP_STD, test_views, train_transform
+
+MODES = ("train", "test")
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from small integers (seed, epoch, index)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class ClipDataset(Dataset):
+    """(path of a cached clip, label) items.
+
+    train: one of the S stored samplings, augmented -> (float (T, 3, size, size), label);
+    test: every stored clip x `crops` spatial crops -> (float (V, T, 3, size, size), label),
+    V = S * crops.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[tuple[str, int]],
+        mode: str,
+        size: int,
+        seed: int = 0,
+        hflip: float = 0.5,
+        crops: int = 3,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.items = list(items)
+        self.mode, self.size, self.seed = mode, size, seed
+        self.hflip, self.crops = hflip, crops
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[i]
+        if self.mode == "test":
+            return test_views(load_clip(path), self.size, self.crops, self.mean, self.std), label
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
+        pick = int(torch.randint(clip_shape(path)[0], (), generator=generator))
+        clip = load_clip(path, pick)  # only the picked sampling is decoded
+        return train_transform(clip, self.size, generator, self.hflip, mean=self.mean, std=self.std), label
+
+
+class ShardSampler(Sampler[int]):
+    """This rank's share of one epoch's order.
+
+    The order is a permutation drawn from (seed, epoch) (or 0..n-1 unshuffled), cut into
+    world_size interleaved shards of equal length, so every rank runs the same number of steps
+    (DDP deadlocks otherwise). To make the lengths equal the order is padded with its own first
+    items (each then seen twice in the epoch, as torch's DistributedSampler does) or, with
+    drop_last, its tail is dropped.
+    """
+
+    def __init__(
+        self, n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1, drop_last: bool = False
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
+        else:
+            order = torch.arange(n)
+        if drop_last:
+            total = n - n % world_size
+            order = order[:total]
+        else:
+            total = math.ceil(n / world_size) * world_size
+            if n:  # repeat() also covers world_size > n
+                order = order.repeat(math.ceil(total / n))[:total]
+        self.indices: list[int] = order[rank:total:world_size].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader over this rank's shard of epoch `epoch`; batches (B, T, 3, H, W) in train
+    mode, (B, V, T, 3, H, W) in test mode, labels (B,) int64."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    sampler = ShardSampler(len(dataset), shuffle, seed, epoch, rank, world_size, drop_last)  # type: ignore[arg-type]
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        # Worker seeds are drawn from this generator, not from torch's global RNG, so building a
+        # loader does not advance the training process's random state.
+        generator=torch.Generator().manual_seed(derive_seed(seed, epoch)),
+    )
