@@ -47,14 +47,14 @@ MIGRATIONS: list[str] = [
         sampling JSON, shape INTEGER[], path VARCHAR, bytes BIGINT, format VARCHAR,
         created_at TIMESTAMP);
     CREATE TABLE frame_index (
-        artifact VARCHAR, dataset VARCHAR, list VARCHAR, video VARCHAR, label INTEGER,
+        target VARCHAR, artifact VARCHAR, dataset VARCHAR, list VARCHAR, video VARCHAR, label INTEGER,
         entry_key VARCHAR);
     CREATE TABLE frame_failures (
         dataset VARCHAR, list VARCHAR, video VARCHAR, error VARCHAR, run_id VARCHAR,
         created_at TIMESTAMP);
     CREATE VIEW frames AS
         SELECT i.dataset, i.list, i.video, i.label, c.sampling, c.shape, c.format, c.bytes,
-               c.path AS clip_path, i.artifact
+               c.path AS clip_path, i.target, i.artifact
         FROM frame_index i JOIN frame_clips c USING (entry_key);
     """,
     # 3: training and evaluation

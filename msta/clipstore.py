@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from msta.fileio import atomic_write_bytes
 from PIL import Image
 
 FORMATS = ("raw", "jpeg")
@@ -46,7 +47,7 @@ def save_clip(path: str | os.PathLike[str], frames: np.ndarray, fmt: str = DEFAU
     if frames.dtype != np.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (S, T, H, W, 3), got {frames.dtype} {frames.shape}")
     data = _encode_raw(frames) if fmt == "raw" else _encode_jpeg(frames)
-    _write_atomic(Path(path), data)
+    atomic_write_bytes(path, data)
     return len(data)
 
 
@@ -138,16 +139,3 @@ def _decode_jpeg(data: bytes, index: int | None) -> np.ndarray:
                 raise ValueError(f"frame {first + i} is {image.format} {image.mode} {image.size}, expected RGB JPEG {(W, H)}")
             out[i] = np.asarray(image)
     return out.reshape(S, T, H, W, 3) if index is None else out.reshape(T, H, W, 3)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -432,6 +432,35 @@ def report(
 
 
 @app.command()
+def params(
+    backbone: Annotated[str, typer.Option(help="open_clip model name (ViT-B-16, msta-world, ...)")] = "ViT-B-16",
+    adapter_dim: Annotated[int, typer.Option(help="Bottleneck width r")] = 128,
+    adapter_layers: Annotated[str, typer.Option(help="Adapted blocks, 1-based inclusive")] = "8-12",
+    temporal_branch: Annotated[str, typer.Option(help="paper or bottleneck")] = "paper",
+    no_temporal: Annotated[bool, typer.Option("--no-temporal", help="Ablation: no temporal branch")] = False,
+    no_shared: Annotated[bool, typer.Option("--no-shared", help="Ablation: a r->r projection per tower")] = False,
+    only: Annotated[Optional[str], typer.Option(help="Ablation: vision or text tower only", show_default=False)] = None,
+) -> None:
+    """Trainable parameters of MSTA per part and per layer, the total, and the share of the backbone.
+
+    Built with random weights (no download): `--backbone ViT-B-16 --adapter-dim 128 --adapter-layers 8-12`
+    gives the authors' logged 1,744,000; `--adapter-dim 256 --adapter-layers 1-12` the paper's 8.7 M.
+    """
+    from msta.adapters import AdapterConfig, parse_layers
+    from msta.backbone import BackboneError
+    from msta.params import format_parameter_table, parameter_table
+
+    if only not in (None, "vision", "text"):
+        raise UserError("--only must be vision or text", 2)
+    try:
+        cfg = AdapterConfig(dim=adapter_dim, layers=parse_layers(adapter_layers), shared=not no_shared,
+                            temporal=not no_temporal, temporal_branch=temporal_branch, towers=only or "both")
+        typer.echo(format_parameter_table(parameter_table(backbone, cfg)))
+    except (ValueError, BackboneError) as exc:
+        raise UserError(str(exc), 2) from None
+
+
+@app.command()
 def status(home: Home = None, config: ConfigPath = None) -> None:
     """Every stage the home knows: fresh, stale (and why), failed or missing. Exits 1 if anything is stale."""
     from .stage import Request

@@ -149,9 +149,11 @@ class FramesStage(Stage):
                 ctx.echo(f"         {video}: {error[:150]}")
 
         def publish(con, artifact: Artifact) -> None:
-            con.execute("DELETE FROM frame_index WHERE dataset = ? AND list = ?", [p["dataset"], p["list"]])
-            insert_many(con, "INSERT INTO frame_index VALUES (?, ?, ?, ?, ?, ?)",
-                        [[artifact.digest, p["dataset"], p["list"], r["video"], r["label"], r["entry_key"]] for r in rows])
+            target = self.target(req)
+            con.execute("DELETE FROM frame_index WHERE target = ?", [target])
+            insert_many(con, "INSERT INTO frame_index VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [[target, artifact.digest, p["dataset"], p["list"], r["video"], r["label"], r["entry_key"]]
+                         for r in rows])
             con.execute("DELETE FROM frame_failures WHERE dataset = ? AND list = ?", [p["dataset"], p["list"]])
             insert_many(con, "INSERT INTO frame_failures VALUES (?, ?, ?, ?, ?, now())",
                         [[p["dataset"], p["list"], v, e, ctx.run_id] for v, e in failures.items()])
