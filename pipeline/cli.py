@@ -461,6 +461,24 @@ def params(
 
 
 @app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder to write the dataset into")],
+    videos_per_class: Annotated[int, typer.Option(help="Training videos per class")] = 24,
+    test_per_class: Annotated[int, typer.Option(help="Test videos per class")] = 12,
+    seed: Annotated[int, typer.Option(help="World seed: the same seed gives byte-identical files")] = 0,
+) -> None:
+    """Write the procedural video world as an ordinary dataset: mp4 videos, an id,name label CSV, ViFi-CLIP
+    style lists (train, test, few-shot, base/novel halves) and an msta.toml declaring datasets `world`,
+    `world-base` and `world-novel`. Five of its twelve classes are time-reversals of five others."""
+    from msta.world import write_dataset
+
+    if videos_per_class < 16:
+        raise UserError("--videos-per-class must be at least 16 (the few-shot and base-to-novel lists draw 16)", 2)
+    folder = write_dataset(out, videos_per_class, test_per_class, seed)
+    typer.echo(f"wrote the synthetic world to {folder}; use it with --config {folder / 'msta.toml'}")
+
+
+@app.command()
 def status(home: Home = None, config: ConfigPath = None) -> None:
     """Every stage the home knows: fresh, stale (and why), failed or missing. Exits 1 if anything is stale."""
     from .stage import Request

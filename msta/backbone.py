@@ -1,0 +1,401 @@
+"""The frozen CLIP backbone: loading open_clip models from names, local files and folders, offline.
+
+Weights come from (in the order `load_backbone` tries them):
+- nothing (random init: parameter counting, benchmarks);
+- `local-dir:PATH`, open_clip's folder form (open_clip_config.json + one weights file);
+- a short name of weights shipped in this package (`SHIPPED_WEIGHTS`);
+- a local checkpoint file (.safetensors, or .pt/.pth/.bin readable with torch.load(weights_only=True));
+- an open_clip pretrained tag, only when its file is already in the local HF or open_clip cache:
+  nothing is ever downloaded (the machines this project is built on have no internet, and a
+  network wait that ends in an error is worse than an immediate, actionable message).
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import logging
+import os
+import pickle
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msta.adapters import adapters_disabled, text_transformer, vision_transformer
+from msta.registry import SHIPPED, WEIGHTS_DIR
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = PACKAGE_DIR / "configs"
+RANDOM_INIT = "random-init"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# Short name -> (model config, file in msta/weights/).
+SHIPPED_WEIGHTS = SHIPPED  # short name -> (model config, file under msta/weights)
+# Entries in OpenAI's TorchScript checkpoints that are not parameters (open_clip drops them too).
+_NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+open_clip.add_model_config(CONFIG_DIR)
+
+
+class BackboneError(Exception):
+    """A user-facing problem with a backbone or its weights; the message is shown as is."""
+
+
+@dataclass(frozen=True)
+class BackboneIdentity:
+    name: str
+    pretrained: str
+    weights_digest: str   # sha256 of the weights file bytes, or "random-init"
+    tokenizer: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def known_models() -> list[str]:
+    return open_clip.list_models()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Backbone:
+    """A frozen open_clip CLIP (eval mode, no parameter requires grad) with its tokenizer."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, identity: BackboneIdentity, embed_dim: int):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.embed_dim = embed_dim
+        vis, txt = vision_transformer(model), text_transformer(model)
+        self.vision_width: int = vis.width
+        self.text_width: int = txt.width
+        self.vision_layers: int = len(vis.resblocks)
+        self.text_layers: int = len(txt.resblocks)
+        self.context_length: int = int(model.context_length)
+        size = model.visual.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if size[0] != size[1]:
+            raise BackboneError(f"{identity.name}: non-square input {size} is not supported (frames are square crops)")
+        self.image_size: int = int(size[0])
+        preprocess = getattr(model.visual, "preprocess_cfg", {})
+        self.mean: tuple[float, ...] = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std: tuple[float, ...] = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> Backbone:
+        self.model.to(device)
+        return self
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Real token counts including start/end tokens, not truncated to the context length."""
+        if isinstance(self.tokenizer, open_clip.SimpleTokenizer):
+            return [len(self.tokenizer.encode(t)) + 2 for t in texts]
+        hf = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+        if hf is not None:
+            return [len(hf(t)["input_ids"]) for t in texts]
+        raise BackboneError(f"cannot count tokens for tokenizer {type(self.tokenizer).__name__}")
+
+    def encode_text_frozen(
+        self,
+        texts: list[str],
+        batch_size: int = 256,
+        device: str | torch.device | None = None,
+        out_device: str | torch.device = "cpu",
+    ) -> torch.Tensor:
+        """L2-normalised embeddings (N, E) float32 of the frozen text tower (adapters, if any, bypassed).
+
+        `device` moves the backbone there first; results land on `out_device`.
+        """
+        if device is not None:
+            self.to(device)
+        chunks = []
+        with torch.inference_mode(), adapters_disabled(self.model):
+            for i in range(0, len(texts), batch_size):
+                tokens = self.tokenize(texts[i:i + batch_size]).to(self.device)
+                chunks.append(self.model.encode_text(tokens).float())
+        if not chunks:
+            return torch.empty(0, self.embed_dim, device=out_device)
+        # Outside inference_mode: the result is an ordinary tensor that autograd may save.
+        return F.normalize(torch.cat(chunks), dim=-1).to(out_device)
+
+
+# ---------------------------------------------------------------- loading
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """Hide open_clip's "no pretrained weights loaded" warning: we build first, then load ourselves."""
+    def drop(record: logging.LogRecord) -> bool:
+        return "pretrained weights" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a torch file that needs no pickle."""
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise BackboneError(f"{path}: unsupported checkpoint type; use one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise BackboneError(f"{path}: not a readable safetensors file ({e})") from e
+    convert = (
+        "Convert it to safetensors on a machine where you trust the file, e.g.\n"
+        "  python -c \"import torch, safetensors.torch as st; m = torch.load('IN', weights_only=False); "
+        "sd = m.state_dict() if hasattr(m, 'state_dict') else m.get('state_dict', m); "
+        "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\"\n"
+        "(for OpenAI's TorchScript files use torch.jit.load('IN', map_location='cpu') instead of torch.load)."
+    )
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise BackboneError(
+            f"{path}: refusing to load, the checkpoint needs pickle to run arbitrary code "
+            f"(torch.load(weights_only=True) failed). {convert}"
+        ) from e
+    except RuntimeError as e:
+        if "TorchScript" in str(e):
+            raise BackboneError(f"{path}: a TorchScript archive cannot be loaded safely. {convert}") from e
+        raise BackboneError(f"{path}: not a readable torch checkpoint ({e})") from e
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise BackboneError(f"{path}: expected a state dict of tensors")
+    return checkpoint
+
+
+def _load_weights(model: nn.Module, path: Path, label: str) -> None:
+    state = _read_checkpoint(path)
+    state = {k.removeprefix("module."): v for k, v in state.items() if k not in _NON_PARAMETER_KEYS}
+    if "logit_scale" in state:  # some checkpoints store it as shape (1,), others as a scalar
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BackboneError(f"{path}: these weights do not fit model {label!r}:\n{e}") from e
+
+
+def _hf_cache_dirs() -> list[Path]:
+    dirs = [os.environ.get("HF_HUB_CACHE", "")]
+    if os.environ.get("HF_HOME"):
+        dirs.append(os.path.join(os.environ["HF_HOME"], "hub"))
+    dirs.append(os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub"))
+    return [Path(d) for d in dirs if d]
+
+
+def _find_in_hf_cache(repo_id: str, filenames: list[str]) -> Path | None:
+    """A file of a HF repo already in the local hub cache (models--org--name/snapshots/REV/FILE)."""
+    for cache in _hf_cache_dirs():
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        ref = repo / "refs" / "main"
+        revisions = [ref.read_text().strip()] if ref.is_file() else []
+        snapshots = repo / "snapshots"
+        revisions += sorted(p.name for p in snapshots.iterdir()) if snapshots.is_dir() else []
+        for rev in revisions:
+            for name in filenames:
+                if (snapshots / rev / name).is_file():
+                    return snapshots / rev / name
+    return None
+
+
+def _cached_tag_file(tag_cfg: dict[str, Any]) -> Path | None:
+    hf_hub = tag_cfg.get("hf_hub", "")
+    if hf_hub:
+        # open_clip's form: 'org/repo/filename', or 'org/repo/' for the default file names.
+        repo_id, filename = os.path.split(hf_hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        found = _find_in_hf_cache(repo_id, names)
+        if found:
+            return found
+    url = tag_cfg.get("url", "")
+    if url:
+        candidate = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _tokenizer_id(tokenizer: Any, context_length: int, text_cfg: dict[str, Any]) -> str:
+    parts = ["open_clip", type(tokenizer).__name__]
+    if text_cfg.get("hf_tokenizer_name"):
+        parts.append(text_cfg["hf_tokenizer_name"])
+    if text_cfg.get("tokenizer_kwargs"):
+        parts.append(json.dumps(text_cfg["tokenizer_kwargs"], sort_keys=True, separators=(",", ":")))
+    parts.append(f"ctx{context_length}")
+    return ":".join(parts)
+
+
+def _build(name: str, device: torch.device, **create_kwargs: Any) -> nn.Module:
+    # On the meta device nothing is allocated or initialised: counting parameters is instant.
+    context = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
+    with _quiet_open_clip(), context:
+        if name.startswith("local-dir:"):
+            return open_clip.create_model(name, load_weights=False, device=device, **create_kwargs)
+        return open_clip.create_model(name, pretrained=None, device=device, **create_kwargs)
+
+
+def _unknown_model(name: str) -> BackboneError:
+    close = difflib.get_close_matches(name, known_models(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return BackboneError(
+        f"unknown model {name!r}.{hint} To see the known names run:\n"
+        "  python -c \"import msta.backbone as b; print('\\n'.join(b.known_models()))\""
+    )
+
+
+def _local_dir_checkpoint(folder: Path) -> Path:
+    if not (folder / "open_clip_config.json").is_file():
+        raise BackboneError(f"local-dir:{folder}: no open_clip_config.json in that folder")
+    found = [p for suffix in CHECKPOINT_SUFFIXES for p in sorted(folder.glob(f"*{suffix}"))]
+    if not found:
+        raise BackboneError(f"local-dir:{folder}: no weights file ({', '.join(CHECKPOINT_SUFFIXES)}) in that folder")
+    if len(found) > 1:
+        raise BackboneError(f"local-dir:{folder}: several weights files ({[p.name for p in found]}); keep one")
+    return found[0]
+
+
+@dataclass
+class _Plan:
+    """What to build and which file to load into it."""
+    model_name: str          # what open_clip builds
+    identity_name: str
+    pretrained: str
+    checkpoint: Path | None
+    create_kwargs: dict[str, Any]
+
+
+def _plan(name: str, pretrained: str) -> _Plan:
+    if pretrained.startswith("local-dir:"):
+        if name and not name.startswith("local-dir:"):
+            raise BackboneError(
+                f"pretrained={pretrained!r} carries its own architecture; pass it as the model name instead of {name!r}"
+            )
+        name, pretrained = pretrained, ""
+    if name.startswith("local-dir:"):
+        if pretrained:
+            raise BackboneError(f"{name} holds its own weights; do not also pass pretrained={pretrained!r}")
+        folder = Path(name.removeprefix("local-dir:")).expanduser().resolve()
+        if not folder.is_dir():
+            raise BackboneError(f"{name}: folder not found")
+        # The folder name, not its path, so that moving the folder keeps the identity.
+        return _Plan(f"local-dir:{folder}", f"local-dir:{folder.name}", "", _local_dir_checkpoint(folder), {})
+
+    if not name and pretrained in SHIPPED_WEIGHTS:
+        name = SHIPPED_WEIGHTS[pretrained][0]  # shipped weights name their architecture
+    name = name.replace("/", "-")  # open_clip's own spelling, e.g. ViT-B/16 -> ViT-B-16
+    if open_clip.get_model_config(name) is None:
+        raise _unknown_model(name)
+    if not pretrained:
+        return _Plan(name, name, "", None, {})
+    if pretrained in SHIPPED_WEIGHTS:
+        config, filename = SHIPPED_WEIGHTS[pretrained]
+        if name != config:
+            raise BackboneError(f"pretrained {pretrained!r} is for model {config!r}, not {name!r}")
+        path = WEIGHTS_DIR / filename
+        if not path.is_file():
+            raise BackboneError(
+                f"the shipped weights {pretrained!r} are not in this installation: {path} is missing "
+                "(`python -m msta.pretrain` produces them; see its docstring for the recipe)"
+            )
+        return _Plan(name, name, pretrained, path, {})
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return _Plan(name, name, str(path), path, {})
+    if path.suffix in CHECKPOINT_SUFFIXES or os.sep in pretrained:
+        raise BackboneError(f"checkpoint file not found: {pretrained}")
+    return _plan_tag(name, pretrained)
+
+
+def _plan_tag(name: str, tag: str) -> _Plan:
+    tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise BackboneError(
+            f"{tag!r} is neither a file nor a pretrained tag of {name!r}. "
+            f"Tags of {name!r}: {', '.join(tags) or 'none'}; shipped weights: {', '.join(SHIPPED_WEIGHTS)}."
+        )
+    cached = _cached_tag_file(tag_cfg)
+    if cached is None:
+        raise BackboneError(
+            f"the weights of {name} / {tag} are not on this machine and nothing is downloaded. "
+            "Download them where there is internet, then pass the file: "
+            "--pretrained /path/to/file.safetensors, or a folder with open_clip_config.json and the "
+            "weights as --model local-dir:/path/to/folder."
+        )
+    create_kwargs: dict[str, Any] = {"force_quick_gelu": bool(tag_cfg.get("quick_gelu", False))}
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std") if k in tag_cfg}
+    if preprocess:
+        create_kwargs["force_preprocess_cfg"] = preprocess
+    return _Plan(name, name, tag, cached, create_kwargs)
+
+
+def _model_config(model_name: str) -> dict[str, Any]:
+    if model_name.startswith("local-dir:"):
+        path = Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        return config.get("model_cfg", config)
+    return open_clip.get_model_config(model_name)
+
+
+def load_backbone(
+    name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+) -> Backbone:
+    """Build `name` (an open_clip model name or `local-dir:PATH`) and load `pretrained` into it."""
+    device = torch.device(device)
+    plan = _plan(name or "", pretrained or "")
+    if plan.checkpoint is not None and device.type == "meta":
+        raise BackboneError("the meta device holds no weights; load pretrained weights on a real device")
+    model_cfg = _model_config(plan.model_name)
+    try:
+        # Weights are loaded on the CPU first, then the model moves to `device`.
+        build_device = device if plan.checkpoint is None else torch.device("cpu")
+        model = _build(plan.model_name, build_device, **plan.create_kwargs)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        raise BackboneError(f"cannot build model {plan.identity_name!r}: {e}") from e
+    digest = RANDOM_INIT
+    if plan.checkpoint is not None:
+        _load_weights(model, plan.checkpoint, plan.identity_name)
+        digest = file_sha256(plan.checkpoint)
+        model.to(device)
+    tokenizer = open_clip.get_tokenizer(plan.model_name)
+    identity = BackboneIdentity(
+        name=plan.identity_name,
+        pretrained=plan.pretrained,
+        weights_digest=digest,
+        tokenizer=_tokenizer_id(tokenizer, int(model.context_length), model_cfg.get("text_cfg", {})),
+    )
+    try:
+        return Backbone(model, tokenizer, identity, embed_dim=int(model_cfg["embed_dim"]))
+    except ValueError as e:  # a tower MSTA cannot adapt (ResNet, timm, HF text)
+        raise BackboneError(f"{plan.identity_name}: {e}") from e
