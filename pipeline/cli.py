@@ -171,7 +171,8 @@ def embed(
 
     runner = make_runner(home)
     ds = load_config(config).dataset(dataset)
-    _materialise(runner, home, [embed_request(runner, ds, backbone, pretrained, batch_size, device)], force, dry_run)
+    req = embed_request(runner, ds, backbone, _pretrained(pretrained), batch_size, device)
+    _materialise(runner, home, [req], force, dry_run)
 
 
 @app.command()

@@ -65,6 +65,7 @@ class Runner:
         self.options = dict(options or {})
         self.echo = echo
         self._file_memo: dict[tuple[str, int, int], str] = {}
+        self._said_fresh: set[str] = set()
 
     # -- digests of inputs -------------------------------------------------------------
     def file_digest(self, path: Path) -> str:
@@ -205,7 +206,9 @@ class Runner:
             if artifact is not None:
                 changed = stage.check(artifact, self.home)
                 if not changed:
-                    self.echo(f"fresh  {target}")
+                    if target not in self._said_fresh:  # shared upstream stages are visited often
+                        self._said_fresh.add(target)
+                        self.echo(f"fresh  {target}")
                     return artifact
         if dry_run:
             reason = "--force" if force else changed or self._why_not_fresh(req, target, key, digests)[1]
