@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msta.adapters import adapters_disabled, text_transformer, vision_transformer
+from msta.adapters import AdapterConfig, adapters_disabled, text_transformer, vision_transformer
 from msta.registry import SHIPPED, WEIGHTS_DIR
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
-RANDOM_INIT = "random-init"
+RANDOM_INIT_SEED = 0
+RANDOM_INIT = f"random-init:seed{RANDOM_INIT_SEED}"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # Short name -> (model config, file in msta/weights/).
 SHIPPED_WEIGHTS = SHIPPED  # short name -> (model config, file under msta/weights)
@@ -51,7 +52,7 @@ class BackboneError(Exception):
 class BackboneIdentity:
     name: str
     pretrained: str
-    weights_digest: str   # sha256 of the weights file bytes, or "random-init"
+    weights_digest: str   # sha256 of the weights file bytes, or RANDOM_INIT
     tokenizer: str
 
     def to_dict(self) -> dict[str, str]:
@@ -257,7 +258,10 @@ def _tokenizer_id(tokenizer: Any, context_length: int, text_cfg: dict[str, Any])
 def _build(name: str, device: torch.device, **create_kwargs: Any) -> nn.Module:
     # On the meta device nothing is allocated or initialised: counting parameters is instant.
     context = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
-    with _quiet_open_clip(), context:
+    # A fixed seed makes "random-init" one model, not a new one per process: keys stay meaningful
+    # and the caller's random stream is left untouched.
+    with _quiet_open_clip(), context, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
         if name.startswith("local-dir:"):
             return open_clip.create_model(name, load_weights=False, device=device, **create_kwargs)
         return open_clip.create_model(name, pretrained=None, device=device, **create_kwargs)
@@ -364,6 +368,19 @@ def _model_config(model_name: str) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
         return config.get("model_cfg", config)
     return open_clip.get_model_config(model_name)
+
+
+def check_adapter_fit(name: str, cfg: AdapterConfig) -> None:
+    """Refuse an adapter layer range the backbone's towers cannot hold, before any work starts."""
+    from msta.adapters import _check_depth
+
+    model_cfg = _model_config(name.replace("/", "-"))
+    if model_cfg is None:
+        raise _unknown_model(name)
+    depth = {"vision": model_cfg["vision_cfg"]["layers"], "text": model_cfg["text_cfg"]["layers"]}
+    for tower in ("vision", "text"):
+        if tower == "vision" and cfg.adapts_vision or tower == "text" and cfg.adapts_text:
+            _check_depth(cfg, tower, depth[tower])
 
 
 def load_backbone(

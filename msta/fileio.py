@@ -20,3 +20,25 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def safetensors_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a safetensors file's logical content: tensors by name, and metadata, in sorted order.
+
+    The file bytes are not a stable identity: the writer stores the metadata map in hash order,
+    which differs from one process to the next.
+    """
+    import hashlib
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        h.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -309,12 +309,15 @@ def train(
     if only not in (None, "vision", "text"):
         raise UserError("--only must be vision or text", 2)
     from msta.adapters import AdapterConfig, parse_layers
+    from msta.backbone import BackboneError, check_adapter_fit
 
     try:
         adapter = AdapterConfig(dim=adapter_dim, layers=parse_layers(adapter_layers), scale=adapter_scale,
                                 shared=not no_shared, temporal=not no_temporal, temporal_branch=temporal_branch,
                                 towers=only or "both")
-    except ValueError as exc:
+        if stage == "adapter":
+            check_adapter_fit(backbone, adapter)
+    except (ValueError, BackboneError) as exc:
         raise UserError(str(exc), 2) from None
     device, precision = _resolve_device(device, precision)
     opts = TrainOptions(protocol=protocol, method=stage, shots=shots, split_seed=seed, seed=seed, epochs=epochs,

@@ -292,7 +292,7 @@ class Runner:
             path = self.store.artifact_path(output.kind, digest, output.ext)
             atomic_write_bytes(path, output.data)
         elif output.file is not None:
-            digest = sha256_file(output.file)
+            digest = output.digest or sha256_file(output.file)
             path = self.store.artifact_path(output.kind, digest, output.ext or output.file.suffix)
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(output.file, path)

@@ -69,13 +69,15 @@ Resolved = Union[Artifact, FileDigest]
 
 @dataclass
 class Output:
-    """What `Stage.run` returns: exactly one of `table`, `data` or `file` is the artifact.
+    """What `Stage.run` returns: exactly one of `table`, `data` or `file` is the artifact (a file's
+    digest is its sha256 unless the stage gives a logical `digest`).
 
     `publish` runs inside the transaction that registers the artifact, so catalog tables that
     mirror an artifact (descriptions, classes, ...) change together with it or not at all.
     """
     kind: str
     table: "pa.Table | None" = None
+    digest: str | None = None  # a file output's logical digest, when its bytes are not stable
     data: bytes | None = None
     file: Path | None = None
     ext: str = ""

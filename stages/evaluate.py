@@ -108,7 +108,7 @@ class EvaluateStage(Stage):
         if model_art is None:
             return VideoCLIP(backbone, p["template"]), f"frozen:{p['backbone']}", backbone.identity.weights_digest, "zero-shot"
         art = _artifact(model_art)
-        path = art.path
+        path, checkpoint = art.path, art.digest
         if p["selection"] == "best-heldout":
             if not art.meta.get("best_file"):
                 raise UserError("this run had no held-out videos, so it has no best-heldout checkpoint; "
@@ -116,7 +116,7 @@ class EvaluateStage(Stage):
             path = Path(art.meta["best_file"])
             if not path.exists() or sha256_file(path) != art.meta["best_sha256"]:
                 raise UserError(f"the best-heldout checkpoint {path} is missing or altered; retrain with --force", 1)
-        checkpoint = sha256_file(path)
+            checkpoint = art.meta["best_digest"]
         if art.kind == "adapters":
             info = read_adapter_info(path)
             model = MSTA(backbone, info.config, p["template"])

@@ -43,6 +43,7 @@ class TrainStage(Stage):
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         import torch
 
+        from msta.fileio import safetensors_digest
         from msta.runtime import init_distributed, resolve_device
 
         p = req.params
@@ -55,7 +56,8 @@ class TrainStage(Stage):
         trainer = Trainer(p, inputs, device, rank, world, run_dir, ctx, req.locators)
         result = trainer.fit()
         return Output(kind="adapters" if p["method"] == "adapter" else "finetuned", file=result["last"],
-                      ext=".safetensors", meta=result["meta"], summary=result["summary"])
+                      digest=safetensors_digest(result["last"]), ext=".safetensors", meta=result["meta"],
+                      summary=result["summary"])
 
     def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
         p = req.params
@@ -159,10 +161,12 @@ class Trainer:
                                 "epochs": p["epochs"], "best_epoch": best["epoch"] if best else None,
                                 "best_heldout_acc": best["acc"] if best else None}
         if best is not None:
+            from msta.fileio import safetensors_digest
             from pipeline.keys import sha256_file
 
             meta["best_file"] = str(self.run_dir / "best.safetensors")
-            meta["best_sha256"] = sha256_file(self.run_dir / "best.safetensors")
+            meta["best_sha256"] = sha256_file(self.run_dir / "best.safetensors")  # the file's integrity
+            meta["best_digest"] = safetensors_digest(self.run_dir / "best.safetensors")  # its identity
         final = history[-1] if history else {}
         summary = {**meta, "final_loss": final.get("loss"), "final_train_acc": final.get("train_acc"),
                    "final_heldout_acc": final.get("heldout_acc"), "curves": str(self.run_dir / "curves.png"),

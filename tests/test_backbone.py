@@ -56,9 +56,18 @@ def test_tiny_backbone_is_frozen_and_described(tiny: Backbone) -> None:
     assert tiny.identity.to_dict() == {
         "name": "msta-tiny",
         "pretrained": "",
-        "weights_digest": "random-init",
+        "weights_digest": "random-init:seed0",
         "tokenizer": "open_clip:SimpleTokenizer:ctx32",
     }
+
+
+def test_random_init_is_one_model_and_leaves_the_callers_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, b = load_backbone("msta-tiny"), load_backbone("msta-tiny")
+    assert torch.rand(1) == expected_next
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
 
 
 def test_tokenize_and_count_tokens(tiny: Backbone) -> None:

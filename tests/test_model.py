@@ -227,7 +227,7 @@ def test_loading_onto_other_backbone_weights_names_both(tmp_path: Path) -> None:
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_backbone().model.state_dict().items()}, str(weights))
     other = MSTA(load_backbone("msta-tiny", str(weights)), TINY_CFG)
-    names_both = r"msta-tiny \(weights random-init\).*msta-tiny \(weights [0-9a-f]{12}\)"
+    names_both = r"msta-tiny \(weights random-init:\).*msta-tiny \(weights [0-9a-f]{12}\)"
     with pytest.raises(AdapterLoadError, match=names_both):
         other.load_adapters(path)
 

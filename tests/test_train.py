@@ -1,0 +1,156 @@
+"""Training and evaluation end to end on cached artifacts: no description is re-encoded while
+training, a killed run resumes to the identical result, evaluation fills `results` (with the
+base-to-novel harmonic mean) and `report` shows it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pipeline.dag import TrainOptions, describe_import_request, embed_request, train_request
+from pipeline.datasets import Config
+from pipeline.demo import world_descriptions
+from pipeline.runner import Runner
+
+from .conftest import ROOT, cli_env, run_cli
+
+TINY = ["--backbone", "msta-tiny", "--pretrained", "random", "--adapter-layers", "2-4", "--adapter-dim", "8",
+        "--batch-size", "8", "--warmup-epochs", "1", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic world, small: 16 training and 2 test clips per class."""
+    from msta.world import write_dataset
+
+    folder = write_dataset(tmp_path_factory.mktemp("world") / "world", 16, 2, seed=0)
+    world_descriptions(folder)
+    return folder
+
+
+def prepared_home(home: Path, world: Path, datasets: tuple[str, ...] = ("world",)) -> Runner:
+    runner = Runner(home, {"progress": False}, echo=lambda s: None)
+    config = Config(world / "msta.toml")
+    for name in datasets:
+        ds = config.dataset(name)
+        for kind in ("spatial", "temporal"):
+            runner.materialise(describe_import_request(runner, ds, kind, world / f"descriptions_{kind}.json", 2))
+        runner.materialise(embed_request(runner, ds, "msta-tiny", None))
+    return runner
+
+
+def rows(home: Path, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(home / "catalog.duckdb"), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_training_never_runs_the_frozen_description_branch(home: Path, world: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import open_clip.model
+
+    from msta.backbone import Backbone
+
+    runner = prepared_home(home, world)
+    calls: list[int] = []
+    real_encode_text = open_clip.model.CLIP.encode_text
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training re-encoded descriptions through the frozen text tower")
+
+    def counting(self, text, normalize=False):
+        calls.append(text.shape[0])
+        return real_encode_text(self, text, normalize)
+
+    monkeypatch.setattr(Backbone, "encode_text_frozen", refuse)
+    monkeypatch.setattr(open_clip.model.CLIP, "encode_text", counting)
+    config = Config(world / "msta.toml")
+    opts = TrainOptions(protocol="few-shot", shots=2, epochs=1, batch_size=8, backbone="msta-tiny",
+                        adapter=(("dim", 8), ("layers", (2, 4)), ("scale", 0.005), ("shared", True),
+                                 ("temporal", True), ("temporal_branch", "paper"), ("towers", "both")),
+                        warmup_epochs=0, workers=0, frame_workers=1, heldout_per_class=1)
+    art = runner.materialise(train_request(runner, config, config.dataset("world"), opts))
+    assert art.kind == "adapters" and art.meta["best_epoch"] == 1
+    # the text tower only ever saw the 12 class prompts (each step, and once per held-out pass)
+    assert calls and set(calls) == {12}
+    (loss, cc), = rows(home, "SELECT loss, cc FROM epochs")
+    assert cc > 0 and loss > cc  # L_CC entered the loss from the cached embeddings
+
+
+def test_base_to_novel_evaluation_and_report(home: Path, world: Path) -> None:
+    prepared_home(home, world, ("world-base",))
+    config = world / "msta.toml"
+    r = run_cli("train", "-d", "world", "--protocol", "base2novel", "--seed", "1", "--epochs", "1", *TINY,
+                "--config", config, "--home", home)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("evaluate", "-d", "world", "--config", config, "--home", home, "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    metrics = dict(((d, m), v) for d, m, v in rows(home, "SELECT dataset, metric, value FROM results "
+                                                         "WHERE selection = 'last'"))
+    base, novel, hm = metrics[("world-base", "base")], metrics[("world-novel", "novel")], metrics[("world", "hm")]
+    assert hm == pytest.approx(0 if base + novel == 0 else 2 * base * novel / (base + novel))
+    assert rows(home, "SELECT DISTINCT views FROM results") == [("2x1",)]
+    assert len(rows(home, "SELECT * FROM class_accuracy WHERE dataset = 'world-novel'")) == 6
+    report = run_cli("report", "--home", home)
+    assert "## Base-to-novel" in report.stdout and "| world | MSTA | last | 1 |" in report.stdout
+    assert (home / "runs").glob("*/confusion.png")
+
+
+def test_train_dry_run_and_bad_flags(home: Path, world: Path) -> None:
+    prepared_home(home, world)
+    config = world / "msta.toml"
+    r = run_cli("train", "-d", "world", "--protocol", "few-shot", "--shots", "2", *TINY, "--config", config,
+                "--home", home, "--dry-run")
+    assert r.returncode == 0 and "would run train:adapter:world:few-shot:k2" in r.stdout
+    assert not rows(home, "SELECT * FROM runs WHERE stage = 'train'")
+    r = run_cli("train", "-d", "world", "--protocol", "few-shot", *TINY, "--config", config, "--home", home)
+    assert r.returncode == 2 and "--shots" in r.stderr
+    r = run_cli("train", "-d", "world", "--protocol", "few-shot", "--shots", "2", *TINY, "--adapter-layers", "3-9",
+                "--config", config, "--home", home)
+    assert r.returncode == 2 and "do not fit" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_training_resumes_to_the_same_result(tmp_path: Path, world: Path) -> None:
+    config = world / "msta.toml"
+    args = ["train", "-d", "world", "--protocol", "few-shot", "--shots", "4", "--epochs", "4", "--deterministic",
+            *TINY, "--config", str(config)]
+    homes = {name: tmp_path / name for name in ("straight", "killed")}
+    for h in homes.values():
+        prepared_home(h, world)
+    straight = run_cli(*args, "--home", homes["straight"])
+    assert straight.returncode == 0, straight.stderr
+    cmd = [sys.executable, "-m", "pipeline", *args, "--home", str(homes["killed"])]
+    victim = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill it during epoch 3, after two checkpoints
+        ckpts = list((homes["killed"] / "runs").glob("*/checkpoint.pt"))
+        if ckpts and _epochs_done(homes["killed"]) >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert 2 <= _epochs_done(homes["killed"]) < 4
+    resumed = run_cli(*args, "--home", homes["killed"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint of epoch" in resumed.stdout
+    final = {name: rows(h, "SELECT output FROM runs WHERE stage = 'train' AND status = 'done'") for name, h in homes.items()}
+    assert final["straight"] == final["killed"]  # bit-identical adapters: the same artifact digest
+    epochs = {name: rows(h, "SELECT epoch, loss, train_acc, heldout_acc FROM epochs ORDER BY epoch") for name, h in homes.items()}
+    assert epochs["straight"] == epochs["killed"]
+
+
+def _epochs_done(home: Path) -> int:
+    try:
+        return rows(home, "SELECT count(*) FROM epochs")[0][0]
+    except duckdb.Error:
+        return 0  # the catalog is being written right now
