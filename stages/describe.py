@@ -34,17 +34,17 @@ SCHEMA = pa.schema([("dataset", pa.string()), ("class_id", pa.int32()), ("class_
 
 
 class TokenCounter:
-    """CLIP's BPE token count (start and end tokens included), loaded on first use: it imports torch."""
+    """CLIP's BPE token count (start and end tokens included). The tokenizer is built on first
+    use (it imports torch) and once per process (its vocabulary takes a moment to load)."""
 
-    def __init__(self) -> None:
-        self._tok: Any = None
+    _tok: Any = None
 
     def __call__(self, texts: Sequence[str]) -> list[int]:
-        if self._tok is None:
+        if TokenCounter._tok is None:
             from open_clip.tokenizer import SimpleTokenizer
 
-            self._tok = SimpleTokenizer()
-        return [len(self._tok.encode(t)) + 2 for t in texts]
+            TokenCounter._tok = SimpleTokenizer()
+        return [len(TokenCounter._tok.encode(t)) + 2 for t in texts]
 
 
 @dataclass

@@ -1,0 +1,116 @@
+"""The command line: a light start, complete help, read-only SQL in three formats, status exit
+codes, garbage collection, and clear errors for bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, cli_env, run_cli
+
+COMMANDS = ["describe", "embed", "frames", "train", "evaluate", "report", "params", "synth", "status", "sql", "gc",
+            "demo"]
+
+
+def test_help_imports_nothing_heavy() -> None:
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom pipeline.cli import app\n"
+            "r = CliRunner().invoke(app, ['--help'])\nassert r.exit_code == 0, r.output\n"
+            "heavy = [m for m in ('torch', 'open_clip', 'duckdb', 'pyarrow', 'decord', 'av', 'openai') if m in sys.modules]\n"
+            "print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=cli_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_complete_help(command: str) -> None:
+    r = run_cli(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "--home" in r.stdout or command in ("params", "synth")
+    options = [line for line in r.stdout.splitlines() if line.strip().startswith("--")]
+    undocumented = [o for o in options if len(o.split()) < 2 and not o.strip().startswith("--help")]
+    assert not undocumented, undocumented
+
+
+def test_sql_is_read_only_and_speaks_three_formats(home: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("waving\nclapping\n")
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps({"0": ["A video about a hand.", "A video about an arm."],
+                             "1": ["A video about two hands.", "A video about a crowd."]}))
+    assert run_cli("describe", "-d", "toy", "--labels", labels, "--from-file", f, "--kind", "spatial",
+                   "--home", home).returncode == 0
+    query = "select class_id, phrase from descriptions order by class_id, idx"
+    table = run_cli("sql", query, "--home", home)
+    assert table.returncode == 0 and "a hand" in table.stdout and "(4 rows)" in table.stdout
+    csv = run_cli("sql", query, "--format", "csv", "--home", home)
+    assert csv.stdout.splitlines()[:2] == ["class_id,phrase", "0,a hand"]
+    rows = json.loads(run_cli("sql", query, "--format", "json", "--home", home).stdout)
+    assert rows[-1] == {"class_id": 1, "phrase": "a crowd"}
+    for statement in ("delete from descriptions", "drop table runs", "copy runs to 'x.csv'",
+                      f"attach '{tmp_path / 'x.db'}'", "select 1; delete from runs"):
+        refused = run_cli("sql", statement, "--home", home)
+        assert refused.returncode == 2 and "read-only" in refused.stderr, statement
+    bad = run_cli("sql", "select nope from descriptions", "--home", home)
+    assert bad.returncode == 1 and "query failed" in bad.stderr
+    assert run_cli("sql", "select 1", "--home", tmp_path / "nowhere").returncode == 2
+
+
+def test_status_exits_1_when_stale_and_names_the_reason(home: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("waving\nclapping\n")
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps({"waving": ["A video about a hand.", "A video about an arm."],
+                             "clapping": ["A video about two hands.", "A video about a crowd."]}))
+    run_cli("describe", "-d", "toy", "--labels", labels, "--from-file", f, "--kind", "spatial", "--home", home)
+    ok = run_cli("status", "--home", home)
+    assert ok.returncode == 0
+    assert states(ok.stdout)["describe:toy:spatial"] == ("fresh", "")
+    assert states(ok.stdout)["describe:toy:temporal"] == ("missing", "never run")
+    labels.write_text("waving\nclapping\njumping\n")
+    stale = run_cli("status", "--home", home)
+    assert stale.returncode == 1
+    assert states(stale.stdout)["labels:toy"] == ("stale", "input content: file changed")
+    assert states(stale.stdout)["describe:toy:spatial"] == ("stale", "upstream labels:toy is stale")
+
+
+def states(status_output: str) -> dict[str, tuple[str, str]]:
+    out = {}
+    for line in status_output.splitlines():
+        target, state, *reason = line.split(maxsplit=2)
+        out[target] = (state, reason[0] if reason else "")
+    return out
+
+
+def test_gc_removes_what_no_row_reaches(home: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("waving\nclapping\n")
+    assert run_cli("describe", "-d", "toy", "--labels", labels, "--from-file", labels, "--kind", "spatial",
+                   "--home", home).returncode == 2  # not JSON: refused, nothing half-written
+    f = tmp_path / "d.json"
+    for text in ("hand", "foot"):  # two generations: the first one's artifact is superseded
+        f.write_text(json.dumps({"waving": [f"A video about a {text}.", "A video about an arm."],
+                                 "clapping": ["A video about two hands.", "A video about a crowd."]}))
+        run_cli("describe", "-d", "toy", "--labels", labels, "--from-file", f, "--kind", "spatial", "--home", home)
+    orphan = home / "artifacts" / "descriptions" / "zz" / ".tmp-left-by-a-crash"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"x")
+    dry = run_cli("gc", "--dry-run", "--home", home)
+    assert "would delete 2 files" in dry.stdout and orphan.exists()
+    assert run_cli("gc", "--home", home).returncode == 0 and not orphan.exists()
+    assert run_cli("status", "--home", home).returncode == 0  # everything current is intact
+    assert "deleted 0 files" in run_cli("gc", "--home", home).stdout
+
+
+def test_unknown_dataset_and_malformed_config_are_clear(home: Path, tmp_path: Path) -> None:
+    r = run_cli("embed", "-d", "nope", "--home", home)
+    assert r.returncode == 2 and "unknown dataset 'nope'" in r.stderr
+    cfg = tmp_path / "msta.toml"
+    cfg.write_text("[datasets.x\nlabels=1")
+    r = run_cli("embed", "-d", "x", "--config", cfg, "--home", home)
+    assert r.returncode == 2 and "not valid TOML" in r.stderr and str(cfg) in r.stderr
+    r = run_cli("frames", "-d", "ssv2", "--list", "train", "--home", home)
+    assert r.returncode == 2 and "no class list configured" in r.stderr
