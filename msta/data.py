@@ -43,12 +43,15 @@ class ClipDataset(Dataset):
         crops: int = 3,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
+        color_jitter: float = 0.8,
+        grayscale: float = 0.2,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.items = list(items)
         self.mode, self.size, self.seed = mode, size, seed
         self.hflip, self.crops = hflip, crops
+        self.color_jitter, self.grayscale = color_jitter, grayscale
         self.mean, self.std = tuple(mean), tuple(std)
         self.epoch = 0
 
@@ -65,7 +68,8 @@ class ClipDataset(Dataset):
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
         pick = int(torch.randint(clip_shape(path)[0], (), generator=generator))
         clip = load_clip(path, pick)  # only the picked sampling is decoded
-        return train_transform(clip, self.size, generator, self.hflip, mean=self.mean, std=self.std), label
+        return train_transform(clip, self.size, generator, self.hflip, color_jitter_p=self.color_jitter,
+                               grayscale_p=self.grayscale, mean=self.mean, std=self.std), label
 
 
 class ShardSampler(Sampler[int]):

@@ -476,10 +476,14 @@ def synth(
     `world-base` and `world-novel`. Five of its twelve classes are time-reversals of five others."""
     from msta.world import write_dataset
 
+    from .demo import world_descriptions
+
     if videos_per_class < 16:
         raise UserError("--videos-per-class must be at least 16 (the few-shot and base-to-novel lists draw 16)", 2)
     folder = write_dataset(out, videos_per_class, test_per_class, seed)
+    files = world_descriptions(folder)
     typer.echo(f"wrote the synthetic world to {folder}; use it with --config {folder / 'msta.toml'}")
+    typer.echo("its descriptions: " + ", ".join(f"--from-file {p} --kind {k}" for k, p in files.items()))
 
 
 @app.command()

@@ -225,12 +225,13 @@ def train_request(runner: Any, config: Any, ds: Dataset, o: TrainOptions) -> Req
     data = train_data(config, ds, o)
     d = data.dataset
     hflip = d.video.hflip if o.hflip is None else o.hflip
+    augment = {"hflip": hflip, "color_jitter": d.video.color_jitter, "grayscale": d.video.grayscale}
     params = {"method": o.method, "protocol": o.protocol, "dataset": d.name, "shots": o.shots,
               "split_seed": o.split_seed, "seed": o.seed, "epochs": o.epochs, "lr": o.lr,
               "weight_decay": o.weight_decay, "warmup_epochs": o.warmup_epochs, "min_lr_ratio": o.min_lr_ratio,
               "batch_size": o.batch_size, "micro_batch": o.micro_batch, "adapter": dict(o.adapter),
               "alpha": o.alpha, "n_descriptions": o.n_descriptions, "backbone": o.backbone,
-              "pretrained": o.pretrained or "", "device": o.device, "precision": o.precision, "hflip": hflip,
+              "pretrained": o.pretrained or "", "device": o.device, "precision": o.precision, "augment": augment,
               "deterministic": o.deterministic, "template": o.template, "frames": o.frames}
     inputs: dict[str, Request | FileInput] = {
         "classes": labels_request(runner, d),

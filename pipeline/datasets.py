@@ -41,6 +41,8 @@ class VideoSettings:
     test_clips: int = 1
     test_crops: int = 3
     hflip: float = 0.5
+    color_jitter: float = 0.8  # probability of the colour jitter (MSTA.md section 3)
+    grayscale: float = 0.2
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,20 @@ class FileDigest:
 Resolved = Union[Artifact, FileDigest]
 
 
+def artifact_of(r: Resolved) -> Artifact:
+    """An input that must be an upstream artifact."""
+    if not isinstance(r, Artifact):
+        raise TypeError(f"expected an upstream artifact, got the file {r.path}")
+    return r
+
+
+def path_of(r: Resolved) -> Path:
+    """An input that must be a file outside the home."""
+    if not isinstance(r, FileDigest):
+        raise TypeError(f"expected a file input, got the artifact {r.digest[:12]}")
+    return r.path
+
+
 @dataclass
 class Output:
     """What `Stage.run` returns: exactly one of `table`, `data` or `file` is the artifact (a file's

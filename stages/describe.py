@@ -20,7 +20,8 @@ import pyarrow as pa
 from cache.catalog import insert_many
 from pipeline.errors import UserError
 from pipeline.runner import Context
-from pipeline.stage import Artifact, FileDigest, Output, Request, Resolved, Stage, StageFailed
+from pipeline.stage import (Artifact, FileDigest, Output, Request, Resolved, Stage, StageFailed, artifact_of,
+                            path_of)
 from prompts import load_frames
 
 from .answers import Description, parse_answer, validate_phrases, validate_sentences
@@ -67,11 +68,11 @@ class DescribeStage(Stage):
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         p = req.params
-        classes = [(cid, name) for cid, _raw, name in read_classes(_artifact(inputs["classes"]))]
-        frame = load_frames(_file(inputs["template:frames"]))[p["kind"]]
+        classes = [(cid, name) for cid, _raw, name in read_classes(artifact_of(inputs["classes"]))]
+        frame = load_frames(path_of(inputs["template:frames"]))[p["kind"]]
         counter = TokenCounter()
         if p["source"] == "file":
-            results, notes = self._import(req, _file(inputs["file"]), classes, frame, counter, ctx)
+            results, notes = self._import(req, path_of(inputs["file"]), classes, frame, counter, ctx)
         else:
             results, notes = self._ask(req, inputs, classes, frame, counter, ctx)
         return self._finish(req, results, notes, ctx)
@@ -191,7 +192,7 @@ class DescribeStage(Stage):
             source = req.inputs["classes"].inputs["file"]  # type: ignore[union-attr]
             classes = [(c.class_id, c.name) for c in read_class_list(source.path)]  # type: ignore[union-attr]
         else:
-            classes = [(cid, name) for cid, _raw, name in read_classes(_artifact(inputs["classes"]))]
+            classes = [(cid, name) for cid, _raw, name in read_classes(artifact_of(inputs["classes"]))]
         cached: set[str] = set()
         if ctx.catalog.exists():
             with ctx.catalog.reader() as con:
@@ -216,9 +217,9 @@ class _Conversation:
         env = Environment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
         kind = req.params["kind"]
         self.p = req.params
-        self.system = env.from_string(_file(inputs["template:system"]).read_text(encoding="utf-8"))
-        self.user = env.from_string(_file(inputs[f"template:{kind}"]).read_text(encoding="utf-8"))
-        self.reask = env.from_string(_file(inputs["template:reask"]).read_text(encoding="utf-8"))
+        self.system = env.from_string(path_of(inputs["template:system"]).read_text(encoding="utf-8"))
+        self.user = env.from_string(path_of(inputs[f"template:{kind}"]).read_text(encoding="utf-8"))
+        self.reask = env.from_string(path_of(inputs["template:reask"]).read_text(encoding="utf-8"))
         self.frame, self.counter, self.client, self.cache = frame, counter, client, cache
         self.sampling = Sampling(self.p["temperature"], self.p["max_tokens"], self.p["seed"])
 
@@ -342,13 +343,3 @@ def _report(ctx: Context, p: Mapping[str, Any], summary: Mapping[str, Any],
             ctx.echo(f"         {r.class_id:>4}  {r.class_name[:40]:<40}  {r.failure[:160]}")
         if len(failures) > 20:
             ctx.echo(f"         ... {len(failures) - 20} more in the description_failures table")
-
-
-def _artifact(r: Resolved) -> Artifact:
-    assert isinstance(r, Artifact)
-    return r
-
-
-def _file(r: Resolved) -> Path:
-    assert isinstance(r, FileDigest)
-    return r.path

@@ -16,7 +16,7 @@ from cache.views import refresh_text_embeddings
 from pipeline.errors import UserError
 from pipeline.keys import sha256_text
 from pipeline.runner import Context
-from pipeline.stage import Artifact, Output, Request, Resolved, Stage
+from pipeline.stage import Artifact, Output, Request, Resolved, Stage, artifact_of
 
 KINDS = ("spatial", "temporal")
 
@@ -36,7 +36,7 @@ class EmbedStage(Stage):
         from msta.runtime import resolve_device
 
         p = req.params
-        tables = {k: pq.read_table(_artifact(inputs[k]).path) for k in KINDS}
+        tables = {k: pq.read_table(artifact_of(inputs[k]).path) for k in KINDS}
         device = resolve_device(req.locators.get("device", "auto"))
         try:
             backbone = load_backbone(p["backbone"], p["pretrained"] or None, device=device)
@@ -118,8 +118,3 @@ def read_class_embeddings(path: "str | object", class_ids: list[int]) -> dict[st
     if missing:
         raise UserError(f"the description embeddings lack classes {missing[:5]}", 2)
     return {k: torch.tensor([index[(k, c)] for c in class_ids], dtype=torch.float32) for k in KINDS}
-
-
-def _artifact(r: Resolved) -> Artifact:
-    assert isinstance(r, Artifact)
-    return r

@@ -16,10 +16,11 @@ from cache.catalog import insert_many
 from pipeline.errors import UserError
 from pipeline.keys import sha256_file
 from pipeline.runner import Context
-from pipeline.stage import Artifact, Output, Request, Resolved, Stage
+from pipeline.stage import Artifact, Output, Request, Resolved, Stage, artifact_of
 
 from .frames import read_frame_index
 from .labels import read_classes
+from .plots import plot_confusion
 
 
 class EvaluateStage(Stage):
@@ -47,9 +48,9 @@ class EvaluateStage(Stage):
             raise UserError(str(exc), 2) from None
         model, run_key, checkpoint, protocol = self._model(backbone, inputs.get("model"), p)
         model.to(device).eval()
-        classes = read_classes(_artifact(inputs["classes"]))
+        classes = read_classes(artifact_of(inputs["classes"]))
         names = [name for _, _, name in classes]
-        items = read_frame_index(_artifact(inputs["frames"]).path, ctx.home)
+        items = read_frame_index(artifact_of(inputs["frames"]).path, ctx.home)
         dataset = ClipDataset(items, "test", backbone.image_size, crops=p["crops"], mean=backbone.mean, std=backbone.std)
         loader = make_loader(dataset, batch_size=4, shuffle=False, seed=0, epoch=0,
                              workers=int(req.locators.get("workers", 0)))
@@ -71,10 +72,10 @@ class EvaluateStage(Stage):
                    "top5": (top5 == labels[:, None]).any(-1).float().mean().item()}
         per_class = [(cid, name, int((labels == cid).sum()), float((pred[labels == cid] == cid).float().mean())
                       if (labels == cid).any() else float("nan")) for cid, _, name in classes]
-        view_text = f"{_artifact(inputs['frames']).meta['sampling']['clips']}x{p['crops']}"
+        view_text = f"{artifact_of(inputs['frames']).meta['sampling']['clips']}x{p['crops']}"
         run_dir = ctx.store.run_dir(ctx.key)
         run_dir.mkdir(parents=True, exist_ok=True)
-        _confusion_png(labels, pred, names, run_dir / "confusion.png", f"{p['dataset']}:{p['list']} ({run_key[:24]})")
+        plot_confusion(labels, pred, names, run_dir / "confusion.png", f"{p['dataset']}:{p['list']} ({run_key[:24]})")
         table = pa.table({"video": [Path(path).name for path, _ in items], "label": labels.tolist(),
                           "pred": pred.tolist(), "top5": top5.tolist(),
                           "true_score": score.gather(1, labels[:, None]).squeeze(1).tolist()})
@@ -107,7 +108,7 @@ class EvaluateStage(Stage):
 
         if model_art is None:
             return VideoCLIP(backbone, p["template"]), f"frozen:{p['backbone']}", backbone.identity.weights_digest, "zero-shot"
-        art = _artifact(model_art)
+        art = artifact_of(model_art)
         path, checkpoint = art.path, art.digest
         if p["selection"] == "best-heldout":
             if not art.meta.get("best_file"):
@@ -140,35 +141,3 @@ def get_target(req: Request) -> str:
     from pipeline.stage import get_stage
 
     return get_stage(req.stage).target(req)
-
-
-def _confusion_png(labels: Any, pred: Any, names: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    c = len(names)
-    matrix = np.zeros((c, c))
-    np.add.at(matrix, (labels.numpy(), pred.numpy()), 1)
-    matrix /= np.maximum(matrix.sum(1, keepdims=True), 1)
-    size = min(16, 3 + c * 0.25)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
-    if c <= 40:
-        ax.set_xticks(range(c), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(c), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def _artifact(r: Resolved) -> Artifact:
-    assert isinstance(r, Artifact)
-    return r

@@ -24,7 +24,7 @@ from cache.catalog import insert_many
 from pipeline.errors import UserError
 from pipeline.keys import digest_value
 from pipeline.runner import Context
-from pipeline.stage import Artifact, FileDigest, Output, Request, Resolved, Stage, StageFailed
+from pipeline.stage import Artifact, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
 from pipeline.videolists import draw_per_class, read_video_list, resolve_videos
 
 from .labels import read_classes
@@ -77,13 +77,13 @@ class FramesStage(Stage):
         from tqdm import tqdm
 
         p = req.params
-        classes = read_classes(_artifact(inputs["classes"]))
-        list_path = _file(inputs["list"])
+        classes = read_classes(artifact_of(inputs["classes"]))
+        list_path = path_of(inputs["list"])
         root = Path(req.locators["video_root"])
         names = [raw for _, raw, _ in classes]
         items = read_video_list(list_path, names)
         if "exclude" in inputs:
-            excluded = {it.relpath for it in read_video_list(_file(inputs["exclude"]), names)}
+            excluded = {it.relpath for it in read_video_list(path_of(inputs["exclude"]), names)}
             items = [it for it in items if it.relpath not in excluded]
         select = p["select"]
         if select is not None:
@@ -237,13 +237,3 @@ def _shape_of(path: str) -> tuple[list[int], int]:
     from msta.clipstore import clip_shape
 
     return list(clip_shape(path)), os.path.getsize(path)
-
-
-def _artifact(r: Resolved) -> Artifact:
-    assert isinstance(r, Artifact)
-    return r
-
-
-def _file(r: Resolved) -> Path:
-    assert isinstance(r, FileDigest)
-    return r.path

@@ -9,7 +9,7 @@ from cache.catalog import insert_many
 
 from pipeline.labels import read_class_list
 from pipeline.runner import Context
-from pipeline.stage import Artifact, FileDigest, Output, Request, Resolved, Stage
+from pipeline.stage import Artifact, Output, Request, Resolved, Stage, path_of
 
 
 class LabelsStage(Stage):
@@ -20,9 +20,8 @@ class LabelsStage(Stage):
         return f"labels:{req.params['dataset']}"
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
-        source = inputs["file"]
-        assert isinstance(source, FileDigest)
-        classes = read_class_list(source.path)
+        source = path_of(inputs["file"])
+        classes = read_class_list(source)
         table = pa.table({
             "class_id": pa.array([c.class_id for c in classes], pa.int32()),
             "raw_name": [c.raw_name for c in classes],
@@ -35,9 +34,9 @@ class LabelsStage(Stage):
             insert_many(con, "INSERT INTO classes VALUES (?, ?, ?, ?)",
                             [[dataset, c.class_id, c.raw_name, c.name] for c in classes])
 
-        ctx.echo(f"       {len(classes)} classes from {source.path}")
+        ctx.echo(f"       {len(classes)} classes from {source}")
         return Output(kind="classes", table=table, publish=publish,
-                      summary={"classes": len(classes), "source": str(source.path)})
+                      summary={"classes": len(classes), "source": str(source)})
 
     def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
         return f"read the class list {req.inputs['file'].path}"  # type: ignore[union-attr]

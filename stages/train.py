@@ -24,11 +24,12 @@ from typing import Any
 from cache.store import atomic_write
 from pipeline.errors import UserError
 from pipeline.runner import Context
-from pipeline.stage import Artifact, Output, Request, Resolved, Stage
+from pipeline.stage import Output, Request, Resolved, Stage, artifact_of
 
 from .embed import read_class_embeddings
 from .frames import read_frame_index
 from .labels import read_classes
+from .plots import plot_curves
 
 
 class TrainStage(Stage):
@@ -94,18 +95,18 @@ class Trainer:
             self.cfg = None
             self.model = full_finetune(backbone, p["template"])
         self.model.to(device)
-        classes = read_classes(_artifact(inputs["classes"]))
+        classes = read_classes(artifact_of(inputs["classes"]))
         self.class_names = [name for _, _, name in classes]
         self.d_spatial = self.d_temporal = None
         if p["alpha"] > 0:
-            means = read_class_embeddings(_artifact(inputs["embed"]).path, [cid for cid, _, _ in classes])
+            means = read_class_embeddings(artifact_of(inputs["embed"]).path, [cid for cid, _, _ in classes])
             self.d_spatial, self.d_temporal = means["spatial"].to(device), means["temporal"].to(device)
         size, mean, std = backbone.image_size, backbone.mean, backbone.std
-        train_items = read_frame_index(_artifact(inputs["frames_train"]).path, ctx.home)
-        self.train_set = ClipDataset(train_items, "train", size, seed=p["seed"], hflip=p["hflip"], mean=mean, std=std)
+        train_items = read_frame_index(artifact_of(inputs["frames_train"]).path, ctx.home)
+        self.train_set = ClipDataset(train_items, "train", size, seed=p["seed"], mean=mean, std=std, **p["augment"])
         self.heldout_set = None
         if "frames_heldout" in inputs:
-            items = read_frame_index(_artifact(inputs["frames_heldout"]).path, ctx.home)
+            items = read_frame_index(artifact_of(inputs["frames_heldout"]).path, ctx.home)
             self.heldout_set = ClipDataset(items, "test", size, crops=1, mean=mean, std=std)
         micro = p["micro_batch"] or p["batch_size"]
         if p["batch_size"] % (micro * world):
@@ -149,7 +150,7 @@ class Trainer:
             if self.rank == 0:
                 self._record(row)
                 self._checkpoint(epoch + 1, best, history)
-                _plot_curves(history, self.run_dir / "curves.png", p)
+                plot_curves(history, self.run_dir / "curves.png", p)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.2f}",
                             heldout="-" if heldout is None else f"{heldout:.2f}")
             bar.update(1)
@@ -332,36 +333,3 @@ def _warmup_cosine(warmup: int, total: int, floor: float) -> Any:
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
-
-
-def _plot_curves(history: list[dict[str, Any]], path: Path, p: Mapping[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(epochs, [h["loss"] for h in history], label="loss")
-    ax1.plot(epochs, [h["ce"] for h in history], label="cross-entropy")
-    if p["alpha"] > 0:
-        ax1.plot(epochs, [h["cc"] for h in history], label="L_CC")
-    ax1.set_xlabel("epoch")
-    ax1.legend()
-    ax2.plot(epochs, [h["train_acc"] for h in history], label="train")
-    if any(h["heldout_acc"] is not None for h in history):
-        ax2.plot(epochs, [h["heldout_acc"] for h in history], label="held-out")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylim(0, 1)
-    ax2.legend()
-    fig.suptitle(f"{p['method']} on {p['dataset']} ({p['protocol']})")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def _artifact(r: Resolved) -> Artifact:
-    assert isinstance(r, Artifact)
-    return r

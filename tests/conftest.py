@@ -37,6 +37,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def catalog_rows(home: Path, sql: str) -> list[tuple]:
+    """Rows of a read-only query on a home's catalog (as a user's duckdb shell would see them)."""
+    import duckdb
+
+    con = duckdb.connect(str(home / "catalog.duckdb"), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "MSTA_"))}
     env.update({"MSTA_LOCK_WAIT": "1", "PYTHONUNBUFFERED": "1"})

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from pipeline.dag import LLMOptions, describe_import_request, describe_llm_request
@@ -20,7 +19,7 @@ from pipeline.runner import Runner
 from stages.answers import clean_phrase, parse_answer, validate_phrases
 from tests.llm_server import MISBEHAVIOURS, LLMServer
 
-from .conftest import ROOT, cli_env, run_cli
+from .conftest import ROOT, catalog_rows, cli_env, run_cli
 
 CLASSES = ["waving a hand", "clapping", "jumping over a fence", "tying shoelaces", "pouring water into a glass"]
 
@@ -39,13 +38,6 @@ def describe(home: Path, labels: Path, server: LLMServer, kind: str = "spatial",
     runner.materialise(describe_llm_request(runner, ds, kind, opts))
     return runner
 
-
-def rows(home: Path, sql: str) -> list[tuple]:
-    con = duckdb.connect(str(home / "catalog.duckdb"), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def test_answer_parsing_and_validation_rules() -> None:
@@ -77,21 +69,21 @@ def test_misbehaving_server_still_yields_every_description_and_a_rerun_sends_not
         assert server.requests_total == sent  # all cached
         # no (class, kind) was asked again once a valid answer had arrived
         assert all(s["after_accepted"] == 0 for kinds in stats["by_class"].values() for s in kinds.values())
-    assert rows(home, "SELECT count(*), count(DISTINCT (class_id, kind, idx)) FROM descriptions") == [(20, 20)]
-    texts = [t for (t,) in rows(home, "SELECT text FROM descriptions WHERE kind = 'temporal'")]
+    assert catalog_rows(home, "SELECT count(*), count(DISTINCT (class_id, kind, idx)) FROM descriptions") == [(20, 20)]
+    texts = [t for (t,) in catalog_rows(home, "SELECT text FROM descriptions WHERE kind = 'temporal'")]
     assert all(t.startswith("A video of ") and t.endswith(", which is a sub-step.") for t in texts)
-    assert all(not p.startswith(("1.", "-", '"')) for (p,) in rows(home, "SELECT phrase FROM descriptions"))
+    assert all(not p.startswith(("1.", "-", '"')) for (p,) in catalog_rows(home, "SELECT phrase FROM descriptions"))
 
 
 @pytest.mark.parametrize("misbehaviour", MISBEHAVIOURS)
 def test_each_misbehaviour_is_survived(home: Path, labels: Path, misbehaviour: str) -> None:
     with LLMServer(misbehave_fraction=1.0, misbehaviours=[misbehaviour]) as server:
         describe(home, labels, server)
-    assert rows(home, "SELECT count(*) FROM descriptions") == [(10,)]
-    errors = rows(home, "SELECT count(*) FROM llm_requests WHERE status = 'error'")[0][0]
+    assert catalog_rows(home, "SELECT count(*) FROM descriptions") == [(10,)]
+    errors = catalog_rows(home, "SELECT count(*) FROM llm_requests WHERE status = 'error'")[0][0]
     assert errors == (5 if misbehaviour in ("429", "500") else 0)
     if misbehaviour not in ("429", "500", "bullets"):  # invalid answers were answered back
-        reasks = rows(home, "SELECT count(*) FROM llm_requests WHERE json_array_length(messages) = 4")[0][0]
+        reasks = catalog_rows(home, "SELECT count(*) FROM llm_requests WHERE json_array_length(messages) = 4")[0][0]
         assert reasks == 5
 
 
@@ -102,9 +94,9 @@ def test_a_class_that_never_gets_a_valid_answer_fails_alone(home: Path, labels: 
         assert err.value.exit_code == 1 and "1 of 5 classes" in str(err.value)
         asked = server.stats()["by_class"]["clapping"]["spatial"]["requests"]
         assert asked == 2  # first answer + one re-ask (--max-reasks 1)
-    assert rows(home, "SELECT count(*) FROM descriptions") == [(8,)]
-    assert rows(home, "SELECT class_name, reason FROM description_failures")[0][1].startswith("expected exactly 2")
-    assert rows(home, "SELECT status FROM runs WHERE stage = 'describe'") == [("failed",)]
+    assert catalog_rows(home, "SELECT count(*) FROM descriptions") == [(8,)]
+    assert catalog_rows(home, "SELECT class_name, reason FROM description_failures")[0][1].startswith("expected exactly 2")
+    assert catalog_rows(home, "SELECT status FROM runs WHERE stage = 'describe'") == [("failed",)]
 
 
 def test_json_schema_refusal_falls_back_once_and_is_remembered(home: Path, labels: Path) -> None:
@@ -115,7 +107,7 @@ def test_json_schema_refusal_falls_back_once_and_is_remembered(home: Path, label
         assert server.stats()["json_schema_rejected"] == 2  # remembered for this endpoint and model
         formats = {b.get("response_format", {}).get("type") for b in server.request_bodies[2:]}
     assert formats == {"json_object"}
-    assert rows(home, "SELECT json_schema FROM llm_endpoints") == [(False,)]
+    assert catalog_rows(home, "SELECT json_schema FROM llm_endpoints") == [(False,)]
 
 
 def test_cli_needs_an_endpoint_or_key_and_never_leaks_the_key(home: Path, labels: Path) -> None:
@@ -155,17 +147,17 @@ def test_import_reports_the_real_files_defects(home: Path, shared_data: Path) ->
         runner.materialise(describe_import_request(
             runner, k400, "spatial", shared_data / "msta_descriptions" / "8_s_description_k400.json", None))
     assert "1 of 400 classes" in str(err.value)
-    ((cid, reason),) = rows(home, "SELECT class_id, reason FROM description_failures")
+    ((cid, reason),) = catalog_rows(home, "SELECT class_id, reason FROM description_failures")
     assert cid == 174 and "found 1" in reason and "8 sentences run together" in reason
-    assert rows(home, "SELECT count(*) FROM descriptions WHERE class_id = 174") == [(0,)]
+    assert catalog_rows(home, "SELECT count(*) FROM descriptions WHERE class_id = 174") == [(0,)]
     ucf = Config(None).dataset("ucf101", shared_data / "labels" / "ucf_101_labels.csv")
     runner.materialise(describe_import_request(
         runner, ucf, "temporal", shared_data / "msta_descriptions" / "2_t_description_ucf_101.json", None))
-    probs = [p for (ps,) in rows(home, "SELECT problems FROM descriptions WHERE dataset = 'ucf101'") for p in ps]
+    probs = [p for (ps,) in catalog_rows(home, "SELECT problems FROM descriptions WHERE dataset = 'ucf101'") for p in ps]
     assert sum(p == "typo 'A videos'" for p in probs) == 64
     assert any("squashed as 'applyeyemakeup'" in p for p in probs)
     # the text is kept as written; the problems say what is wrong with it
-    assert rows(home, "SELECT text FROM descriptions WHERE dataset='ucf101' AND class_id=0 AND idx=0")[0][0].startswith("A videos of")
+    assert catalog_rows(home, "SELECT text FROM descriptions WHERE dataset='ucf101' AND class_id=0 AND idx=0")[0][0].startswith("A videos of")
 
 
 def test_import_by_class_name_cupl_format(home: Path, labels: Path, tmp_path: Path) -> None:
@@ -173,7 +165,7 @@ def test_import_by_class_name_cupl_format(home: Path, labels: Path, tmp_path: Pa
     f.write_text(json.dumps({n.title(): [f"A video about {n} one.", f"A video about {n} two."] for n in CLASSES}))
     r = run_cli("describe", "-d", "toy", "--labels", labels, "--home", home, "--from-file", f, "--kind", "spatial")
     assert r.returncode == 0, r.stderr
-    assert rows(home, "SELECT count(*), sum(len(problems)) FROM descriptions") == [(10, 0)]
+    assert catalog_rows(home, "SELECT count(*), sum(len(problems)) FROM descriptions") == [(10, 0)]
     r = run_cli("describe", "-d", "toy", "--labels", labels, "--home", home, "--from-file", f)
     assert r.returncode == 2 and "--kind spatial or --kind temporal" in r.stderr
 
@@ -211,9 +203,9 @@ def test_ssv2_done_when_and_kill_9_resume(home: Path, shared_data: Path, tmp_pat
     finally:
         server.stdin.close()
         server.wait(timeout=10)
-    assert rows(home, "SELECT kind, count(*) FROM descriptions WHERE dataset='ssv2' GROUP BY kind ORDER BY kind") == \
+    assert catalog_rows(home, "SELECT kind, count(*) FROM descriptions WHERE dataset='ssv2' GROUP BY kind ORDER BY kind") == \
         [("spatial", 348), ("temporal", 348)]
-    assert rows(home, "SELECT count(*) FROM (SELECT DISTINCT class_id, kind, idx FROM descriptions)") == [(696,)]
+    assert catalog_rows(home, "SELECT count(*) FROM (SELECT DISTINCT class_id, kind, idx FROM descriptions)") == [(696,)]
     sql = run_cli("sql", "select kind, count(*) from descriptions where dataset='ssv2' group by kind order by kind",
                   "--home", home, "--format", "csv")
     assert sql.stdout.splitlines()[1:] == ["spatial,348", "temporal,348"]

@@ -2,10 +2,12 @@
 between file write and registration, a missing or altered artifact file, the one-writer rule."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -179,25 +181,30 @@ def test_crash_between_file_write_and_registration(home: Path, tmp_path: Path,
     assert art.path.exists()
 
 
-def test_second_writer_waits_then_fails_naming_the_holder(home: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time, sys
-        from pathlib import Path
-        from pipeline.lock import HomeLock
-        with HomeLock(Path({str(home)!r})):
-            print("held", flush=True)
-            time.sleep(30)
-        """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def holding(code: str) -> Iterator[subprocess.Popen[str]]:
+    """Another process that takes a lock (code prints "held" once it has) and keeps it until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code) + "\nprint('held', flush=True)\n"
+                               "import time\ntime.sleep(60)\n"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def home_lock_code(home: Path) -> str:
+    return f"from pathlib import Path\nfrom pipeline.lock import HomeLock\nlock = HomeLock(Path({str(home)!r}))\nlock.acquire()"
+
+
+def test_second_writer_waits_then_fails_naming_the_holder(home: Path) -> None:
+    with holding(home_lock_code(home)) as holder:
         started = time.monotonic()
         with pytest.raises(UserError) as err:
             HomeLock(home, wait_seconds=0.5).acquire()
         assert time.monotonic() - started >= 0.5
         assert f"pid {holder.pid}" in str(err.value) and err.value.exit_code == 1
-    finally:
-        holder.kill()
-        holder.wait()
     with HomeLock(home, wait_seconds=0.5):  # the kernel released the killed holder's lock
         pass
 
@@ -207,40 +214,18 @@ def test_catalog_held_by_another_process_gives_a_clear_error(home: Path) -> None
 
     with Catalog(home).transaction():
         pass
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, time
-        con = duckdb.connect({str(home / 'catalog.duckdb')!r})
-        print("open", flush=True)
-        time.sleep(30)
-        """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "open"
+    with holding(f"import duckdb\ncon = duckdb.connect({str(home / 'catalog.duckdb')!r})") as holder:
         with pytest.raises(UserError) as err:
             with Catalog(home, wait_seconds=0.5).reader():
                 pass
         assert "locked by another process" in str(err.value) and f"PID {holder.pid}" in str(err.value)
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_cli_refuses_a_busy_home(home: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from pathlib import Path
-        from pipeline.lock import HomeLock
-        with HomeLock(Path({str(home)!r})):
-            print("held", flush=True)
-            time.sleep(30)
-        """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        labels = home.parent / "labels.txt"
-        labels.write_text("a\nb\n")
+    labels = home.parent / "labels.txt"
+    labels.write_text("a\nb\n")
+    with holding(home_lock_code(home)) as holder:
         r = subprocess.run([sys.executable, "-m", "pipeline", "describe", "-d", "toy", "--labels", str(labels),
                             "--from-file", str(labels), "--kind", "spatial", "--home", str(home)],
                            capture_output=True, text=True, env=cli_env(), cwd=ROOT)
         assert r.returncode == 1 and f"pid {holder.pid}" in r.stderr
-    finally:
-        holder.kill()
-        holder.wait()

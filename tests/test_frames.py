@@ -9,14 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 
 from msta.clipstore import load_clip
 from tests.videos import write_text_as_video, write_truncated, write_video, write_zero_byte
 
-from .conftest import ROOT, cli_env, run_cli
+from .conftest import ROOT, catalog_rows, cli_env, run_cli
 
 CLASSES = ["pushing left", "pushing right", "lifting"]
 
@@ -53,13 +52,6 @@ train_short_side = 48
 """)
     return root / "msta.toml"
 
-
-def catalog_rows(home: Path, sql: str) -> list[tuple]:
-    con = duckdb.connect(str(home / "catalog.duckdb"), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def test_good_clips_cached_broken_ones_reported_and_rerun_decodes_nothing(tmp_path: Path, home: Path) -> None:

@@ -3,7 +3,6 @@ training, a killed run resumes to the identical result, evaluation fills `result
 base-to-novel harmonic mean) and `report` shows it."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from pipeline.datasets import Config
 from pipeline.demo import world_descriptions
 from pipeline.runner import Runner
 
-from .conftest import ROOT, cli_env, run_cli
+from .conftest import ROOT, catalog_rows, cli_env, run_cli
 
 TINY = ["--backbone", "msta-tiny", "--pretrained", "random", "--adapter-layers", "2-4", "--adapter-dim", "8",
         "--batch-size", "8", "--warmup-epochs", "1", "--workers", "0", "--no-progress"]
@@ -45,13 +44,6 @@ def prepared_home(home: Path, world: Path, datasets: tuple[str, ...] = ("world",
         runner.materialise(embed_request(runner, ds, "msta-tiny", None))
     return runner
 
-
-def rows(home: Path, sql: str) -> list[tuple]:
-    con = duckdb.connect(str(home / "catalog.duckdb"), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def test_training_never_runs_the_frozen_description_branch(home: Path, world: Path,
@@ -82,7 +74,7 @@ def test_training_never_runs_the_frozen_description_branch(home: Path, world: Pa
     assert art.kind == "adapters" and art.meta["best_epoch"] == 1
     # the text tower only ever saw the 12 class prompts (each step, and once per held-out pass)
     assert calls and set(calls) == {12}
-    (loss, cc), = rows(home, "SELECT loss, cc FROM epochs")
+    (loss, cc), = catalog_rows(home, "SELECT loss, cc FROM epochs")
     assert cc > 0 and loss > cc  # L_CC entered the loss from the cached embeddings
 
 
@@ -94,12 +86,12 @@ def test_base_to_novel_evaluation_and_report(home: Path, world: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     r = run_cli("evaluate", "-d", "world", "--config", config, "--home", home, "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
-    metrics = dict(((d, m), v) for d, m, v in rows(home, "SELECT dataset, metric, value FROM results "
+    metrics = dict(((d, m), v) for d, m, v in catalog_rows(home, "SELECT dataset, metric, value FROM results "
                                                          "WHERE selection = 'last'"))
     base, novel, hm = metrics[("world-base", "base")], metrics[("world-novel", "novel")], metrics[("world", "hm")]
     assert hm == pytest.approx(0 if base + novel == 0 else 2 * base * novel / (base + novel))
-    assert rows(home, "SELECT DISTINCT views FROM results") == [("2x1",)]
-    assert len(rows(home, "SELECT * FROM class_accuracy WHERE dataset = 'world-novel'")) == 6
+    assert catalog_rows(home, "SELECT DISTINCT views FROM results") == [("2x1",)]
+    assert len(catalog_rows(home, "SELECT * FROM class_accuracy WHERE dataset = 'world-novel'")) == 6
     report = run_cli("report", "--home", home)
     assert "## Base-to-novel" in report.stdout and "| world | MSTA | last | 1 |" in report.stdout
     assert (home / "runs").glob("*/confusion.png")
@@ -111,7 +103,7 @@ def test_train_dry_run_and_bad_flags(home: Path, world: Path) -> None:
     r = run_cli("train", "-d", "world", "--protocol", "few-shot", "--shots", "2", *TINY, "--config", config,
                 "--home", home, "--dry-run")
     assert r.returncode == 0 and "would run train:adapter:world:few-shot:k2" in r.stdout
-    assert not rows(home, "SELECT * FROM runs WHERE stage = 'train'")
+    assert not catalog_rows(home, "SELECT * FROM runs WHERE stage = 'train'")
     r = run_cli("train", "-d", "world", "--protocol", "few-shot", *TINY, "--config", config, "--home", home)
     assert r.returncode == 2 and "--shots" in r.stderr
     r = run_cli("train", "-d", "world", "--protocol", "few-shot", "--shots", "2", *TINY, "--adapter-layers", "3-9",
@@ -143,14 +135,14 @@ def test_a_killed_training_resumes_to_the_same_result(tmp_path: Path, world: Pat
     resumed = run_cli(*args, "--home", homes["killed"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from the checkpoint of epoch" in resumed.stdout
-    final = {name: rows(h, "SELECT output FROM runs WHERE stage = 'train' AND status = 'done'") for name, h in homes.items()}
+    final = {name: catalog_rows(h, "SELECT output FROM runs WHERE stage = 'train' AND status = 'done'") for name, h in homes.items()}
     assert final["straight"] == final["killed"]  # bit-identical adapters: the same artifact digest
-    epochs = {name: rows(h, "SELECT epoch, loss, train_acc, heldout_acc FROM epochs ORDER BY epoch") for name, h in homes.items()}
+    epochs = {name: catalog_rows(h, "SELECT epoch, loss, train_acc, heldout_acc FROM epochs ORDER BY epoch") for name, h in homes.items()}
     assert epochs["straight"] == epochs["killed"]
 
 
 def _epochs_done(home: Path) -> int:
     try:
-        return rows(home, "SELECT count(*) FROM epochs")[0][0]
+        return catalog_rows(home, "SELECT count(*) FROM epochs")[0][0]
     except duckdb.Error:
         return 0  # the catalog is being written right now
