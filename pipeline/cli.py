@@ -331,7 +331,7 @@ def train(
     cfg = load_config(config)
     req = train_request(runner, cfg, cfg.dataset(dataset), opts)
     art = _train_materialise(runner, home, req, force, dry_run)
-    if art is not None:
+    if art is not None and int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"adapters: {art.path}" if stage == "adapter" else f"weights: {art.path}")
         if art.meta.get("best_epoch"):
             typer.echo(f"best held-out epoch {art.meta['best_epoch']} (accuracy {art.meta['best_heldout_acc']:.3f})")

@@ -221,7 +221,8 @@ class Runner:
 
     def follow(self, req: Request, force: bool = False) -> Artifact | None:
         """What a non-zero rank of a torchrun launch does: run the stage's work beside rank 0 on the
-        inputs rank 0 has materialised, writing nothing (rank 0 alone registers the result)."""
+        inputs rank 0 has materialised, writing nothing (rank 0 alone registers the result; the
+        stage returns no output on such a rank)."""
         ev = self.evaluate(req)
         if ev.state == "fresh" and not force:
             return ev.artifact

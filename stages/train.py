@@ -56,6 +56,8 @@ class TrainStage(Stage):
         run_dir.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(p, inputs, device, rank, world, run_dir, ctx, req.locators)
         result = trainer.fit()
+        if result is None:  # a non-zero rank under torchrun: rank 0 writes and registers
+            return None  # type: ignore[return-value]
         return Output(kind="adapters" if p["method"] == "adapter" else "finetuned", file=result["last"],
                       digest=safetensors_digest(result["last"]), ext=".safetensors", meta=result["meta"],
                       summary=result["summary"])
@@ -108,8 +110,8 @@ class Trainer:
         if "frames_heldout" in inputs:
             items = read_frame_index(artifact_of(inputs["frames_heldout"]).path, ctx.home)
             self.heldout_set = ClipDataset(items, "test", size, crops=1, mean=mean, std=std)
-        micro = p["micro_batch"] or p["batch_size"]
-        if p["batch_size"] % (micro * world):
+        micro = p["micro_batch"] or p["batch_size"] // world  # each process's share of the batch
+        if micro < 1 or p["batch_size"] % (micro * world):
             raise UserError(f"--batch-size {p['batch_size']} must be a multiple of --micro-batch ({micro}) x "
                             f"processes ({world})", 2)
         self.micro, self.accum = micro, p["batch_size"] // (micro * world)
@@ -127,7 +129,7 @@ class Trainer:
                 self.step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     # -- the loop ----------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
+    def fit(self) -> dict[str, Any] | None:
         from tqdm import tqdm
 
         p = self.p
@@ -155,9 +157,10 @@ class Trainer:
                             heldout="-" if heldout is None else f"{heldout:.2f}")
             bar.update(1)
         bar.close()
+        if self.rank != 0:
+            return None
         last = self.run_dir / "last.safetensors"
-        if self.rank == 0:
-            self._save_weights(last, {"epoch": str(p["epochs"])})
+        self._save_weights(last, {"epoch": str(p["epochs"])})
         meta: dict[str, Any] = {"method": p["method"], "protocol": p["protocol"], "dataset": p["dataset"],
                                 "epochs": p["epochs"], "best_epoch": best["epoch"] if best else None,
                                 "best_heldout_acc": best["acc"] if best else None}

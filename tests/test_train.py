@@ -146,3 +146,18 @@ def _epochs_done(home: Path) -> int:
         return catalog_rows(home, "SELECT count(*) FROM epochs")[0][0]
     except duckdb.Error:
         return 0  # the catalog is being written right now
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_one_run(home: Path, world: Path) -> None:
+    """DDP over gloo on the CPU: rank 0 materialises upstream stages and registers the run, rank 1
+    trains beside it and writes nothing; the result is one completed run."""
+    prepared_home(home, world)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+           "-m", "pipeline", "train", "-d", "world", "--protocol", "few-shot", "--shots", "2", "--epochs", "1",
+           "--device", "cpu", *TINY, "--config", str(world / "msta.toml"), "--home", str(home)]
+    r = subprocess.run(cmd, cwd=ROOT, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert catalog_rows(home, "SELECT status, count(*) FROM runs WHERE stage = 'train' GROUP BY ALL") == [("done", 1)]
+    ((seen,),) = catalog_rows(home, "SELECT train_acc IS NOT NULL FROM epochs")
+    assert seen
