@@ -22,9 +22,9 @@ from msta.model import MSTA
 from msta.world import CLASSES, REVERSAL_PAIRS, render_video
 
 
-def world_tensors(per_class: int, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def world_tensors(per_class: int, split: str, seed: int, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
     clips, labels = [], []
-    for c in range(len(CLASSES)):
+    for c in classes:
         for i in range(per_class):
             rng = np.random.default_rng([seed, 0 if split == "train" else 1, c, i])
             clips.append(render_video(c, rng, frames=16, size=64))
@@ -45,7 +45,7 @@ def tsn(n: int, frames: int, t: int, rng: np.random.Generator, test: bool) -> np
 
 
 def run(cfg: dict, data: dict, bb_args: tuple[str, str], device: torch.device, epochs: int, batch: int,
-        descriptions: dict[str, torch.Tensor] | None, frames: int = 8) -> list[dict]:
+        descriptions: dict[str, torch.Tensor] | None, t_frames: int = 8) -> list[dict]:
     torch.manual_seed(0)
     bb = load_backbone(*bb_args, device=device)
     mean = torch.tensor(bb.mean, device=device).view(1, 1, 3, 1, 1)
@@ -66,11 +66,10 @@ def run(cfg: dict, data: dict, bb_args: tuple[str, str], device: torch.device, e
     for epoch in range(epochs):
         model.train()
         order = rng.permutation(len(ytr))
-        idx = tsn(len(ytr), 16, frames, rng, test=False)
+        idx = tsn(len(ytr), 16, t_frames, rng, test=False)
         for s in range(0, len(order), batch):
             b = order[s:s + batch]
-            frames = data["xtr"][b[:, None], idx[b]]
-            x = to_input(frames, mean, std, device)
+            x = to_input(data["xtr"][b[:, None], idx[b]], mean, std, device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 w = model.encode_classes(names)
                 logits = model.logits(model.encode_video(x), w)
@@ -83,7 +82,7 @@ def run(cfg: dict, data: dict, bb_args: tuple[str, str], device: torch.device, e
             model.eval()
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 w = model.encode_classes(names)
-                ti = tsn(len(data["yte"]), 16, frames, rng, test=True)
+                ti = tsn(len(data["yte"]), 16, t_frames, rng, test=True)
                 preds = []
                 for s in range(0, len(data["yte"]), 64):
                     x = to_input(data["xte"][np.arange(s, min(s + 64, len(data["yte"])))[:, None], ti[s:s + 64]],
@@ -108,12 +107,15 @@ def main() -> None:
                     '\'{"branch": ["paper"], "scale": [0.1], "lr": [0.01], "layers": [[3, 4]]}\'')
     ap.add_argument("--frames", type=int, default=8, help="T frames per clip")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--classes", default=",".join(map(str, range(len(CLASSES)))),
+                    help="comma-separated class ids to train and test on (default: all 12)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    xtr, ytr = world_tensors(args.shots, "train", 0)
-    xte, yte = world_tensors(8, "test", 0)
+    classes = [int(c) for c in args.classes.split(",")]
+    xtr, ytr = world_tensors(args.shots, "train", 0, classes)
+    xte, yte = world_tensors(8, "test", 0, classes)
     data = {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte}
     bb = load_backbone("msta-world", "synthetic-world", device=device)
     import json as _json

@@ -490,7 +490,7 @@ def synth(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the synthetic world's videos and lists")] = Path("demo"),
     videos_per_class: Annotated[int, typer.Option(help="Training videos per class of the world")] = 24,
-    epochs: Annotated[int, typer.Option(help="Epochs of every training run")] = 30,
+    epochs: Annotated[int, typer.Option(help="Epochs of every training run")] = 24,
     no_progress: NoProgress = False,
     home: Home = None,
 ) -> None:

@@ -76,7 +76,8 @@ def render(catalog: Any, fmt: str = "markdown") -> str:
             parent = dataset.rsplit("-", 1)[0] if dataset.endswith(("-base", "-novel")) else dataset
             b2n[(parent, name, sel)][metric].append(value)
         elif metric in ("top1", "top5") and protocol in ("zero-shot", "fully-supervised"):
-            other[(protocol, dataset, name, sel)][metric].append(value)
+            target = dataset.split("-zs")[0]  # K600's three zero-shot splits are one target
+            other[(protocol, target, name, sel)][metric].append(value)
     out: list[str] = []
     if few:
         out += ["## Few-shot (top-1 %)", "", "| dataset | model | selection | K=2 | K=4 | K=8 | K=16 |",
@@ -101,8 +102,7 @@ def render(catalog: Any, fmt: str = "markdown") -> str:
         out += ["## Zero-shot and fully supervised (top-1 / top-5 %, mean ± std over splits)", "",
                 "| protocol | dataset | model | selection | top-1 | top-5 | paper top-1 |", "|---|---|---|---|---|---|---|"]
         for (protocol, dataset, name, sel), m in sorted(other.items()):
-            base = dataset.split("-zs")[0]
-            paper = PAPER_ZERO_SHOT.get(base) if protocol == "zero-shot" else PAPER_FULL.get(base, (None,))[0]
+            paper = PAPER_ZERO_SHOT.get(dataset) if protocol == "zero-shot" else PAPER_FULL.get(dataset, (None,))[0]
             out.append(f"| {protocol} | {dataset} | {name} | {sel} | {_pct(m['top1'])} | {_pct(m['top5'])} | "
                        f"{'' if paper is None else f'{paper:.1f}'} |")
         out.append("")
