@@ -255,7 +255,8 @@ def train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-3,
     warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs (per step, from 0) before the cosine")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Clips per optimiser step, over all processes")] = 32,
+    batch_size: Annotated[Optional[int], typer.Option(help="Clips per optimiser step, over all processes "
+                          "[default 32; pretrain: images per step, 128]", show_default=False)] = None,
     micro_batch: Annotated[Optional[int], typer.Option(help="Clips per forward pass; the rest is gradient "
                            "accumulation [default: the whole batch]", show_default=False)] = None,
     frames: Annotated[Optional[int], typer.Option(help="Frames T per clip [default: the dataset's, 8]",
@@ -283,7 +284,7 @@ def train(
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-identical "
                              "reruns and resumes on the CPU)")] = False,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes")] = 2,
-    steps: Annotated[int, typer.Option(help="pretrain: optimiser steps")] = 600,
+    steps: Annotated[int, typer.Option(help="pretrain: optimiser steps")] = 1000,
     out: Annotated[Optional[Path], typer.Option(help="pretrain: also copy the weights here", show_default=False)] = None,
     force: Force = False,
     dry_run: DryRun = False,
@@ -300,7 +301,7 @@ def train(
     from .dag import TrainOptions, train_request
 
     if stage == "pretrain":
-        _pretrain(backbone, steps, batch_size, lr, seed, device, out, force, dry_run, no_progress, home)
+        _pretrain(backbone, steps, batch_size or 128, lr, seed, device, out, force, dry_run, no_progress, home)
         return
     if stage not in ("adapter", "full"):
         raise UserError("--stage must be adapter, full or pretrain", 2)
@@ -321,7 +322,7 @@ def train(
         raise UserError(str(exc), 2) from None
     device, precision = _resolve_device(device, precision)
     opts = TrainOptions(protocol=protocol, method=stage, shots=shots, split_seed=seed, seed=seed, epochs=epochs,
-                        lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, batch_size=batch_size,
+                        lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, batch_size=batch_size or 32,
                         micro_batch=micro_batch, frames=frames,
                         adapter=tuple(sorted(adapter.to_dict().items())) if stage == "adapter" else (),
                         alpha=0.0 if no_consistency else alpha, n_descriptions=n_descriptions, backbone=backbone,

@@ -17,8 +17,12 @@ class PretrainStage(Stage):
         return f"pretrain:{req.params['config']}"
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
+        import torch
+
         from msta.pretrain import pretrain, save_checkpoint
 
+        # One thread: the shipped checkpoint was made so, and matmul results depend on the split.
+        torch.set_num_threads(1)
         p = req.params
         state, metrics = pretrain(p["config"], steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
                                   seed=p["seed"], device=p["device"], progress=ctx.option("progress", True))
