@@ -1,0 +1,31 @@
+"""`msta-pipe demo` end to end on a small recipe: every stage of the pipeline, one table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo import DemoRecipe, run_demo
+from pipeline.runner import Runner
+
+from .conftest import catalog_rows
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_prints_the_table(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    runner = Runner(home, {"progress": False}, echo=lambda s: None)
+    recipe = DemoRecipe(videos_per_class=16, test_per_class=2, shots=2, epochs=1, batch_size=8)
+    table = run_demo(runner, tmp_path / "demo", recipe, lambda s: None)
+    lines = table.splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines
+            if line.startswith("| ") and not line.startswith("| model")}
+    assert set(rows) == {"frozen CLIP (frame mean)", "MSTA w/o L_CC", "MSTA", "MSTA w/o temporal"}
+    assert all(cell != "-" for name, cells in rows.items() for cell in cells if name != "MSTA w/o temporal")
+    assert rows["MSTA w/o temporal"][2:] == ["-", "-", "-"]
+    stages = dict(catalog_rows(home, "SELECT stage, count(*) FROM runs WHERE status = 'done' GROUP BY stage"))
+    assert stages["train"] == 5 and stages["describe"] == 4 and stages["embed"] == 2
+    # a second demo run finds everything cached
+    runner2 = Runner(home, {"progress": False}, echo=lambda s: None)
+    assert run_demo(runner2, tmp_path / "demo", recipe, lambda s: None) == table
+    assert catalog_rows(home, "SELECT count(*) FROM runs WHERE stage = 'train'") == [(5,)]
