@@ -114,3 +114,17 @@ def test_unknown_dataset_and_malformed_config_are_clear(home: Path, tmp_path: Pa
     assert r.returncode == 2 and "not valid TOML" in r.stderr and str(cfg) in r.stderr
     r = run_cli("frames", "-d", "ssv2", "--list", "train", "--home", home)
     assert r.returncode == 2 and "no class list configured" in r.stderr
+
+
+def test_pretrain_stage_writes_weights_and_caches_them(home: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w.safetensors"
+    args = ["train", "--stage", "pretrain", "--backbone", "msta-tiny", "--steps", "2", "--batch-size", "8",
+            "--seed", "0", "--home", home]
+    r = run_cli(*args, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "retrieval_top1" in r.stdout and out.stat().st_size > 0
+    from msta.backbone import load_backbone
+
+    assert load_backbone("msta-tiny", str(out)).identity.weights_digest != "random-init:seed0"
+    again = run_cli(*args)
+    assert "fresh  pretrain:msta-tiny" in again.stdout

@@ -3,6 +3,7 @@ training, a killed run resumes to the identical result, evaluation fills `result
 base-to-novel harmonic mean) and `report` shows it."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -161,3 +162,18 @@ def test_torchrun_two_processes_train_one_run(home: Path, world: Path) -> None:
     assert catalog_rows(home, "SELECT status, count(*) FROM runs WHERE stage = 'train' GROUP BY ALL") == [("done", 1)]
     ((seen,),) = catalog_rows(home, "SELECT train_acc IS NOT NULL FROM epochs")
     assert seen
+
+
+def test_text_embeddings_answer_the_readme_query_and_embed_is_cached(home: Path, world: Path) -> None:
+    prepared_home(home, world)
+    readme = (ROOT / "README.md").read_text()
+    query = readme[readme.index("SELECT a.class_name, b.class_name"):]
+    query = query[: query.index(";")].replace("'ssv2'", "'world'")
+    r = run_cli("sql", query, "--home", home, "--format", "json")
+    assert r.returncode == 0, r.stderr
+    pairs = json.loads(r.stdout)
+    assert len(pairs) == 5 and pairs[0]["sim"] >= pairs[-1]["sim"] and -1 <= pairs[-1]["sim"] <= 1
+    assert catalog_rows(home, "SELECT typeof(embedding) FROM text_embeddings LIMIT 1") == [("FLOAT[32]",)]
+    again = run_cli("embed", "-d", "world", "--backbone", "msta-tiny", "--pretrained", "random",
+                    "--config", world / "msta.toml", "--home", home)
+    assert again.returncode == 0 and "fresh  embed:world:msta-tiny" in again.stdout
