@@ -7,6 +7,8 @@ request count. Run: python benchmarks/describe_throughput.py [--labels PATH] [--
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,7 +20,6 @@ sys.path.insert(0, str(ROOT))
 from pipeline.dag import LLMOptions, describe_llm_request  # noqa: E402
 from pipeline.datasets import Config  # noqa: E402
 from pipeline.runner import Runner  # noqa: E402
-from tests.llm_server import LLMServer  # noqa: E402
 
 
 def synthetic_labels(path: Path, n: int) -> Path:
@@ -33,11 +34,19 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, LLMServer(latency=args.latency) as server:
+    with tempfile.TemporaryDirectory() as tmp:
+        # The server runs in its own process, as a real endpoint would: in-process it would compete
+        # with the client for the interpreter lock and the measurement would be the server's.
+        stats = Path(tmp) / "stats.json"
+        server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "llm_server.py"), "--latency",
+                                   str(args.latency), "--stats-file", str(stats), "--idle-timeout", "120"],
+                                  stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+        base_url = server.stdout.readline().strip()
+        requests_total = lambda: json.loads(stats.read_text())["requests_total"] if stats.exists() else 0
         labels = args.labels if args.labels.exists() else synthetic_labels(Path(tmp) / "labels.csv", 174)
         home = Path(tmp) / "home"
         ds = Config(None).dataset("bench", labels)
-        opts = LLMOptions(model="bench", endpoint=server.base_url, base_url_given=True, n=2,
+        opts = LLMOptions(model="bench", endpoint=base_url, base_url_given=True, n=2,
                           concurrency=args.concurrency)
 
         def run() -> float:
@@ -52,12 +61,15 @@ def main() -> None:
 
         TokenCounter()(["warm up"])
         wall = run()
-        sent = server.requests_total
+        sent = requests_total()
         bound = sent * args.latency / args.concurrency
         cached_wall = run()
+        resent = requests_total() - sent
+        server.stdin.close()
+        server.wait(timeout=10)
         print(f"first run : {sent} requests in {wall:.2f} s; latency bound {sent} x {args.latency} / "
               f"{args.concurrency} = {bound:.2f} s; ratio wall/bound = {wall / bound:.2f}")
-        print(f"rerun     : {server.requests_total - sent} requests in {cached_wall:.2f} s "
+        print(f"rerun     : {resent} requests in {cached_wall:.2f} s "
               f"({wall / cached_wall:.0f}x faster than the first run)")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -100,10 +100,20 @@ class Catalog:
         self._migrated = True
 
 
-def insert_many(con: duckdb.DuckDBPyConnection, sql: str, rows: list[list[Any]]) -> None:
-    """executemany that accepts an empty batch (DuckDB refuses one)."""
-    if rows:
-        con.executemany(sql, rows)
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mapping[str, Any]],
+                conflict: str = "") -> None:
+    """Insert records by column name through Arrow: one statement however many rows (DuckDB's
+    executemany goes row by row), columns left out take their default. `conflict`: "",
+    "OR REPLACE" or "OR IGNORE"."""
+    if not rows:
+        return
+    import pyarrow as pa
+
+    con.register("_incoming_rows", pa.Table.from_pylist(list(rows)))
+    try:
+        con.execute(f"INSERT {conflict} INTO {table} BY NAME SELECT * FROM _incoming_rows")
+    finally:
+        con.unregister("_incoming_rows")
 
 
 def rows_as_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None

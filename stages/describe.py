@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from cache.catalog import insert_many
+from cache.catalog import insert_rows
 from pipeline.errors import UserError
 from pipeline.runner import Context
 from pipeline.stage import (Artifact, FileDigest, Output, Request, Resolved, Stage, StageFailed, artifact_of,
@@ -164,11 +164,11 @@ class DescribeStage(Stage):
 
         def publish(con, artifact: Artifact) -> None:
             con.execute("DELETE FROM descriptions WHERE dataset = ? AND kind = ?", [p["dataset"], p["kind"]])
-            insert_many(con, "INSERT INTO descriptions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [list(r) for r in rows])
+            insert_rows(con, "descriptions", table.to_pylist())
             con.execute("DELETE FROM description_failures WHERE dataset = ? AND kind = ?", [p["dataset"], p["kind"]])
-            insert_many(con, "INSERT INTO description_failures VALUES (?, ?, ?, ?, ?, ?)",
-                            [[p["dataset"], p["kind"], r.class_id, r.class_name, r.failure, ctx.run_id]
-                             for r in failures])
+            insert_rows(con, "description_failures",
+                        [{"dataset": p["dataset"], "kind": p["kind"], "class_id": r.class_id, "class_name": r.class_name,
+                          "reason": r.failure, "run_id": ctx.run_id} for r in failures])
 
         flagged = [(r, d) for r in results if not r.failure for d in r.descriptions if d.problems]
         summary = {**notes, "classes": len(results), "rows": len(rows), "failed_classes": len(failures),

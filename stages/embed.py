@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cache.catalog import insert_many
+from cache.catalog import insert_rows
 from cache.views import refresh_text_embeddings
 from pipeline.errors import UserError
 from pipeline.keys import sha256_text
@@ -93,8 +93,9 @@ class EmbedStage(Stage):
         def publish(con, artifact: Artifact) -> None:
             con.execute("DELETE FROM text_embedding_files WHERE dataset = ? AND backbone = ?",
                         [p["dataset"], p["backbone"]])
-            insert_many(con, "INSERT INTO text_embedding_files VALUES (?, ?, ?, ?, ?)",
-                        [[p["dataset"], p["backbone"], artifact.digest, ctx.store.relative(artifact.path), dim]])
+            insert_rows(con, "text_embedding_files", [{"dataset": p["dataset"], "backbone": p["backbone"],
+                                                       "artifact": artifact.digest,
+                                                       "path": ctx.store.relative(artifact.path), "dim": dim}])
             refresh_text_embeddings(con, ctx.home)
 
         ctx.echo(f"       {len(texts)} descriptions of {len(class_ids)} classes -> {dim}-d embeddings")

@@ -7,12 +7,13 @@ per-class accuracy to `class_accuracy`, the predictions as Parquet, and a confus
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from cache.catalog import insert_many
+from cache.catalog import insert_rows
 from pipeline.errors import UserError
 from pipeline.keys import sha256_file
 from pipeline.runner import Context
@@ -79,21 +80,19 @@ class EvaluateStage(Stage):
         table = pa.table({"video": [Path(path).name for path, _ in items], "label": labels.tolist(),
                           "pred": pred.tolist(), "top5": top5.tolist(),
                           "true_score": score.gather(1, labels[:, None]).squeeze(1).tolist()})
-        rows = [[run_key, protocol, p["dataset"], p["list"], name, value, view_text, checkpoint, p["selection"], ctx.key]
-                for name, value in metrics.items()]
-        if p["role"] in ("base", "novel"):
-            rows.append([run_key, protocol, p["dataset"], p["list"], p["role"], metrics["top1"], view_text, checkpoint,
-                         p["selection"], ctx.key])
+        values = {**metrics, **({p["role"]: metrics["top1"]} if p["role"] in ("base", "novel") else {})}
+        rows = [{"run_key": run_key, "protocol": protocol, "dataset": p["dataset"], "split": p["list"], "metric": name,
+                 "value": value, "views": view_text, "checkpoint_digest": checkpoint, "selection": p["selection"],
+                 "eval_key": ctx.key, "created_at": datetime.now(timezone.utc).replace(tzinfo=None)}
+                for name, value in values.items()]
 
         def publish(con, artifact: Artifact) -> None:
-            for r in rows:
-                con.execute("DELETE FROM results WHERE run_key=? AND dataset=? AND split=? AND metric=? AND selection=?",
-                            [r[0], r[2], r[3], r[4], r[8]])
-            insert_many(con, "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())", rows)
+            insert_rows(con, "results", rows, "OR REPLACE")
             con.execute("DELETE FROM class_accuracy WHERE eval_key = ?", [ctx.key])
-            insert_many(con, "INSERT INTO class_accuracy VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [[ctx.key, run_key, p["dataset"], p["list"], p["selection"], cid, name, n, acc]
-                         for cid, name, n, acc in per_class])
+            insert_rows(con, "class_accuracy",
+                        [{"eval_key": ctx.key, "run_key": run_key, "dataset": p["dataset"], "split": p["list"],
+                          "selection": p["selection"], "class_id": cid, "class_name": name, "videos": n,
+                          "accuracy": acc} for cid, name, n, acc in per_class])
 
         ctx.echo(f"       {p['dataset']}:{p['list']} ({len(items)} videos, {view_text} views, {p['selection']}): "
                  f"top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}; confusion matrix {run_dir / 'confusion.png'}")

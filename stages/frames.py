@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cache.catalog import insert_many
+from cache.catalog import insert_rows
 from pipeline.errors import UserError
 from pipeline.keys import digest_value
 from pipeline.runner import Context
@@ -151,12 +152,13 @@ class FramesStage(Stage):
         def publish(con, artifact: Artifact) -> None:
             target = self.target(req)
             con.execute("DELETE FROM frame_index WHERE target = ?", [target])
-            insert_many(con, "INSERT INTO frame_index VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [[target, artifact.digest, p["dataset"], p["list"], r["video"], r["label"], r["entry_key"]]
-                         for r in rows])
+            insert_rows(con, "frame_index",
+                        [{"target": target, "artifact": artifact.digest, "dataset": p["dataset"], "list": p["list"],
+                          "video": r["video"], "label": r["label"], "entry_key": r["entry_key"]} for r in rows])
             con.execute("DELETE FROM frame_failures WHERE dataset = ? AND list = ?", [p["dataset"], p["list"]])
-            insert_many(con, "INSERT INTO frame_failures VALUES (?, ?, ?, ?, ?, now())",
-                        [[p["dataset"], p["list"], v, e, ctx.run_id] for v, e in failures.items()])
+            insert_rows(con, "frame_failures",
+                        [{"dataset": p["dataset"], "list": p["list"], "video": v, "error": e, "run_id": ctx.run_id,
+                          "created_at": _now()} for v, e in failures.items()])
 
         output = Output(kind="frame_index", table=table, publish=publish, summary=summary,
                         meta={"dataset": p["dataset"], "list": p["list"], "sampling": p["sampling"]})
@@ -182,10 +184,7 @@ class FramesStage(Stage):
 
     def _registered(self, ctx: Context, keys: list[str]) -> set[str]:
         with ctx.catalog.transaction() as con:
-            con.execute("CREATE TEMP TABLE wanted (entry_key VARCHAR)")
-            insert_many(con, "INSERT INTO wanted VALUES (?)", [[k] for k in keys])
-            found = {k for (k,) in con.execute("SELECT entry_key FROM frame_clips JOIN wanted USING (entry_key)").fetchall()}
-            con.execute("DROP TABLE wanted")
+            found = {k for (k,) in con.execute("SELECT entry_key FROM frame_clips").fetchall()} & set(keys)
         return found
 
     def _register(self, ctx: Context, jobs: Sequence[Job], shapes: Sequence[tuple[list[int], int]],
@@ -193,9 +192,11 @@ class FramesStage(Stage):
         import json
 
         with ctx.catalog.transaction() as con:
-            insert_many(con, "INSERT OR REPLACE INTO frame_clips VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-                        [[j.entry_key, j.source, j.size, j.mtime_ns, json.dumps(p["sampling"]), shape,
-                          ctx.store.relative(Path(j.dest)), size, p["format"]] for j, (shape, size) in zip(jobs, shapes)])
+            insert_rows(con, "frame_clips",
+                        [{"entry_key": j.entry_key, "video": j.source, "size": j.size, "mtime_ns": j.mtime_ns,
+                          "sampling": json.dumps(p["sampling"]), "shape": shape,
+                          "path": ctx.store.relative(Path(j.dest)), "bytes": size, "format": p["format"],
+                          "created_at": _now()} for j, (shape, size) in zip(jobs, shapes)], "OR REPLACE")
 
     def check(self, artifact: Artifact, home: Path) -> str:
         """A cached index holds only while its clips exist and its videos are unchanged."""
@@ -214,6 +215,10 @@ class FramesStage(Stage):
     def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
         p = req.params
         return f"decode the videos of list {p['list']} ({p['mode']} sampling {p['sampling']})"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def read_frame_index(artifact_path: Path, home: Path) -> list[tuple[str, int]]:

@@ -5,7 +5,7 @@ from collections.abc import Mapping
 
 import pyarrow as pa
 
-from cache.catalog import insert_many
+from cache.catalog import insert_rows
 
 from pipeline.labels import read_class_list
 from pipeline.runner import Context
@@ -31,8 +31,8 @@ class LabelsStage(Stage):
 
         def publish(con, artifact: Artifact) -> None:
             con.execute("DELETE FROM classes WHERE dataset = ?", [dataset])
-            insert_many(con, "INSERT INTO classes VALUES (?, ?, ?, ?)",
-                            [[dataset, c.class_id, c.raw_name, c.name] for c in classes])
+            insert_rows(con, "classes", [{"dataset": dataset, "class_id": c.class_id, "raw_name": c.raw_name,
+                                          "name": c.name} for c in classes])
 
         ctx.echo(f"       {len(classes)} classes from {source}")
         return Output(kind="classes", table=table, publish=publish,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cache.catalog import Catalog
+from cache.catalog import Catalog, insert_rows
 from pipeline.keys import digest_value
 
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"
@@ -114,7 +114,7 @@ class Recorder:
         with self._lock:
             rows, self._pending = self._pending, []
         if rows:
-            insert_rows(self.catalog, rows)
+            record_rows(self.catalog, rows)
 
     def close(self) -> None:
         self._stop.set()
@@ -124,11 +124,9 @@ class Recorder:
         self.path.unlink(missing_ok=True)
 
 
-def insert_rows(catalog: Catalog, rows: Sequence[Mapping[str, Any]]) -> None:
-    placeholders = ", ".join("?" for _ in _COLUMNS)
-    with catalog.transaction() as con:
-        con.executemany(f"INSERT OR IGNORE INTO llm_requests ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                        [[row.get(c) for c in _COLUMNS] for row in rows])
+def record_rows(catalog: Catalog, rows: Sequence[Mapping[str, Any]]) -> None:
+    with catalog.transaction() as con:  # an attempt seen before (same attempt_id) is skipped
+        insert_rows(con, "llm_requests", [{c: row.get(c) for c in _COLUMNS} for row in rows], "OR IGNORE")
 
 
 def recover_journals(catalog: Catalog, journal_dir: Path) -> int:
@@ -142,7 +140,7 @@ def recover_journals(catalog: Catalog, journal_dir: Path) -> int:
             except json.JSONDecodeError:
                 continue  # a line cut by the kill: that attempt is simply not recorded
         if rows:
-            insert_rows(catalog, rows)
+            record_rows(catalog, rows)
             count += len(rows)
         path.unlink()
     return count
