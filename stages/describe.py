@@ -89,8 +89,11 @@ class DescribeStage(Stage):
         if recovered:
             ctx.echo(f"       recovered {recovered} recorded LLM attempts of an interrupted run")
         with ctx.catalog.transaction() as con:
-            cache = dict(con.execute("SELECT request_key, any_value(response) FROM llm_requests "
-                                     "WHERE status = 'ok' GROUP BY request_key").fetchall())
+            # The finish reason is part of the answer: a cut-off answer is re-asked with words saying so,
+            # and a resumed run must build that same re-ask (same key) to find its cached answer.
+            cache = {key: (response, finish) for key, response, finish in con.execute(
+                "SELECT request_key, arg_max(response, created_at), arg_max(finish_reason, created_at) "
+                "FROM llm_requests WHERE status = 'ok' GROUP BY request_key").fetchall()}
             row = con.execute("SELECT json_schema FROM llm_endpoints WHERE endpoint_host = ? AND model = ?",
                               [endpoint_host(p["endpoint"]), p["model"]]).fetchone()
         mode = None if row is None else ("json_schema" if row[0] else "json_object")
@@ -211,7 +214,7 @@ class _Conversation:
     """The exchange for one (class, kind): ask, validate, tell the model what was wrong, repeat."""
 
     def __init__(self, req: Request, inputs: Mapping[str, Resolved], frame: str, counter: TokenCounter,
-                 client: LLMClient | None, cache: dict[str, str]) -> None:
+                 client: LLMClient | None, cache: dict[str, tuple[str, str | None]]) -> None:
         from jinja2 import Environment, StrictUndefined
 
         env = Environment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
@@ -242,9 +245,8 @@ class _Conversation:
         problems: list[str] = []
         while True:
             key = request_key(self.p["endpoint"], self.p["model"], messages, self.sampling, fmt)
-            content = self.cache.get(key)
-            finish = None
-            if content is None:
+            hit = self.cache.get(key)
+            if hit is None:
                 if budget == 0:
                     result.failure = "; ".join(problems) or "no valid answer"
                     return result
@@ -259,9 +261,10 @@ class _Conversation:
                     result.failure = str(exc)
                     return result
                 content, finish = answer.content, answer.finish_reason
-                self.cache[key] = content
+                self.cache[key] = (content, finish)
                 result.sent += 1
             else:
+                content, finish = hit
                 result.cached += 1
             items, problems = parse_answer(content, n)
             if finish == "length":
