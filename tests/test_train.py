@@ -177,3 +177,43 @@ def test_text_embeddings_answer_the_readme_query_and_embed_is_cached(home: Path,
     again = run_cli("embed", "-d", "world", "--backbone", "msta-tiny", "--pretrained", "random",
                     "--config", world / "msta.toml", "--home", home)
     assert again.returncode == 0 and "fresh  embed:world:msta-tiny" in again.stdout
+
+
+def readme_commands(section: str) -> list[list[str]]:
+    """The `msta-pipe ...` commands of a README section's bash block, continuation lines joined."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().split(f"## {section}", 1)[1]
+    block = text.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line.split("#", 1)[0])[1:] for line in block.splitlines() if line.startswith("msta-pipe ")]
+
+
+def test_readme_reproduction_recipe_dry_runs(tmp_path: Path, home: Path, shared_data: Path) -> None:
+    """The README's paper recipe (HMDB-51, K=2, ViT-B/16) plans every stage with the real label and split
+    files; the temporal descriptions come from the test LLM server and the spatial ones from the authors'
+    file, since the recipe's DeepSeek endpoint is not reachable here."""
+    from tests.llm_server import LLMServer
+
+    config = tmp_path / "msta.toml"
+    config.write_text(f'[datasets.hmdb51]\nlabels = "{shared_data}/labels/hmdb_51_labels.csv"\n'
+                      f'video_root = "{tmp_path}/videos"\nsplits_dir = "{shared_data}/splits/hmdb_splits"\n')
+    weights = tmp_path / "ViT-B-16.safetensors"
+    weights.write_bytes(b"not read by a dry run")
+    describe, train, evaluate = readme_commands("Reproducing the paper")[:3]
+    assert describe[0] == "describe" and train[:3] == ["train", "--stage", "adapter"] and evaluate[0] == "evaluate"
+    common = ["--config", config, "--home", home]
+    r = run_cli(*describe, "--dry-run", *common, env={**cli_env(), "OPENAI_API_KEY": "sk-test"})
+    assert r.returncode == 0 and "51 requests would be sent to https://api.deepseek.com/v1" in r.stdout, r.stderr
+    r = run_cli("describe", "-d", "hmdb51", "--kind", "spatial", "--from-file",
+                shared_data / "msta_descriptions" / "2_s_description_hmdb.json", *common)
+    assert r.returncode == 0, r.stderr
+    with LLMServer() as server:
+        r = run_cli("describe", "-d", "hmdb51", "--kind", "temporal", "--model", "m", "--base-url", server.base_url,
+                    *common)
+    assert r.returncode == 0, r.stderr
+    train = [str(weights) if a == "/weights/ViT-B-16.safetensors" else a for a in train]
+    r = run_cli(*train, "--dry-run", *common)
+    assert r.returncode == 0, r.stderr
+    assert "would run frames:hmdb51:few_shot_2:train" in r.stdout and "would run embed:hmdb51:ViT-B-16" in r.stdout
+    assert "train adapter on hmdb51 (few-shot) for 50 epochs, batch 32, lr 0.001, on cuda" in r.stdout
+    assert not catalog_rows(home, "SELECT * FROM runs WHERE stage IN ('train', 'embed', 'frames')")
