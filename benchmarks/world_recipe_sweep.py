@@ -52,9 +52,10 @@ def run(cfg: dict, data: dict, bb_args: tuple[str, str], device: torch.device, e
     std = torch.tensor(bb.std, device=device).view(1, 1, 3, 1, 1)
     model = MSTA(bb, AdapterConfig(dim=cfg["dim"], layers=tuple(cfg["layers"]), scale=cfg["scale"],
                                    temporal=cfg["temporal"], temporal_branch=cfg["branch"])).to(device)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg["lr"], weight_decay=1e-3)
+    opt = torch.optim.AdamW(model.parameter_groups(cfg["lr"], cfg["mult"]), weight_decay=1e-3)
     steps = epochs * int(np.ceil(len(data["ytr"]) / batch))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps,
+                                                pct_start=0.1)
     names = list(CLASSES)
     rng = np.random.default_rng(0)
     ytr = torch.from_numpy(data["ytr"]).to(device)
@@ -128,8 +129,8 @@ def main() -> None:
         texts = [t for c in range(len(CLASSES)) for t in by_id[str(c)]]
         emb = bb.encode_text_frozen(texts, device=device).view(len(CLASSES), -1, bb.embed_dim)
         descriptions[kind] = class_means(emb)
-    grid = {"branch": ["paper", "bottleneck"], "scale": [0.05, 0.2], "lr": [3e-3, 1e-2], "layers": [(1, 4), (3, 4)],
-            "alpha": [1.0], "temporal": [True], "dim": [64]}
+    grid = {"mult": [30.0, 1.0], "branch": ["paper", "bottleneck"], "scale": [0.05, 0.2], "lr": [3e-3, 1e-2],
+            "layers": [(1, 4), (3, 4)], "alpha": [1.0], "temporal": [True], "dim": [64]}
     if args.grid == "one":
         grid = {k: v[:1] for k, v in grid.items()}
     elif args.grid != "small":

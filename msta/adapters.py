@@ -267,6 +267,11 @@ class AttachedAdapters:
         yield from self.vision.values()
         yield from self.text.values()
 
+    def temporal_parameters(self) -> list[nn.Parameter]:
+        """The temporal branches' filters and biases (an optimiser group of their own, see MSTA.parameter_groups)."""
+        return [p for module in self.modules() for sub in module.modules() if isinstance(sub, TemporalConv)
+                for p in sub.parameters()]
+
     def parameters(self) -> list[nn.Parameter]:
         """Every adapter parameter once (the shared projections are reachable from both towers)."""
         seen: dict[int, nn.Parameter] = {}

@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,10 @@ class VideoCLIP(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_groups(self, lr: float, temporal_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+        """Optimiser groups; a full fine-tune has no temporal branch, so one group."""
+        return [{"params": self.trainable_parameters(), "lr": lr}]
 
 
 def full_finetune(backbone: Backbone, template: str = DEFAULT_TEMPLATE) -> VideoCLIP:
@@ -137,6 +142,18 @@ class MSTA(VideoCLIP):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.adapters.parameters()
+
+    def parameter_groups(self, lr: float, temporal_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+        """The temporal branches apart, at lr x temporal_lr_mult. A depthwise filter over frames does
+        something only at weights of order one (a difference filter is [-1, 0, 1]); from its zero init,
+        AdamW moves each weight by about lr per step, so at the Linear layers' lr it needs thousands of
+        steps to matter, while the spatial path fits the training clips within a few hundred."""
+        temporal = self.adapters.temporal_parameters()
+        ids = {id(p) for p in temporal}
+        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in ids], "lr": lr}]
+        if temporal:
+            groups.append({"params": temporal, "lr": lr * temporal_lr_mult})
+        return groups
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Adapter tensors by their name in the CLIP; a shared projection appears once."""

@@ -156,6 +156,7 @@ class TrainOptions:
     seed: int = 2048
     epochs: int = 50
     lr: float = 1e-3
+    temporal_lr_mult: float = 1.0
     weight_decay: float = 1e-3
     warmup_epochs: int = 5
     min_lr_ratio: float = 0.01
@@ -228,6 +229,7 @@ def train_request(runner: Any, config: Any, ds: Dataset, o: TrainOptions) -> Req
     augment = {"hflip": hflip, "color_jitter": d.video.color_jitter, "grayscale": d.video.grayscale}
     params = {"method": o.method, "protocol": o.protocol, "dataset": d.name, "shots": o.shots,
               "split_seed": o.split_seed, "seed": o.seed, "epochs": o.epochs, "lr": o.lr,
+              "temporal_lr_mult": o.temporal_lr_mult,
               "weight_decay": o.weight_decay, "warmup_epochs": o.warmup_epochs, "min_lr_ratio": o.min_lr_ratio,
               "batch_size": o.batch_size, "micro_batch": o.micro_batch, "adapter": dict(o.adapter),
               "alpha": o.alpha, "n_descriptions": o.n_descriptions, "backbone": o.backbone,

@@ -116,8 +116,8 @@ class Trainer:
                             f"processes ({world})", 2)
         self.micro, self.accum = micro, p["batch_size"] // (micro * world)
         self.steps_per_epoch = math.ceil(len(self.train_set) / p["batch_size"])
-        params = self.model.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(params, lr=p["lr"], weight_decay=p["weight_decay"])
+        groups = self.model.parameter_groups(p["lr"], p["temporal_lr_mult"])
+        self.optimizer = torch.optim.AdamW(groups, lr=p["lr"], weight_decay=p["weight_decay"])
         total = self.steps_per_epoch * p["epochs"]
         warmup = self.steps_per_epoch * p["warmup_epochs"]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(warmup, total, p["min_lr_ratio"]))

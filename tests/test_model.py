@@ -144,6 +144,22 @@ def test_only_adapters_train() -> None:
     assert changed and all(".adapter." in n for n in changed)
 
 
+
+def test_parameter_groups_put_the_temporal_filters_apart() -> None:
+    model = MSTA(tiny_backbone(), TINY_CFG)
+    groups = model.parameter_groups(1e-3, 30.0)
+    assert [g["lr"] for g in groups] == [1e-3, 3e-2]
+    temporal = {id(p) for p in groups[1]["params"]}
+    names = {n for n, p in model.clip.named_parameters() if id(p) in temporal}
+    # one depthwise filter (3 taps per channel) and bias per adapted vision layer, nothing else
+    assert names and all(".temporal.conv." in n and "visual" in n for n in names)
+    assert len(names) == 2 * len(range(*TINY_CFG.layers)) + 2
+    everything = [id(p) for g in groups for p in g["params"]]
+    assert sorted(everything) == sorted(id(p) for p in model.trainable_parameters())  # each once
+    flat = MSTA(tiny_backbone(), AdapterConfig(dim=8, layers=(3, 4), temporal=False)).parameter_groups(1e-3, 30.0)
+    assert len(flat) == 1
+    assert len(full_finetune(tiny_backbone()).parameter_groups(1e-3, 30.0)) == 1
+
 def test_logits_are_scaled_cosines_and_class_tokens_are_cached() -> None:
     model = MSTA(tiny_backbone(), TINY_CFG)
     tokens = model.class_tokens(CLASSES)

@@ -110,6 +110,9 @@ def test_train_dry_run_and_bad_flags(home: Path, world: Path) -> None:
     r = run_cli("train", "-d", "world", "--protocol", "few-shot", "--shots", "2", *TINY, "--adapter-layers", "3-9",
                 "--config", config, "--home", home)
     assert r.returncode == 2 and "do not fit" in r.stderr
+    r = run_cli("train", "-d", "world", "--shots", "2", *TINY, "--temporal-lr-mult", "0", "--config", config,
+                "--home", home)
+    assert r.returncode == 2 and "--temporal-lr-mult must be positive" in r.stderr
 
 
 @pytest.mark.slow
