@@ -438,10 +438,13 @@ def _video_table(frames: int, size: int) -> str:
         f"frames = {sampled}\ntrain_short_side = {size}\ntest_short_side = {size}\n"
         f"crop_size = {size}\ntest_clips = 2\ntest_crops = 1\n"
         "hflip = 0.0  # horizontal flips would swap the left/right classes\n"
+        "color_jitter = 0.0  # a hue shift or greyscale would blur the red/blue classes and captions\n"
+        "grayscale = 0.0\n"
     )
 
 
-def _manifest(frames: int, size: int) -> str:
+def manifest(frames: int, size: int) -> str:
+    """The world's msta.toml: datasets world, world-base, world-novel with their lists and video settings."""
     video = _video_table(frames, size)
     fs = "".join(f'few_shot_{k} = "lists/few_shot_{k}.txt"\n' for k in FEW_SHOT)
     b2n = "".join(f'train_s{s} = "lists/base_train_s{s}.txt"\n' for s in B2N_SEEDS)
@@ -516,6 +519,6 @@ def write_dataset(out_dir: str | Path, videos_per_class: int, test_per_class: in
         _write_list(lists / f"base_train_s{s}.txt", draw)
     _write_list(lists / "base_val.txt", _entries(test, BASE_CLASSES, base_ids))
     _write_list(lists / "novel_val.txt", _entries(test, NOVEL_CLASSES, novel_ids))
-    (out / "msta.toml").write_text(_manifest(frames, size))
+    (out / "msta.toml").write_text(manifest(frames, size))
     (out / "README.txt").write_text(_readme(videos_per_class, test_per_class, seed, frames, size))
     return out

@@ -253,6 +253,8 @@ def train(
                                       "train_sN), for drawn few-shot lists also the draw")] = 2048,
     epochs: Annotated[int, typer.Option(help="Epochs")] = 50,
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
+    temporal_lr_mult: Annotated[float, typer.Option(help="Learning rate of the temporal branches as a multiple "
+                                "of --lr (ours; 1 is the paper's single rate; the demo uses 30, see README)")] = 1.0,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-3,
     warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs (per step, from 0) before the cosine")] = 5,
     batch_size: Annotated[Optional[int], typer.Option(help="Clips per optimiser step, over all processes "
@@ -309,6 +311,8 @@ def train(
         raise UserError("--dataset is required for --stage adapter/full", 2)
     if only not in (None, "vision", "text"):
         raise UserError("--only must be vision or text", 2)
+    if not (lr > 0 and temporal_lr_mult > 0):
+        raise UserError("--lr and --temporal-lr-mult must be positive", 2)
     from msta.adapters import AdapterConfig, parse_layers
     from msta.backbone import BackboneError, check_adapter_fit
 
@@ -322,7 +326,8 @@ def train(
         raise UserError(str(exc), 2) from None
     device, precision = _resolve_device(device, precision)
     opts = TrainOptions(protocol=protocol, method=stage, shots=shots, split_seed=seed, seed=seed, epochs=epochs,
-                        lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, batch_size=batch_size or 32,
+                        lr=lr, temporal_lr_mult=temporal_lr_mult, weight_decay=weight_decay,
+                        warmup_epochs=warmup_epochs, batch_size=batch_size or 32,
                         micro_batch=micro_batch, frames=frames,
                         adapter=tuple(sorted(adapter.to_dict().items())) if stage == "adapter" else (),
                         alpha=0.0 if no_consistency else alpha, n_descriptions=n_descriptions, backbone=backbone,
@@ -490,8 +495,10 @@ def synth(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the synthetic world's videos and lists")] = Path("demo"),
-    videos_per_class: Annotated[int, typer.Option(help="Training videos per class of the world")] = 24,
-    epochs: Annotated[int, typer.Option(help="Epochs of every training run")] = 24,
+    videos_per_class: Annotated[Optional[int], typer.Option(help="Training videos per class of the world (at "
+                                "least the recipe's 32 shots + 2 held out) [default: 36]", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Few-shot epochs; base-to-novel trains twice as many on its "
+                      "smaller list [default: 12]", show_default=False)] = None,
     no_progress: NoProgress = False,
     home: Home = None,
 ) -> None:
@@ -502,9 +509,16 @@ def demo(
     base-to-novel), evaluates them and the frozen CLIP, and prints one table. Reruns reuse every
     cached stage.
     """
+    from dataclasses import replace
+
     from .demo import DemoRecipe, run_demo
 
-    recipe = DemoRecipe(videos_per_class=videos_per_class, epochs=epochs)
+    recipe = DemoRecipe()
+    recipe = replace(recipe, videos_per_class=videos_per_class or recipe.videos_per_class,
+                     epochs=epochs or recipe.epochs)
+    if recipe.videos_per_class < recipe.shots + 2:
+        raise UserError(f"--videos-per-class must be at least {recipe.shots + 2} (the demo's {recipe.shots} shots "
+                        "and 2 held-out clips per class)", 2)
     runner = make_runner(home, progress=not no_progress)
     with writing(home):
         typer.echo(run_demo(runner, out.resolve(), recipe, typer.echo))

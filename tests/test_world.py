@@ -201,7 +201,7 @@ def test_manifest_declares_the_three_datasets(dataset: Path) -> None:
         assert all((dataset / rel).is_file() for rel in entry["lists"].values())
         assert entry["video"] == {"frames": 8, "train_short_side": 64, "test_short_side": 64,
                                   "crop_size": 64, "test_clips": 2, "test_crops": 1,
-                                  "hflip": 0.0}
+                                  "hflip": 0.0, "color_jitter": 0.0, "grayscale": 0.0}
     assert len((dataset / "README.txt").read_text().splitlines()) == 10
 
 
