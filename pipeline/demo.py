@@ -25,8 +25,7 @@ class DemoRecipe:
     before it learns motion direction. Its depthwise filters act only at weights of order one, so
     they get 30 times the learning rate (--temporal-lr-mult); with the paper's single rate the
     spatial path memorises the training clips first. More clips per class, a larger lambda and lr
-    were chosen by benchmarks/world_recipe_sweep.py-style probes (README). The numbers are
-    printed as measured."""
+    were chosen with benchmarks/temporal_lr_probe.py (README). The numbers are printed as measured."""
     videos_per_class: int = 36
     test_per_class: int = 12
     shots: int = 32

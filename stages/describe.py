@@ -92,8 +92,9 @@ class DescribeStage(Stage):
             # The finish reason is part of the answer: a cut-off answer is re-asked with words saying so,
             # and a resumed run must build that same re-ask (same key) to find its cached answer.
             cache = {key: (response, finish) for key, response, finish in con.execute(
-                "SELECT request_key, arg_max(response, created_at), arg_max(finish_reason, created_at) "
-                "FROM llm_requests WHERE status = 'ok' GROUP BY request_key").fetchall()}
+                "SELECT request_key, response, finish_reason FROM llm_requests WHERE status = 'ok' "
+                "QUALIFY row_number() OVER (PARTITION BY request_key ORDER BY created_at, attempt_id) = 1"
+            ).fetchall()}
             row = con.execute("SELECT json_schema FROM llm_endpoints WHERE endpoint_host = ? AND model = ?",
                               [endpoint_host(p["endpoint"]), p["model"]]).fetchone()
         mode = None if row is None else ("json_schema" if row[0] else "json_object")
