@@ -35,14 +35,20 @@ def test_every_command_has_complete_help(command: str) -> None:
     assert not undocumented, undocumented
 
 
-def test_sql_is_read_only_and_speaks_three_formats(home: Path, tmp_path: Path) -> None:
+def import_toy(home: Path, tmp_path: Path, keys: tuple[str, str] = ("0", "1")) -> tuple[Path, Path]:
+    """Two classes with spatial descriptions imported from a file keyed by class id or by name."""
     labels = tmp_path / "labels.txt"
     labels.write_text("waving\nclapping\n")
     f = tmp_path / "d.json"
-    f.write_text(json.dumps({"0": ["A video about a hand.", "A video about an arm."],
-                             "1": ["A video about two hands.", "A video about a crowd."]}))
+    f.write_text(json.dumps({keys[0]: ["A video about a hand.", "A video about an arm."],
+                             keys[1]: ["A video about two hands.", "A video about a crowd."]}))
     assert run_cli("describe", "-d", "toy", "--labels", labels, "--from-file", f, "--kind", "spatial",
                    "--home", home).returncode == 0
+    return labels, f
+
+
+def test_sql_is_read_only_and_speaks_three_formats(home: Path, tmp_path: Path) -> None:
+    import_toy(home, tmp_path)
     query = "select class_id, phrase from descriptions order by class_id, idx"
     table = run_cli("sql", query, "--home", home)
     assert table.returncode == 0 and "a hand" in table.stdout and "(4 rows)" in table.stdout
@@ -60,12 +66,7 @@ def test_sql_is_read_only_and_speaks_three_formats(home: Path, tmp_path: Path) -
 
 
 def test_status_exits_1_when_stale_and_names_the_reason(home: Path, tmp_path: Path) -> None:
-    labels = tmp_path / "labels.txt"
-    labels.write_text("waving\nclapping\n")
-    f = tmp_path / "d.json"
-    f.write_text(json.dumps({"waving": ["A video about a hand.", "A video about an arm."],
-                             "clapping": ["A video about two hands.", "A video about a crowd."]}))
-    run_cli("describe", "-d", "toy", "--labels", labels, "--from-file", f, "--kind", "spatial", "--home", home)
+    labels, f = import_toy(home, tmp_path, ("waving", "clapping"))
     ok = run_cli("status", "--home", home)
     assert ok.returncode == 0
     assert states(ok.stdout)["describe:toy:spatial"] == ("fresh", "")
