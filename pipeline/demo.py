@@ -169,8 +169,8 @@ def _format(table: dict[str, dict[str, float]], recipe: DemoRecipe) -> str:
         f"x{recipe.temporal_lr_mult:g}), "
         f"batch {recipe.batch_size}, r={recipe.dim}, layers {recipe.layers}, T=8; last epoch, top-1 %.",
         "",
-        "| model                      | few-shot all | reversal pairs | base | novel |   HM |",
-        "|----------------------------|--------------|----------------|------|-------|------|",
+        "| model                      | few-shot all | reversal pairs |  base | novel |    HM |",
+        "|----------------------------|--------------|----------------|-------|-------|-------|",
     ]
     for name, row in table.items():
         lines.append(f"| {name:<26} |        {cell(row, 'all')} |          {cell(row, 'pairs')} | {cell(row, 'base')}"
