@@ -10,29 +10,18 @@ temporal-filter weight, at four points of training. Accuracy counts over the tra
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from importlib.resources import files
 
 import numpy as np
 import torch
 
 from msta.adapters import AdapterConfig, parse_layers
-from msta.backbone import Backbone, load_backbone
-from msta.losses import class_means, msta_loss
+from msta.backbone import load_backbone
+from msta.losses import msta_loss
 from msta.model import MSTA
 from msta.world import CLASSES, REVERSAL_PAIRS
-from world_recipe_sweep import to_input, tsn, world_tensors
-
-
-def description_means(bb: Backbone) -> dict[str, torch.Tensor]:
-    out = {}
-    for kind in ("spatial", "temporal"):
-        by_id = json.loads(files("msta").joinpath(f"descriptions/world_{kind}.json").read_text())
-        texts = [t for c in range(len(CLASSES)) for t in by_id[str(c)]]
-        out[kind] = class_means(bb.encode_text_frozen(texts, device="cpu").view(len(CLASSES), -1, bb.embed_dim))
-    return out
+from world_recipe_sweep import description_means, to_input, tsn, world_tensors
 
 
 def train(args: argparse.Namespace, mult: float, data: dict[str, np.ndarray],
@@ -109,7 +98,7 @@ def main() -> None:
     remap = {c: i for i, c in enumerate(classes)}
     data = {"classes": classes, "xtr": xtr, "xte": xte,
             "ytr": np.array([remap[c] for c in ytr]), "yte": np.array([remap[c] for c in yte])}
-    desc = description_means(load_backbone("msta-world", "synthetic-world", device="cpu"))
+    desc = description_means(load_backbone("msta-world", "synthetic-world", device="cpu"), torch.device("cpu"))
     print(f"{len(classes)} classes, {args.shots} clips each, {args.epochs} epochs of batch {args.batch}, lr {args.lr}, "
           f"lambda {args.scale}, layers {args.layers}, branch {args.branch}, alpha {args.alpha}")
     print("| temporal lr mult | epoch | train CE | test all | test pairs | max abs temporal weight |")

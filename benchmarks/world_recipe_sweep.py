@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from msta.adapters import AdapterConfig
-from msta.backbone import load_backbone
-from msta.losses import msta_loss
+from msta.backbone import Backbone, load_backbone
+from msta.losses import class_means, msta_loss
 from msta.model import MSTA
-from msta.world import CLASSES, REVERSAL_PAIRS, render_video
+from msta.world import CLASSES, REVERSAL_PAIRS, render_video, shipped_descriptions
 
 
 def world_tensors(per_class: int, split: str, seed: int, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +42,17 @@ def tsn(n: int, frames: int, t: int, rng: np.random.Generator, test: bool) -> np
     if test:
         return np.tile((edges[:-1] + edges[1:]) // 2, (n, 1))
     return edges[:-1] + rng.integers(0, edges[1:] - edges[:-1], size=(n, t))
+
+
+def description_means(bb: Backbone, device: torch.device) -> dict[str, torch.Tensor]:
+    """D_c^s and D_c^t of every world class from the shipped descriptions, by the frozen text tower."""
+    out = {}
+    for kind in ("spatial", "temporal"):
+        by_id = shipped_descriptions(kind)
+        texts = [t for c in range(len(CLASSES)) for t in by_id[c]]
+        emb = bb.encode_text_frozen(texts, device=device).view(len(CLASSES), -1, bb.embed_dim)
+        out[kind] = class_means(emb)
+    return out
 
 
 def run(cfg: dict, data: dict, bb_args: tuple[str, str], device: torch.device, epochs: int, batch: int,
@@ -118,17 +129,7 @@ def main() -> None:
     xtr, ytr = world_tensors(args.shots, "train", 0, classes)
     xte, yte = world_tensors(8, "test", 0, classes)
     data = {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte}
-    bb = load_backbone("msta-world", "synthetic-world", device=device)
-    import json as _json
-    from importlib.resources import files
-
-    from msta.losses import class_means
-    descriptions = {}
-    for kind in ("spatial", "temporal"):
-        by_id = _json.loads(files("msta").joinpath(f"descriptions/world_{kind}.json").read_text())
-        texts = [t for c in range(len(CLASSES)) for t in by_id[str(c)]]
-        emb = bb.encode_text_frozen(texts, device=device).view(len(CLASSES), -1, bb.embed_dim)
-        descriptions[kind] = class_means(emb)
+    descriptions = description_means(load_backbone("msta-world", "synthetic-world", device=device), device)
     grid = {"mult": [30.0, 1.0], "branch": ["paper", "bottleneck"], "scale": [0.05, 0.2], "lr": [3e-3, 1e-2],
             "layers": [(1, 4), (3, 4)], "alpha": [1.0], "temporal": [True], "dim": [64]}
     if args.grid == "one":

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from fractions import Fraction
+from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
@@ -344,6 +346,12 @@ def render_video(class_id: int, rng: np.random.Generator, frames: int = 16,
 
 
 # ----------------------------------------------------------------------------- dataset
+
+
+def shipped_descriptions(kind: str) -> dict[int, list[str]]:
+    """The project's hand-written spatial or temporal descriptions of the world's classes, by class id."""
+    text = files("msta").joinpath(f"descriptions/world_{kind}.json").read_text(encoding="utf-8")
+    return {int(k): v for k, v in json.loads(text).items()}
 
 
 def class_slug(name: str) -> str:

@@ -124,15 +124,12 @@ def runner_train(runner: Any, config: Config, ds: Any, opts: TrainOptions) -> An
 def world_descriptions(folder: Path) -> dict[str, Path]:
     """The shipped world descriptions keyed by class name (CuPL form), so every label subset
     (world, world-base, world-novel) imports them through the same describe --from-file path."""
-    from importlib.resources import files
-
-    from msta.world import CLASSES
+    from msta.world import CLASSES, shipped_descriptions
 
     out = {}
     for kind in ("spatial", "temporal"):
-        by_id = json.loads(files("msta").joinpath(f"descriptions/world_{kind}.json").read_text(encoding="utf-8"))
         path = folder / f"descriptions_{kind}.json"
-        text = json.dumps({CLASSES[int(k)]: v for k, v in by_id.items()}, indent=1, sort_keys=True)
+        text = json.dumps({CLASSES[c]: v for c, v in shipped_descriptions(kind).items()}, indent=1, sort_keys=True)
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
         out[kind] = path

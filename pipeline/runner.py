@@ -13,20 +13,15 @@ import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cache.catalog import Catalog, rows_as_dicts
+from cache.catalog import Catalog, rows_as_dicts, utcnow
 from cache.store import Store, table_digest, write_parquet, atomic_write_bytes
 from .errors import UserError
 from .keys import canonical_json, sha256_bytes, sha256_file, digest_value
 from .stage import (Artifact, FileDigest, FileInput, Output, Request, Resolved, StageFailed,
                     get_stage)
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 @dataclass
@@ -254,7 +249,7 @@ class Runner:
                         [run_id, key, req.stage, target, stage.code_version,
                          canonical_json(dict(req.params)), json.dumps(dict(req.locators), default=str),
                          canonical_json(dict(digests)), json.dumps(req.to_json(), default=str),
-                         _now(), os.getpid()])
+                         utcnow(), os.getpid()])
         self.echo(f"run    {target}")
         try:
             output = stage.run(req, resolved, ctx)
@@ -278,7 +273,7 @@ class Runner:
     def _fail(self, run_id: str, error: str, started: float) -> None:
         with self.catalog.transaction() as con:
             con.execute("UPDATE runs SET status='failed', error=?, finished_at=?, seconds=? WHERE run_id=?",
-                        [error, _now(), time.perf_counter() - started, run_id])
+                        [error, utcnow(), time.perf_counter() - started, run_id])
 
     def _register(self, run_id: str, output: Output, key: str, req: Request, status: str,
                   error: str | None, seconds: float) -> Artifact:
@@ -304,10 +299,10 @@ class Runner:
         with self.catalog.transaction() as con:
             con.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?)",
                         [digest, output.kind, self.store.relative(path), file_sha,
-                         path.stat().st_size, _now(), json.dumps(dict(output.meta), default=str)])
+                         path.stat().st_size, utcnow(), json.dumps(dict(output.meta), default=str)])
             con.execute("""UPDATE runs SET status=?, output=?, finished_at=?, seconds=?, error=?, summary=?
                            WHERE run_id=?""",
-                        [status, digest, _now(), seconds, error,
+                        [status, digest, utcnow(), seconds, error,
                          json.dumps(dict(output.summary), default=str), run_id])
             if output.publish is not None:
                 output.publish(con, artifact)

@@ -7,13 +7,12 @@ per-class accuracy to `class_accuracy`, the predictions as Parquet, and a confus
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from cache.catalog import insert_rows
+from cache.catalog import insert_rows, utcnow
 from pipeline.errors import UserError
 from pipeline.keys import sha256_file
 from pipeline.runner import Context
@@ -83,7 +82,7 @@ class EvaluateStage(Stage):
         values = {**metrics, **({p["role"]: metrics["top1"]} if p["role"] in ("base", "novel") else {})}
         rows = [{"run_key": run_key, "protocol": protocol, "dataset": p["dataset"], "split": p["list"], "metric": name,
                  "value": value, "views": view_text, "checkpoint_digest": checkpoint, "selection": p["selection"],
-                 "eval_key": ctx.key, "created_at": datetime.now(timezone.utc).replace(tzinfo=None)}
+                 "eval_key": ctx.key, "created_at": utcnow()}
                 for name, value in values.items()]
 
         def publish(con, artifact: Artifact) -> None:

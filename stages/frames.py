@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cache.catalog import insert_rows
+from cache.catalog import insert_rows, utcnow
 from pipeline.errors import UserError
 from pipeline.keys import digest_value
 from pipeline.runner import Context
@@ -158,7 +157,7 @@ class FramesStage(Stage):
             con.execute("DELETE FROM frame_failures WHERE dataset = ? AND list = ?", [p["dataset"], p["list"]])
             insert_rows(con, "frame_failures",
                         [{"dataset": p["dataset"], "list": p["list"], "video": v, "error": e, "run_id": ctx.run_id,
-                          "created_at": _now()} for v, e in failures.items()])
+                          "created_at": utcnow()} for v, e in failures.items()])
 
         output = Output(kind="frame_index", table=table, publish=publish, summary=summary,
                         meta={"dataset": p["dataset"], "list": p["list"], "sampling": p["sampling"]})
@@ -183,9 +182,13 @@ class FramesStage(Stage):
                 yield job, shape, size, error
 
     def _registered(self, ctx: Context, keys: list[str]) -> set[str]:
-        with ctx.catalog.transaction() as con:
-            found = {k for (k,) in con.execute("SELECT entry_key FROM frame_clips").fetchall()} & set(keys)
-        return found
+        with ctx.catalog.transaction() as con:  # only this list's keys leave the catalog, not every clip's
+            con.register("_wanted_keys", pa.table({"entry_key": keys}))
+            try:
+                return {k for (k,) in con.execute(
+                    "SELECT entry_key FROM frame_clips JOIN _wanted_keys USING (entry_key)").fetchall()}
+            finally:
+                con.unregister("_wanted_keys")
 
     def _register(self, ctx: Context, jobs: Sequence[Job], shapes: Sequence[tuple[list[int], int]],
                   p: Mapping[str, Any]) -> None:
@@ -196,7 +199,7 @@ class FramesStage(Stage):
                         [{"entry_key": j.entry_key, "video": j.source, "size": j.size, "mtime_ns": j.mtime_ns,
                           "sampling": json.dumps(p["sampling"]), "shape": shape,
                           "path": ctx.store.relative(Path(j.dest)), "bytes": size, "format": p["format"],
-                          "created_at": _now()} for j, (shape, size) in zip(jobs, shapes)], "OR REPLACE")
+                          "created_at": utcnow()} for j, (shape, size) in zip(jobs, shapes)], "OR REPLACE")
 
     def check(self, artifact: Artifact, home: Path) -> str:
         """A cached index holds only while its clips exist and its videos are unchanged."""
@@ -215,10 +218,6 @@ class FramesStage(Stage):
     def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
         p = req.params
         return f"decode the videos of list {p['list']} ({p['mode']} sampling {p['sampling']})"
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def read_frame_index(artifact_path: Path, home: Path) -> list[tuple[str, int]]:

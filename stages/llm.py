@@ -15,12 +15,11 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cache.catalog import Catalog, insert_rows
+from cache.catalog import Catalog, insert_rows, utcnow
 from pipeline.keys import digest_value
 
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"
@@ -174,7 +173,7 @@ class LLMClient:
         last_error = ""
         for attempt in range(self.http_retries + 1):
             started = time.perf_counter()
-            row = {"attempt_id": uuid.uuid4().hex, "request_key": key, "created_at": _utcnow(),
+            row = {"attempt_id": uuid.uuid4().hex, "request_key": key, "created_at": utcnow().isoformat(sep=" "),
                    "model": self.model, "endpoint_host": endpoint_host(self.endpoint),
                    "messages": json.dumps(list(messages)), "params": json.dumps(self.sampling.to_dict()),
                    "response_format": fmt["type"], **context}
@@ -241,6 +240,3 @@ def _sleep_before_retry(attempt: int, retry_after: str | None) -> None:
         wait = min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.random())  # jitter spreads a herd of 429s
     time.sleep(min(wait, 30.0))
 
-
-def _utcnow() -> str:
-    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat(sep=" ")
