@@ -34,12 +34,12 @@ class Catalog:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+    def _open(self, read_only: bool, config: Mapping[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.wait_seconds
         delay = 0.02
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                return duckdb.connect(str(self.path), read_only=read_only, config=dict(config or {}))
             except duckdb.IOException as exc:
                 m = _LOCK_HOLDER.search(str(exc))
                 if m is None:
@@ -64,22 +64,44 @@ class Catalog:
             try:
                 yield con
                 con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
+            except BaseException as exc:
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass  # a failed COMMIT ended the transaction: its own error is the cause to report
+                if isinstance(exc, (duckdb.IOException, duckdb.TransactionException)):  # a full disk, ...
+                    raise UserError(f"cannot write the catalog {self.path}: {exc}", 1) from None
                 raise
         finally:
             con.close()
 
     @contextmanager
-    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def reader(self, config: Mapping[str, Any] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         if not self.exists():
             raise UserError(f"no catalog at {self.path}: run a stage first "
                             "(e.g. `msta-pipe describe`), or pass the right --home", 2)
-        con = self._open(read_only=True)
+        con = self._open(read_only=True, config=config)
         try:
             yield con
         finally:
             con.close()
+
+    @contextmanager
+    def sandboxed_reader(self, file_views: Sequence[str] = ()) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection for a user's SQL on which DuckDB itself refuses every file and
+        network access (COPY/EXPORT ... TO, even under EXPLAIN ANALYZE; IMPORT, ATTACH, read_csv of
+        any path; INSTALL, LOAD and extension autoloading) and any change of settings.
+
+        `file_views` (views over artifact Parquet files, e.g. text_embeddings) are first copied into
+        temporary tables of the same name, which shadow the views: their files become unreadable, and
+        DuckDB's allowed_directories would also let COPY overwrite the artifacts."""
+        with self.reader(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                                 "allow_community_extensions": False}) as con:
+            for view in file_views:
+                con.execute(f"CREATE TEMP TABLE {view} AS FROM main.{view}")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")  # last: no statement may undo the above
+            yield con
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         has_meta = con.execute(

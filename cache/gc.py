@@ -1,14 +1,16 @@
 """Garbage collection with an explicit scope (DVC's habit): what the catalog reaches stays.
 
-Reached: the output of the latest completed run of every target (of every run with
---keep-history), artifacts named by the catalog's current tables, the clips of current
-frame indexes, and the working folders of runs that are unfinished or current (checkpoints
-of an interrupted training must survive a gc). Everything else under artifacts/ and runs/ goes.
+Reached: the output and the working folder of every run (checkpoints of an interrupted training,
+the best-heldout and snapshot weights of a finished one), artifacts named by the catalog's
+current tables, and the clips of current frame indexes. Everything else under artifacts/ and
+runs/ goes. Runs of one target with other parameters (two trainings with different learning
+rates share a target) are all reached: with `superseded`, the runs a later completed run of the
+same target replaced go too, and are listed by name.
 """
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .catalog import Catalog
@@ -20,13 +22,16 @@ class Report:
     files: int = 0
     bytes: int = 0
     rows: int = 0
+    superseded: list[tuple[str, str]] = field(default_factory=list)  # (target, run key) dropped
 
 
-def collect(catalog: Catalog, store: Store, keep_history: bool, dry_run: bool) -> Report:
+def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool) -> Report:
     with catalog.transaction() as con:
-        scope = "" if keep_history else """
+        scope = "" if not superseded else """
             AND (status <> 'done' OR started_at = (SELECT max(started_at) FROM runs r2
                  WHERE r2.target = runs.target AND r2.status = 'done'))"""
+        dropped = con.execute(f"""SELECT target, key FROM runs WHERE NOT (true {scope})
+                                  ORDER BY target, started_at""").fetchall()
         outputs = {d for (d,) in con.execute(f"SELECT output FROM runs WHERE output IS NOT NULL {scope}").fetchall()}
         outputs |= {d for (d,) in con.execute("""
             SELECT artifact FROM text_embedding_files UNION SELECT artifact FROM frame_index
@@ -44,7 +49,7 @@ def collect(catalog: Catalog, store: Store, keep_history: bool, dry_run: bool) -
                 con.execute("DELETE FROM artifacts WHERE digest = ?", [d])
             for k in drop_clips:
                 con.execute("DELETE FROM frame_clips WHERE entry_key = ?", [k])
-    report = Report(rows=len(drop_digests) + len(drop_clips))
+    report = Report(rows=len(drop_digests) + len(drop_clips), superseded=dropped)
     if store.artifacts.exists():
         for path in store.artifacts.rglob("*"):
             if path.is_file() and (path.name.startswith(TMP_PREFIX) or store.relative(path) not in keep_paths):

@@ -71,6 +71,10 @@ MIGRATIONS: list[str] = [
         eval_key VARCHAR, run_key VARCHAR, dataset VARCHAR, split VARCHAR, selection VARCHAR,
         class_id INTEGER, class_name VARCHAR, videos INTEGER, accuracy DOUBLE);
     """,
+    # 4: a digest per cached clip, so that an altered clip file is a miss (NULL: registered before)
+    """
+    ALTER TABLE frame_clips ADD COLUMN sha256 VARCHAR;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -11,6 +11,9 @@ import duckdb
 
 from .schema import EMPTY_TEXT_EMBEDDINGS
 
+# Views that read artifact files rather than tables (`msta-pipe sql` materialises them, see Catalog).
+FILE_VIEWS = ("text_embeddings",)
+
 
 def refresh_text_embeddings(con: duckdb.DuckDBPyConnection, home: Path) -> None:
     files = con.execute("SELECT path, dim FROM text_embedding_files ORDER BY dataset, backbone").fetchall()

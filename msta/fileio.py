@@ -17,8 +17,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # write() on a full disk names no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
 
 

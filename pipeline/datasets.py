@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .textfiles import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,6 +36,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 class VideoSettings:
     frames: int = 8
     samplings: int = 2  # TSN draws cached per training video, so that epochs still vary
+    pool: int = 0  # > 0: cache up to this many frames per training video; every epoch draws anew
     train_short_side: int = 256
     test_short_side: int = 224
     crop_size: int = 224
@@ -115,22 +117,29 @@ class Config:
         if path is not None:
             self._load(path, seen=set())
 
-    def _load(self, path: Path, seen: set[Path]) -> None:
+    def _load(self, path: Path, seen: set[Path], included: bool = False) -> None:
         path = path.resolve()
         if path in seen:
             return
         seen.add(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist (--config)", 2) from None
+            data = tomllib.loads(read_text(path, "included config file" if included else "config file"))
         except tomllib.TOMLDecodeError as exc:
             raise UserError(f"config file {path} is not valid TOML: {exc}", 2) from None
-        for inc in data.get("include", []):
-            self._load((path.parent / inc), seen)
-        for name, table in data.get("datasets", {}).items():
+        include = data.get("include", [])
+        include = [include] if isinstance(include, str) else include
+        if not isinstance(include, list) or not all(isinstance(inc, str) for inc in include):
+            raise UserError(f"{path}: `include` must be a file name or a list of file names, not "
+                            f"{data['include']!r}", 2)
+        for inc in include:
+            self._load((path.parent / inc), seen, included=True)
+        datasets = data.get("datasets", {})
+        if not isinstance(datasets, dict):
+            raise UserError(f"{path}: `datasets` must be a table of [datasets.NAME] sections, not {datasets!r}", 2)
+        for name, table in datasets.items():
             if not isinstance(table, dict):
                 raise UserError(f"{path}: [datasets.{name}] must be a table", 2)
+            _check_types(path, name, table)
             self._declared[name] = (table, path.parent)
 
     @property
@@ -212,3 +221,37 @@ class Config:
                        labels=resolve(table["labels"]) if "labels" in table else None,
                        video_root=resolve(table["video_root"]) if "video_root" in table else None,
                        lists=lists, video=video, source=self.source)
+
+
+_PATH_KEYS = ("labels", "video_root", "splits_dir", "base_labels", "novel_labels", "b2n_splits_dir")
+# Bounds of the [datasets.NAME.video] keys; an integer key not named here must be at least 1.
+_VIDEO_BOUNDS: dict[str, tuple[float, float]] = {
+    "pool": (0, float("inf")), "hflip": (0, 1), "color_jitter": (0, 1), "grayscale": (0, 1)}
+
+
+def _check_types(path: Path, name: str, table: dict[str, Any]) -> None:
+    """The types of a dataset's keys, up front: a number where a path belongs, or `frames = "eight"`,
+    must stop here with the key's name, not as a traceback or as every video failing to decode."""
+    def bad(key: str, want: str, value: Any) -> UserError:
+        return UserError(f"{path}: [datasets.{name}] {key} must be {want}, not {value!r}", 2)
+
+    for key in _PATH_KEYS:
+        if key in table and not isinstance(table[key], str):
+            raise bad(key, "a path in quotes", table[key])
+    lists = table.get("lists", {})
+    if not isinstance(lists, dict) or not all(isinstance(v, str) for v in lists.values()):
+        raise bad("lists", 'a table of NAME = "path" entries', lists)
+    video = table.get("video", {})
+    if not isinstance(video, dict):
+        raise bad("video", "a table", video)
+    defaults = VideoSettings()
+    for key, value in video.items():
+        if not hasattr(defaults, key):
+            continue  # unknown keys are reported beside the known ones when the dataset is used
+        integer = isinstance(getattr(defaults, key), int)
+        low, high = _VIDEO_BOUNDS.get(key, (1, float("inf")))
+        kind = "an integer" if integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise bad(f"video.{key}", kind, value)
+        if not low <= value <= high:  # also refuses nan
+            raise bad(f"video.{key}", f"{kind} in [{low:g}, {high:g}]", value)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .textfiles import is_int, parse_json, read_text
 
 FORMATS_HELP = ("an `id,name` CSV with header (ViFi-CLIP labels/), SSv2's labels.json, "
                 "UCF-101's classInd.txt (`1 ApplyEyeMakeup`), or a plain file with one class name per line")
@@ -36,12 +37,7 @@ def display_name(raw: str) -> str:
 
 
 def read_class_list(path: Path) -> list[ClassName]:
-    try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"class list {path} does not exist", 2) from None
-    except UnicodeDecodeError:
-        raise UserError(f"class list {path} is not UTF-8 text; expected {FORMATS_HELP}", 2) from None
+    raw = read_text(path, "class list", FORMATS_HELP)
     if not raw.strip():
         raise UserError(f"class list {path} is empty; expected {FORMATS_HELP}", 2)
     stripped = raw.lstrip()
@@ -51,7 +47,7 @@ def read_class_list(path: Path) -> list[ClassName]:
         first = stripped.splitlines()[0].strip().lower().replace(" ", "")
         if first in ("id,name", '"id","name"'):
             pairs = _read_id_name_csv(path, raw)
-        elif re.fullmatch(r"\d+\s+\S.*", stripped.splitlines()[0].strip()):
+        elif re.fullmatch(r"[0-9]+\s+\S.*", stripped.splitlines()[0].strip()):
             pairs = _read_class_ind(path, raw)
         else:
             pairs = [(i, line.strip()) for i, line in enumerate(l for l in raw.splitlines() if l.strip())]
@@ -65,7 +61,7 @@ def _read_id_name_csv(path: Path, raw: str) -> list[tuple[int, str]]:
     for lineno, row in enumerate(reader, start=2):
         if not row or all(not c.strip() for c in row):
             continue
-        if len(row) != 2 or not row[0].strip().lstrip("-").isdigit():
+        if len(row) != 2 or not is_int(row[0].strip()):
             raise UserError(f"{path} line {lineno}: expected `id,name` (an integer id, a comma, a name; "
                             f"quote names that contain commas), got {','.join(row)!r}", 2)
         pairs.append((int(row[0]), row[1].strip()))
@@ -73,16 +69,13 @@ def _read_id_name_csv(path: Path, raw: str) -> list[tuple[int, str]]:
 
 
 def _read_ssv2_json(path: Path, raw: str) -> list[tuple[int, str]]:
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); expected SSv2's labels.json "
-                        '({"Approaching [something] with your camera": "0", ...})', 2) from None
+    data = parse_json(path, raw, "SSv2's labels.json "
+                      '({"Approaching [something] with your camera": "0", ...})')
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object mapping template to id, like SSv2's labels.json", 2)
     pairs = []
     for name, idx in data.items():
-        if not str(idx).strip().isdigit():
+        if not is_int(str(idx).strip()) or str(idx).strip().startswith("-"):
             raise UserError(f"{path}: class {name!r} has id {idx!r}, expected an integer string", 2)
         pairs.append((int(idx), name.replace("[", "").replace("]", "")))
     return sorted(pairs)
@@ -94,7 +87,7 @@ def _read_class_ind(path: Path, raw: str) -> list[tuple[int, str]]:
         if not line.strip():
             continue
         parts = line.split(maxsplit=1)
-        if len(parts) != 2 or not parts[0].isdigit():
+        if len(parts) != 2 or not is_int(parts[0]) or parts[0].startswith("-"):
             raise UserError(f"{path} line {lineno}: expected `<number> <ClassName>` as in UCF-101's "
                             f"classInd.txt, got {line!r}", 2)
         pairs.append((int(parts[0]), parts[1].strip()))
@@ -103,17 +96,20 @@ def _read_class_ind(path: Path, raw: str) -> list[tuple[int, str]]:
 
 
 def _validated(path: Path, pairs: list[tuple[int, str]]) -> list[ClassName]:
-    ids = [i for i, _ in pairs]
-    if sorted(ids) != list(range(len(ids))):
-        missing = sorted(set(range(len(ids))) - set(ids))[:5]
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise UserError(f"{path}: class ids must be 0..{len(ids) - 1} without gaps or repeats "
+    """Linear in the number of classes (counting, not list.count per entry: 100k labels in well under
+    a second; benchmarks/labels_scaling.py)."""
+    if not pairs:
+        raise UserError(f"{path} holds no classes; expected {FORMATS_HELP}", 2)
+    ids = Counter(i for i, _ in pairs)
+    if len(ids) != len(pairs) or min(ids) != 0 or max(ids) != len(pairs) - 1:
+        missing = sorted(set(range(len(pairs))) - set(ids))[:5]
+        dup = sorted(i for i, count in ids.items() if count > 1)[:5]
+        raise UserError(f"{path}: class ids must be 0..{len(pairs) - 1} without gaps or repeats "
                         f"(missing {missing}, repeated {dup})", 2)
-    names = [n for _, n in pairs]
     empty = [i for i, n in pairs if not n]
     if empty:
         raise UserError(f"{path}: class ids {empty[:5]} have an empty name", 2)
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = sorted(n for n, count in Counter(n for _, n in pairs).items() if count > 1)
     if repeated:
         raise UserError(f"{path}: class names appear more than once: {repeated[:5]}", 2)
     return [ClassName(i, n, display_name(n)) for i, n in sorted(pairs)]

@@ -23,8 +23,12 @@ class HomeLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only home, or one below a file
+            raise UserError(f"cannot write to the home {self.path.parent} (--home / MSTA_HOME): "
+                            f"{exc.strerror or exc}", 1) from None
         deadline = time.monotonic() + self.wait_seconds
         while True:
             try:
@@ -43,6 +47,23 @@ class HomeLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
+
+    def holder(self) -> int | None:
+        """The pid of the process holding the lock now, or None. A `running` row is live only if its
+        pid holds the lock: a pid alone may be reused, or belong to a killed process not yet reaped."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            return int(text) if text.isascii() and text.isdigit() else None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .textfiles import is_int, parse_json, read_text
 
 
 @dataclass(frozen=True)
@@ -23,16 +23,17 @@ class VideoItem:
     label: int
 
 
+# Each reader returns (where in the file, item): "line N" or "entry N", for errors about the label.
+Located = list[tuple[str, VideoItem]]
+
+
 def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.replace("[", "").replace("]", "").lower())
 
 
 def read_video_list(path: Path, class_names: Sequence[str]) -> list[VideoItem]:
     """Parse a list file; `class_names` are the raw names in id order (for name-labelled formats)."""
-    try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"video list {path} does not exist", 2) from None
+    raw = read_text(path, "video list")
     stripped = raw.lstrip()
     if not stripped:
         raise UserError(f"video list {path} is empty", 2)
@@ -42,55 +43,54 @@ def read_video_list(path: Path, class_names: Sequence[str]) -> list[VideoItem]:
         items = _read_kinetics_csv(path, raw, class_names)
     else:
         items = _read_pairs(path, raw)
-    bad = [(i, it.label) for i, it in enumerate(items) if not 0 <= it.label < len(class_names)]
+    bad = [(where, it.label) for where, it in items if not 0 <= it.label < len(class_names)]
     if bad:
-        raise UserError(f"{path}: entry {bad[0][0] + 1} has label {bad[0][1]}, outside the class list's "
-                        f"0..{len(class_names) - 1} ({len(bad)} such entries); is this list meant for "
+        raise UserError(f"{path} {bad[0][0]}: label {bad[0][1]} is outside the class list's ids 0.."
+                        f"{len(class_names) - 1} ({len(bad)} such entries; none is used). Is this list meant for "
                         "another label set (base/novel halves renumber their ids)?", 2)
-    return items
+    return [it for _, it in items]
 
 
-def _read_pairs(path: Path, raw: str) -> list[VideoItem]:
+def _read_pairs(path: Path, raw: str) -> Located:
     items = []
     for lineno, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(parts) != 2 or not is_int(parts[1]):
             raise UserError(f"{path} line {lineno}: expected `relative/path.ext label_id`, got {line.strip()!r}", 2)
-        items.append(VideoItem(parts[0].strip(), int(parts[1])))
+        items.append((f"line {lineno}", VideoItem(parts[0].strip(), int(parts[1]))))
     return items
 
 
-def _read_ssv2_json(path: Path, raw: str, class_names: Sequence[str]) -> list[VideoItem]:
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})", 2) from None
+def _read_ssv2_json(path: Path, raw: str, class_names: Sequence[str]) -> Located:
+    data = parse_json(path, raw, "SSv2's train.json/validation.json")
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of {{\"id\", \"template\"}} entries (SSv2's train.json)", 2)
     index = {_norm(n): i for i, n in enumerate(class_names)}
     items = []
     for k, entry in enumerate(data):
-        if not isinstance(entry, dict) or "id" not in entry or "template" not in entry:
+        if not isinstance(entry, dict) or not isinstance(entry.get("template"), str) or "id" not in entry:
             raise UserError(f"{path}: entry {k + 1} lacks `id`/`template` (SSv2 train.json/validation.json format)", 2)
         label = index.get(_norm(entry["template"]))
         if label is None:
             raise UserError(f"{path}: entry {k + 1} has template {entry['template']!r}, not in the class list", 2)
-        items.append(VideoItem(f"{entry['id']}.webm", label))
+        items.append((f"entry {k + 1}", VideoItem(f"{entry['id']}.webm", label)))
     return items
 
 
-def _read_kinetics_csv(path: Path, raw: str, class_names: Sequence[str]) -> list[VideoItem]:
+def _read_kinetics_csv(path: Path, raw: str, class_names: Sequence[str]) -> Located:
     index = {_norm(n): i for i, n in enumerate(class_names)}
     items = []
     for lineno, row in enumerate(csv.DictReader(io.StringIO(raw)), start=2):
         try:
-            label = index[_norm(row["label"])]
+            label = index[_norm(row["label"] or "")]
             name = f"{row['youtube_id']}_{int(row['time_start']):06d}_{int(row['time_end']):06d}.mp4"
         except KeyError:
             raise UserError(f"{path} line {lineno}: label {row.get('label')!r} is not in the class list", 2) from None
         except (TypeError, ValueError):
             raise UserError(f"{path} line {lineno}: expected label,youtube_id,time_start,time_end,split", 2) from None
-        items.append(VideoItem(f"{row.get('split') or 'train'}/{name}", label))
+        items.append((f"line {lineno}", VideoItem(f"{row.get('split') or 'train'}/{name}", label)))
     return items
 
 
@@ -117,6 +117,8 @@ def draw_per_class(items: Sequence[VideoItem], k: int | None, seed: int, class_n
         by_class[it.label].append(it)
     if k is None:
         return sorted(items, key=lambda it: (it.label, it.relpath))
+    if k < 1:  # a negative k would slice off the last -k videos of every class instead
+        raise UserError(f"cannot draw {k} videos per class: --shots must be at least 1", 2)
     short = [(c, len(by_class.get(c, []))) for c in range(len(class_names)) if len(by_class.get(c, [])) < k]
     if short:
         c, have = short[0]

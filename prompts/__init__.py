@@ -27,10 +27,20 @@ def template_files(prompt_dir: Path, kind: str) -> dict[str, Path]:
 
 
 def load_frames(path: Path) -> dict[str, str]:
-    frames = tomllib.loads(path.read_text(encoding="utf-8"))
+    """The sentence frames by kind; ValueError naming the file when one cannot serve."""
+    try:
+        frames = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid TOML ({exc})") from None
     for kind in KINDS:
-        if "{phrase}" not in frames.get(kind, ""):
+        frame = frames.get(kind)
+        if not isinstance(frame, str) or "{phrase}" not in frame:
             raise ValueError(f"{path}: `{kind}` must be a sentence frame containing {{phrase}}")
+        try:
+            frame.format(phrase="", class_name="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{path}: `{kind}` may use only {{phrase}} and {{class_name}} in braces "
+                             f"(write {{{{ and }}}} for literal braces): {type(exc).__name__}: {exc}") from None
     return {k: frames[k] for k in KINDS}
 
 

@@ -6,7 +6,6 @@ request, itself cached), so a rerun replays the whole exchange without sending a
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ import pyarrow as pa
 from cache.catalog import insert_rows
 from pipeline.errors import UserError
 from pipeline.runner import Context
+from pipeline.textfiles import is_int, parse_json, read_text
 from pipeline.stage import (Artifact, FileDigest, Output, Request, Resolved, Stage, StageFailed, artifact_of,
                             path_of)
 from prompts import load_frames
@@ -68,8 +68,13 @@ class DescribeStage(Stage):
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         p = req.params
-        classes = [(cid, name) for cid, _raw, name in read_classes(artifact_of(inputs["classes"]))]
-        frame = load_frames(path_of(inputs["template:frames"]))[p["kind"]]
+        rows = read_classes(artifact_of(inputs["classes"]))
+        refuse_shared_names(rows)
+        classes = [(cid, name) for cid, _raw, name in rows]
+        try:
+            frame = load_frames(path_of(inputs["template:frames"]))[p["kind"]]
+        except ValueError as exc:
+            raise UserError(str(exc), 2) from None
         counter = TokenCounter()
         if p["source"] == "file":
             results, notes = self._import(req, path_of(inputs["file"]), classes, frame, counter, ctx)
@@ -85,9 +90,10 @@ class DescribeStage(Stage):
         p = req.params
         api_key = resolve_api_key(p["endpoint"], req.locators.get("base_url_given", False))
         journal = ctx.home / "journal"
-        recovered = recover_journals(ctx.catalog, journal)
-        if recovered:
-            ctx.echo(f"       recovered {recovered} recorded LLM attempts of an interrupted run")
+        recovered, damaged = recover_journals(ctx.catalog, journal)
+        if recovered or damaged:
+            ctx.echo(f"       recovered {recovered} recorded LLM attempts of an interrupted run"
+                     + (f"; skipped {damaged} damaged journal lines" if damaged else ""))
         with ctx.catalog.transaction() as con:
             # The finish reason is part of the answer: a cut-off answer is re-asked with words saying so,
             # and a resumed run must build that same re-ask (same key) to find its cached answer.
@@ -97,6 +103,8 @@ class DescribeStage(Stage):
             ).fetchall()}
             row = con.execute("SELECT json_schema FROM llm_endpoints WHERE endpoint_host = ? AND model = ?",
                               [endpoint_host(p["endpoint"]), p["model"]]).fetchone()
+        if ctx.forced:  # describe --force: what was learned about the endpoint may be out of date
+            row = None
         mode = None if row is None else ("json_schema" if row[0] else "json_object")
         sampling = Sampling(p["temperature"], p["max_tokens"], p["seed"])
         recorder = Recorder(ctx.catalog, journal)
@@ -110,15 +118,19 @@ class DescribeStage(Stage):
                 # Learn once whether the endpoint takes json_schema (llama.cpp answers HTTP 500).
                 cid, name = todo.pop(0)
                 try:
-                    results.append(conv.describe(cid, name, "json_schema", probing=True))
+                    first = conv.describe(cid, name, "json_schema", probing=True)
                     mode = "json_schema"
+                    # Learned only from an answer: a 404, a dead server or failing 500s teach nothing.
+                    learned = first.sent + first.cached > 0
                 except SchemaRejected:
-                    mode = "json_object"
+                    mode, learned = "json_object", True
                     ctx.echo("       the endpoint refuses response_format json_schema: asking for plain JSON")
-                    results.append(conv.describe(cid, name, mode))
-                with ctx.catalog.transaction() as con:
-                    con.execute("INSERT OR REPLACE INTO llm_endpoints VALUES (?, ?, ?, now())",
-                                [endpoint_host(p["endpoint"]), p["model"], mode == "json_schema"])
+                    first = conv.describe(cid, name, mode)
+                results.append(first)
+                if learned:
+                    with ctx.catalog.transaction() as con:
+                        con.execute("INSERT OR REPLACE INTO llm_endpoints VALUES (?, ?, ?, now())",
+                                    [endpoint_host(p["endpoint"]), p["model"], mode == "json_schema"])
             with ThreadPoolExecutor(max_workers=max(1, int(req.locators.get("concurrency", 8)))) as pool, \
                     tqdm(total=len(classes), initial=len(results), desc=f"describe {p['kind']}",
                          unit="class", disable=not ctx.option("progress", True)) as bar:
@@ -194,9 +206,11 @@ class DescribeStage(Stage):
             from pipeline.labels import read_class_list
 
             source = req.inputs["classes"].inputs["file"]  # type: ignore[union-attr]
-            classes = [(c.class_id, c.name) for c in read_class_list(source.path)]  # type: ignore[union-attr]
+            rows = [(c.class_id, c.raw_name, c.name) for c in read_class_list(source.path)]  # type: ignore[union-attr]
         else:
-            classes = [(cid, name) for cid, _raw, name in read_classes(artifact_of(inputs["classes"]))]
+            rows = read_classes(artifact_of(inputs["classes"]))
+        refuse_shared_names(rows)
+        classes = [(cid, name) for cid, _raw, name in rows]
         cached: set[str] = set()
         if ctx.catalog.exists():
             with ctx.catalog.reader() as con:
@@ -221,9 +235,9 @@ class _Conversation:
         env = Environment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
         kind = req.params["kind"]
         self.p = req.params
-        self.system = env.from_string(path_of(inputs["template:system"]).read_text(encoding="utf-8"))
-        self.user = env.from_string(path_of(inputs[f"template:{kind}"]).read_text(encoding="utf-8"))
-        self.reask = env.from_string(path_of(inputs["template:reask"]).read_text(encoding="utf-8"))
+        variables = {"n": 2, "kind": kind, "class_name": "x", "problems": "x"}  # what the renders below pass
+        self.system, self.user, self.reask = (_template(env, path_of(inputs[name]), variables)
+                                              for name in ("template:system", f"template:{kind}", "template:reask"))
         self.frame, self.counter, self.client, self.cache = frame, counter, client, cache
         self.sampling = Sampling(self.p["temperature"], self.p["max_tokens"], self.p["seed"])
 
@@ -281,6 +295,33 @@ class _Conversation:
                                        problems="; ".join(problems), n=n).strip()}]
 
 
+def _template(env: Any, path: Path, variables: Mapping[str, Any]) -> Any:
+    """A compiled prompt template that renders with the stage's variables, or UserError naming the
+    file: a broken --prompt-dir fails before any request, in one line."""
+    try:
+        template = env.from_string(path.read_text(encoding="utf-8"))
+        template.render(**variables)
+    except Exception as exc:  # jinja2's syntax and undefined errors, and whatever the template raises
+        line = getattr(exc, "lineno", None)
+        raise UserError(f"prompt template {path}{f' line {line}' if line else ''}: {type(exc).__name__}: {exc}",
+                        2) from None
+    return template
+
+
+def refuse_shared_names(classes: Sequence[tuple[int, str, str]]) -> None:
+    """Classes whose display names differ only in case or spacing (`brush_hair`, `brush hair`,
+    `BrushHair`) would share every request (keyed by the name) and every CLIP text: refuse them."""
+    by_name: dict[str, list[tuple[int, str]]] = {}
+    for cid, raw, name in classes:
+        by_name.setdefault(" ".join(name.casefold().split()), []).append((cid, raw))
+    clashes = [(name, ids) for name, ids in by_name.items() if len(ids) > 1]
+    if clashes:
+        said = "; ".join(f"class ids {', '.join(f'{cid} ({raw!r})' for cid, raw in ids)} all read {name!r}"
+                         for name, ids in clashes[:5])
+        raise UserError(f"classes whose names differ only in case, spaces or underscores would get the same "
+                        f"descriptions: {said}; rename them in the class list", 2)
+
+
 def resolve_api_key(endpoint: str, base_url_given: bool) -> str:
     key = os.environ.get("OPENAI_API_KEY", "")
     if key:
@@ -294,15 +335,12 @@ def resolve_api_key(endpoint: str, base_url_given: bool) -> str:
 
 def read_description_file(path: Path, classes: list[tuple[int, str]]) -> dict[int, Any]:
     """The MSTA authors' {"<class id>": [...]} or the CuPL/DCLIP {"<class name>": [...]} format."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})", 2) from None
-    except FileNotFoundError:
-        raise UserError(f"description file {path} does not exist (--from-file)", 2) from None
+    data = parse_json(path, read_text(path, "description file (--from-file)"))
     if not isinstance(data, dict) or not data:
         raise UserError(f"{path}: expected a JSON object {{\"<class id or name>\": [sentences]}}", 2)
-    if all(str(k).strip().isdigit() for k in data):
+    if not any(_has_text(v) for v in data.values()):
+        raise UserError(f"{path}: no class has a description (every entry is empty); nothing to import", 2)
+    if all(is_int(str(k).strip()) for k in data):
         return {int(k): v for k, v in data.items()}
     norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())
     by_name = {norm(name): cid for cid, name in classes}
@@ -317,6 +355,12 @@ def read_description_file(path: Path, classes: list[tuple[int, str]]) -> dict[in
     if unknown and not mapping:
         raise UserError(f"{path}: none of its class names match the class list (e.g. {unknown[0]!r})", 2)
     return mapping
+
+
+def _has_text(entry: Any) -> bool:
+    if isinstance(entry, str):
+        return bool(entry.strip())
+    return isinstance(entry, list) and any(_has_text(x) for x in entry)
 
 
 def _report(ctx: Context, p: Mapping[str, Any], summary: Mapping[str, Any],

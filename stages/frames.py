@@ -5,24 +5,35 @@ written atomically by a worker and registered in `frame_clips` in small batches.
 kill -9, files that were written but not registered are recognised by their key and
 registered without decoding again. The stage's artifact is the index of a list: which
 cached clip holds which video, with its label.
+
+A registered clip counts only while its file has the registered size (checked by `status`) and
+digest (checked where the file is read whole anyway: by `frames --force` and by the readers of
+an index, train and evaluate); an altered clip is decoded again, never trusted. Decoding
+processes die with the command (a kill -9 leaves none writing), and Ctrl-C stops them at once,
+keeping the clips already decoded.
 """
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from contextlib import closing
 from dataclasses import dataclass
-from multiprocessing import get_context
+from functools import partial
+from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cache.catalog import insert_rows, utcnow
+from cache.catalog import Catalog, insert_rows, utcnow
 from pipeline.errors import UserError
-from pipeline.keys import digest_value
+from pipeline.keys import digest_value, sha256_file
 from pipeline.runner import Context
 from pipeline.stage import Artifact, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
 from pipeline.videolists import draw_per_class, read_video_list, resolve_videos
@@ -44,19 +55,55 @@ class Job:
     mtime_ns: int
 
 
-def _decode_one(job: Job, sampling: dict[str, Any], decoder: str, fmt: str) -> tuple[str, list[int], int, str]:
-    """Worker: decode, sample, store. Returns (entry_key, shape, bytes, error)."""
+@dataclass(frozen=True)
+class Clip:
+    """A stored clip file as `frame_clips` registers it."""
+    shape: list[int]
+    bytes: int
+    sha256: str
+
+
+def _clip_of(path: str, shape: list[int] | None = None) -> Clip:
+    from msta.clipstore import clip_shape
+
+    return Clip(shape or list(clip_shape(path)), os.path.getsize(path), sha256_file(path))
+
+
+def _decode_one(job: Job, sampling: dict[str, Any], decoder: str, fmt: str) -> tuple[Job, Clip | None, str]:
+    """Worker: decode, sample, store. Returns (job, the stored clip or None, error)."""
     from msta.clipstore import save_clip
     from msta.video import Sampling, VideoError, decode_clip
 
     try:
         frames = decode_clip(job.source, Sampling(**sampling), decoder=decoder, key=job.video)
     except VideoError as exc:
-        return job.entry_key, [], 0, str(exc)
+        return job, None, str(exc)
     except Exception as exc:  # a decoder bug on one file must not stop the list
-        return job.entry_key, [], 0, f"{job.source}: {type(exc).__name__}: {exc}"
-    size = save_clip(job.dest, frames, fmt)
-    return job.entry_key, list(frames.shape), size, ""
+        return job, None, f"{job.source}: {type(exc).__name__}: {exc}"
+    save_clip(job.dest, frames, fmt)
+    return job, _clip_of(job.dest, list(frames.shape)), ""
+
+
+def _worker_init(parent: int) -> None:
+    """A decoding process dies with the command that started it: after a kill -9 of the command
+    it must not go on writing clips into a home whose lock is gone. Ctrl-C is the command's to
+    handle (it stops the pool and keeps what is done), so workers ignore it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, ctypes.c_ulong(signal.SIGKILL))
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the command died before the signal was armed
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 class FramesStage(Stage):
@@ -108,31 +155,46 @@ class FramesStage(Stage):
                                 "sampling": p["sampling"], "decoder": p["decoder"], "format": p["format"]})
             dest = ctx.store.artifact_path("clips", key, ".clip")
             jobs.append((Job(key, it.relpath, str(path), str(dest), st.st_size, st.st_mtime_ns), it.label))
-        known = self._registered(ctx, [j.entry_key for j, _ in jobs])
+        known = _registered(ctx.catalog, [j.entry_key for j, _ in jobs], digests=True)
         todo, adopt = [], []
         for job, _ in jobs:
-            if job.entry_key in known and Path(job.dest).exists():
+            entry = known.get(job.entry_key)
+            if entry is not None and _intact(job.dest, *entry, verify=ctx.forced):
+                if entry[1] is None:  # registered before clips had digests: record its digest now
+                    adopt.append(job)
                 continue
-            (adopt if _readable(job.dest) else todo).append(job)
-        if adopt:  # written by a killed run, never registered
-            self._register(ctx, adopt, [_shape_of(j.dest) for j in adopt], p)
+            (adopt if entry is None and _readable(job.dest) else todo).append(job)
+        if adopt:  # written by a killed run and never registered, or registered without a digest
+            self._register(ctx, [(j, _clip_of(j.dest)) for j in adopt], p)
         failures: dict[str, str] = {}
         decoded = 0
         started = time.perf_counter()
+        batch: list[tuple[Job, Clip]] = []
+
+        def flush() -> None:
+            self._register(ctx, batch, p)
+            batch.clear()
+
         with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"frames {p['list']}", unit="clip",
-                  disable=not ctx.option("progress", True)) as bar:
-            batch: list[tuple[Job, list[int], int]] = []
-            for job, shape, size, error in self._decode(todo, p, int(req.locators.get("workers", 1))):
-                bar.update(1)
-                if error:
-                    failures[job.video] = error
-                    continue
-                decoded += 1
-                batch.append((job, shape, size))
-                if len(batch) >= 64:
-                    self._register(ctx, [b[0] for b in batch], [(b[1], b[2]) for b in batch], p)
-                    batch = []
-            self._register(ctx, [b[0] for b in batch], [(b[1], b[2]) for b in batch], p)
+                  disable=not ctx.option("progress", True)) as bar, \
+                closing(self._decode(todo, p, int(req.locators.get("workers", 1)))) as results:
+            try:
+                for job, clip, error in results:
+                    bar.update(1)
+                    if clip is None:
+                        failures[job.video] = error
+                        continue
+                    decoded += 1
+                    batch.append((job, clip))
+                    if len(batch) >= 64:
+                        flush()
+            except KeyboardInterrupt:
+                results.close()  # the workers stop now, not after the list
+                flush()
+                ctx.echo(f"       interrupted: the {decoded} clips decoded so far are cached; a rerun decodes "
+                         f"only the other {len(todo) - decoded - len(failures)}")
+                raise
+            flush()
         rows = [{"video": j.video, "label": label, "entry_key": j.entry_key,
                  "clip_path": ctx.store.relative(Path(j.dest)), "source": j.source, "size": j.size, "mtime_ns": j.mtime_ns}
                 for j, label in jobs if j.video not in failures]
@@ -159,8 +221,10 @@ class FramesStage(Stage):
                         [{"dataset": p["dataset"], "list": p["list"], "video": v, "error": e, "run_id": ctx.run_id,
                           "created_at": utcnow()} for v, e in failures.items()])
 
+        # `failed` lets --strict judge a cached result too
         output = Output(kind="frame_index", table=table, publish=publish, summary=summary,
-                        meta={"dataset": p["dataset"], "list": p["list"], "sampling": p["sampling"]})
+                        meta={"dataset": p["dataset"], "list": p["list"], "sampling": p["sampling"],
+                              "failed": len(failures), "failed_videos": sorted(failures)[:3]})
         if failures and req.locators.get("strict"):
             raise StageFailed(f"{len(failures)} videos could not be decoded (--strict)", output)
         if not rows:
@@ -168,45 +232,49 @@ class FramesStage(Stage):
         return output
 
     def _decode(self, todo: Sequence[Job], p: Mapping[str, Any], workers: int
-                ) -> Iterator[tuple[Job, list[int], int, str]]:
+                ) -> Iterator[tuple[Job, Clip | None, str]]:
+        work = partial(_decode_one, sampling=p["sampling"], decoder=p["decoder"], fmt=p["format"])
         if workers <= 1 or len(todo) <= 1:
-            for job in todo:
-                _, shape, size, error = _decode_one(job, p["sampling"], p["decoder"], p["format"])
-                yield job, shape, size, error
+            yield from map(work, todo)
             return
         # spawn: decord and torch threads do not survive fork reliably
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = [(job, pool.submit(_decode_one, job, p["sampling"], p["decoder"], p["format"])) for job in todo]
-            for job, fut in futures:
-                _, shape, size, error = fut.result()
-                yield job, shape, size, error
+        before = set(active_children())
+        pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"), initializer=_worker_init,
+                                   initargs=(os.getpid(),))
+        try:
+            for future in as_completed([pool.submit(work, job) for job in todo]):
+                yield future.result()
+        except BaseException:  # Ctrl-C, an error, the generator closed: stop now, not after the list
+            for process in set(active_children()) - before:
+                process.terminate()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    def _registered(self, ctx: Context, keys: list[str]) -> set[str]:
-        with ctx.catalog.transaction() as con:  # only this list's keys leave the catalog, not every clip's
-            con.register("_wanted_keys", pa.table({"entry_key": keys}))
-            try:
-                return {k for (k,) in con.execute(
-                    "SELECT entry_key FROM frame_clips JOIN _wanted_keys USING (entry_key)").fetchall()}
-            finally:
-                con.unregister("_wanted_keys")
-
-    def _register(self, ctx: Context, jobs: Sequence[Job], shapes: Sequence[tuple[list[int], int]],
-                  p: Mapping[str, Any]) -> None:
+    def _register(self, ctx: Context, clips: Sequence[tuple[Job, Clip]], p: Mapping[str, Any]) -> None:
         import json
 
+        if not clips:
+            return
         with ctx.catalog.transaction() as con:
             insert_rows(con, "frame_clips",
                         [{"entry_key": j.entry_key, "video": j.source, "size": j.size, "mtime_ns": j.mtime_ns,
-                          "sampling": json.dumps(p["sampling"]), "shape": shape,
-                          "path": ctx.store.relative(Path(j.dest)), "bytes": size, "format": p["format"],
-                          "created_at": utcnow()} for j, (shape, size) in zip(jobs, shapes)], "OR REPLACE")
+                          "sampling": json.dumps(p["sampling"]), "shape": c.shape,
+                          "path": ctx.store.relative(Path(j.dest)), "bytes": c.bytes, "sha256": c.sha256,
+                          "format": p["format"], "created_at": utcnow()} for j, c in clips], "OR REPLACE")
 
     def check(self, artifact: Artifact, home: Path) -> str:
-        """A cached index holds only while its clips exist and its videos are unchanged."""
-        rows = pq.read_table(artifact.path, columns=["video", "clip_path", "source", "size", "mtime_ns"]).to_pylist()
+        """A cached index holds only while its clips have their registered sizes and its videos are
+        unchanged (digests cost a read of every clip: they are checked where clips are read)."""
+        rows = pq.read_table(artifact.path, columns=["video", "entry_key", "clip_path", "source", "size",
+                                                     "mtime_ns"]).to_pylist()
+        registered = _registered(Catalog(home), [r["entry_key"] for r in rows], digests=False)
         for row in rows:
-            if not (home / row["clip_path"]).exists():
+            clip = home / row["clip_path"]
+            if not clip.exists():
                 return f"the cached clip of {row['video']} is gone"
+            if not _intact(str(clip), *registered.get(row["entry_key"], (-1, None)), verify=False):
+                return f"the cached clip of {row['video']} was altered"
             try:
                 st = os.stat(row["source"])
             except FileNotFoundError:
@@ -221,9 +289,49 @@ class FramesStage(Stage):
 
 
 def read_frame_index(artifact_path: Path, home: Path) -> list[tuple[str, int]]:
-    """(absolute clip path, label) of a frames artifact, in list order."""
-    t = pq.read_table(artifact_path, columns=["clip_path", "label"])
-    return [(str(home / c), int(l)) for c, l in zip(t["clip_path"].to_pylist(), t["label"].to_pylist())]
+    """(absolute clip path, label) of a frames artifact, in list order, once every clip is found to
+    hold its registered bytes (the reader reads each whole anyway). A damaged clip is removed, so
+    that the rerun the error asks for decodes it again instead of failing the same way."""
+    rows = pq.read_table(artifact_path, columns=["video", "label", "entry_key", "clip_path"]).to_pylist()
+    registered = _registered(Catalog(home), [r["entry_key"] for r in rows], digests=True)
+
+    def intact(row: dict[str, Any]) -> bool:
+        return _intact(str(home / row["clip_path"]), *registered.get(row["entry_key"], (-1, None)), verify=True)
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+        damaged = [row for row, ok in zip(rows, pool.map(intact, rows)) if not ok]
+    if damaged:
+        for row in damaged:
+            (home / row["clip_path"]).unlink(missing_ok=True)
+        meta = pq.read_schema(artifact_path).metadata or {}
+        dataset, list_name = (meta.get(f"msta.{k}".encode(), b'"?"').decode().strip('"') for k in ("dataset", "list"))
+        raise UserError(f"{len(damaged)} cached clips of list {list_name!r} of {dataset!r} were missing or altered "
+                        f"(e.g. that of {damaged[0]['video']}) and are now removed: rerun the command, whose "
+                        "`frames` stage decodes them anew", 1)
+    return [(str(home / r["clip_path"]), int(r["label"])) for r in rows]
+
+
+def _registered(catalog: Catalog, keys: list[str], digests: bool) -> dict[str, tuple[int, str | None]]:
+    """entry_key -> (bytes, sha256 or None) of the registered clips among `keys`; `digests=False`
+    reads sizes only (a catalog `status` has not migrated may predate the digest column)."""
+    with catalog.reader() as con:  # only these keys leave the catalog, not every clip's
+        con.register("_wanted_keys", pa.table({"entry_key": pa.array(keys, pa.string())}))
+        try:
+            return {k: (size, sha) for k, size, sha in con.execute(
+                f"SELECT entry_key, bytes, {'sha256' if digests else 'NULL'} FROM frame_clips "
+                "JOIN _wanted_keys USING (entry_key)").fetchall()}
+        finally:
+            con.unregister("_wanted_keys")
+
+
+def _intact(path: str, size: int, sha256: str | None, verify: bool) -> bool:
+    """A clip file still has its registered size and, with `verify` and a known digest, its digest."""
+    try:
+        if os.path.getsize(path) != size:
+            return False
+    except OSError:
+        return False
+    return not (verify and sha256) or sha256_file(path) == sha256
 
 
 def _readable(path: str) -> bool:
@@ -235,9 +343,3 @@ def _readable(path: str) -> bool:
         return True
     except (ClipStoreError, OSError):
         return False
-
-
-def _shape_of(path: str) -> tuple[list[int], int]:
-    from msta.clipstore import clip_shape
-
-    return list(clip_shape(path)), os.path.getsize(path)

@@ -4,22 +4,27 @@ Every attempt (answer or error) is appended to a journal file and fsynced the mo
 arrives, then copied into the catalog's `llm_requests` in small batches. A process killed
 between the two loses nothing: the next run ingests the journal first, so a paid answer is
 never asked for twice. The API key is never written anywhere and is scrubbed from errors.
+Whatever the endpoint sends (an event stream, an HTML page, an error object with HTTP 200, odd
+types, a negative Retry-After), one attempt ends as an answer or as one line saying what came.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NoReturn
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from cache.catalog import Catalog, insert_rows, utcnow
+from pipeline.errors import one_line, register_secret
 from pipeline.keys import digest_value
 
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"
@@ -28,13 +33,31 @@ _COLUMNS = ("attempt_id", "request_key", "created_at", "dataset", "class_name", 
             "prompt_tokens", "completion_tokens", "latency_s", "status", "error")
 
 
+_CREDENTIAL_NAME = re.compile(r"(?i)key|token|secret|pass|sig|auth|cred")
+
+
 def normalise_endpoint(base_url: str | None) -> str:
-    """Scheme, host, port and path only: credentials or query strings never enter a key."""
+    """Scheme, host, port, path and the sorted query (Azure-style endpoints need `?api-version=`;
+    it is sent with every request). Credentials are refused, never silently dropped or stored:
+    the key belongs in OPENAI_API_KEY."""
     parts = urlsplit(base_url or DEFAULT_ENDPOINT)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"--base-url must be an http(s) URL like http://127.0.0.1:8000/v1, got {base_url!r}")
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path.rstrip('/')}"
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        raise ValueError("--base-url must be an http(s) URL like http://127.0.0.1:8000/v1, "
+                         f"got {one_line(base_url or '')!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("--base-url must not carry credentials (user:password@host): they would not be sent; "
+                         "put the API key in OPENAI_API_KEY")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    secret = sorted({name for name, _ in query if _CREDENTIAL_NAME.search(name)})
+    if secret:
+        raise ValueError(f"--base-url must not carry credentials in its query ({', '.join(secret)}): it is stored "
+                         "with every run; put the API key in OPENAI_API_KEY")
+    tail = f"?{urlencode(sorted(query))}" if query else ""
+    return f"{parts.scheme}://{parts.hostname}{f':{port}' if port else ''}{parts.path.rstrip('/')}{tail}"
 
 
 def endpoint_host(endpoint: str) -> str:
@@ -83,6 +106,12 @@ class SchemaRejected(LLMError):
     """The endpoint does not take response_format json_schema (llama.cpp answers HTTP 500)."""
 
 
+def refuses_schema(status: int, detail: str) -> bool:
+    """A clear refusal of response_format, as opposed to a wrong URL (404) or a passing failure (500):
+    only this may be remembered for the endpoint and model."""
+    return status in (400, 415, 422, 500) and re.search(r"(?i)response_format|json_schema", detail) is not None
+
+
 class Recorder:
     """Journal-then-catalog writer of `llm_requests` rows, safe to call from worker threads."""
 
@@ -98,6 +127,8 @@ class Recorder:
         self._thread.start()
 
     def record(self, row: dict[str, Any]) -> None:
+        if row.get("error"):
+            row = {**row, "error": one_line(row["error"])}  # the one funnel into llm_requests.error
         line = json.dumps(row, default=str)
         with self._lock:
             self._file.write(line + "\n")
@@ -128,21 +159,41 @@ def record_rows(catalog: Catalog, rows: Sequence[Mapping[str, Any]]) -> None:
         insert_rows(con, "llm_requests", [{c: row.get(c) for c in _COLUMNS} for row in rows], "OR IGNORE")
 
 
-def recover_journals(catalog: Catalog, journal_dir: Path) -> int:
-    """Copy the journals of killed runs into the catalog (idempotent), then remove them."""
-    count = 0
+_JOURNAL_TYPES: dict[str, type | tuple[type, ...]] = {
+    **{c: str for c in _COLUMNS}, "prompt_tokens": int, "completion_tokens": int, "latency_s": (int, float)}
+
+
+def _journal_row(line: bytes) -> dict[str, Any] | None:
+    """A journal line as a row, or None when it is damaged (cut by a kill, or edited): one bad
+    line must neither block the recovery of the others nor break the insert of its batch."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    if not isinstance(row, dict) or not row.get("attempt_id") or not row.get("request_key"):
+        return None
+    if any(row.get(c) is not None and not isinstance(row[c], t) for c, t in _JOURNAL_TYPES.items()):
+        return None
+    return row
+
+
+def recover_journals(catalog: Catalog, journal_dir: Path) -> tuple[int, int]:
+    """Copy the journals of killed runs into the catalog (idempotent), then remove them.
+    Returns (attempts recovered, damaged lines skipped)."""
+    count = damaged = 0
     for path in sorted(journal_dir.glob("llm-*.jsonl")):
         rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill: that attempt is simply not recorded
+        for line in path.read_bytes().splitlines():
+            row = _journal_row(line) if line.strip() else None
+            if row is None:
+                damaged += bool(line.strip())
+            else:
+                rows.append(row)
         if rows:
             record_rows(catalog, rows)
             count += len(rows)
         path.unlink()
-    return count
+    return count, damaged
 
 
 class LLMClient:
@@ -155,15 +206,14 @@ class LLMClient:
         self.endpoint, self.model, self.sampling = endpoint, model, sampling
         self.recorder = recorder
         self.http_retries = http_retries
-        self._secret = api_key
-        self._client = OpenAI(base_url=endpoint, api_key=api_key, max_retries=0, timeout=timeout)
+        register_secret(api_key)
+        base, _, query = endpoint.partition("?")
+        self._client = OpenAI(base_url=base, api_key=api_key, max_retries=0, timeout=timeout,
+                              default_query=dict(parse_qsl(query, keep_blank_values=True)) or None)
         self.sent = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self._count_lock = threading.Lock()
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret and len(self._secret) > 3 else text
 
     def complete(self, messages: Sequence[Mapping[str, str]], fmt: Mapping[str, Any], key: str,
                  context: Mapping[str, Any], probing_schema: bool = False) -> Completion:
@@ -188,10 +238,11 @@ class LLMClient:
                 resp = self._client.chat.completions.create(**kwargs)
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                last_error = self._scrub(f"HTTP {status}: {_error_text(exc)}")
+                detail = _error_text(exc)
+                last_error = one_line(f"HTTP {status}: {detail}")
                 self.recorder.record({**row, "status": "error", "error": last_error,
                                       "latency_s": time.perf_counter() - started})
-                if probing_schema and status in (400, 404, 415, 422, 500) and (status != 500 or attempt >= 1):
+                if probing_schema and refuses_schema(status, detail):
                     raise SchemaRejected(last_error) from None
                 if status == 401 or status == 403:
                     raise LLMError(f"{last_error} (check OPENAI_API_KEY for {self.endpoint})") from None
@@ -200,17 +251,17 @@ class LLMClient:
                 _sleep_before_retry(attempt, exc.response.headers.get("retry-after"))
                 continue
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-                last_error = self._scrub(f"{type(exc).__name__}: {exc}")
+                last_error = one_line(f"{type(exc).__name__}: {exc}")
                 self.recorder.record({**row, "status": "error", "error": last_error,
                                       "latency_s": time.perf_counter() - started})
                 _sleep_before_retry(attempt, None)
                 continue
-            choice = resp.choices[0] if resp.choices else None
-            usage = resp.usage
-            done = Completion(content=(choice.message.content or "") if choice else "",
-                              finish_reason=choice.finish_reason if choice else None,
-                              prompt_tokens=usage.prompt_tokens if usage else 0,
-                              completion_tokens=usage.completion_tokens if usage else 0)
+            except (openai.APIError, ValueError) as exc:  # a reply the client could not even read
+                self._give_up(row, started, f"the endpoint's answer could not be read: {type(exc).__name__}: {exc}")
+            try:
+                done = _completion(resp)
+            except LLMError as exc:  # not retried: an endpoint that answers this way does so again
+                self._give_up(row, started, str(exc))
             with self._count_lock:
                 self.prompt_tokens += done.prompt_tokens
                 self.completion_tokens += done.completion_tokens
@@ -220,6 +271,50 @@ class LLMClient:
                                   "latency_s": time.perf_counter() - started})
             return done
         raise LLMError(f"no answer after {self.http_retries + 1} attempts; last: {last_error}")
+
+    def _give_up(self, row: dict[str, Any], started: float, error: str) -> NoReturn:
+        error = one_line(error)
+        self.recorder.record({**row, "status": "error", "error": error, "latency_s": time.perf_counter() - started})
+        raise LLMError(error)
+
+
+def _completion(resp: Any) -> Completion:
+    """The answer in an HTTP 200 reply, or LLMError saying what came instead. The client hands back
+    the raw text of a body that is not JSON and does not validate a JSON one, so check it all."""
+    if isinstance(resp, str):
+        text = resp.lstrip()
+        what = ("an event stream (text/event-stream)" if text.startswith(("data:", "event:"))
+                else "an HTML page" if text[:20].lower().startswith(("<!doctype", "<html"))
+                else "a body that is not JSON")
+        raise LLMError(f"the endpoint answered HTTP 200 with {what}, not a chat completion "
+                       f"(it starts {text[:60]!r}); check --base-url")
+    error = getattr(resp, "error", None)
+    if error:
+        raise LLMError(f"the endpoint answered HTTP 200 with an error: "
+                       f"{(error.get('message') or error) if isinstance(error, dict) else error}")
+    choices = getattr(resp, "choices", None)
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    message = getattr(choice, "message", None)
+    if message is None:
+        raise LLMError("the endpoint's answer holds no message (choices is empty or [{}])")
+    content = getattr(message, "content", None)
+    if content is None:
+        if getattr(message, "refusal", None):
+            raise LLMError(f"the model refused: {message.refusal}")
+        if getattr(message, "tool_calls", None):
+            raise LLMError("the model answered with tool calls only, no content")
+        content = ""
+    elif not isinstance(content, str):  # a parsed JSON object or a number: validated like any answer
+        content = json.dumps(content)
+    usage = getattr(resp, "usage", None)
+    finish = getattr(choice, "finish_reason", None)
+    return Completion(content=content, finish_reason=finish if isinstance(finish, str) else None,
+                      prompt_tokens=_count(getattr(usage, "prompt_tokens", None)),
+                      completion_tokens=_count(getattr(usage, "completion_tokens", None)))
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _error_text(exc: Any) -> str:
@@ -234,9 +329,9 @@ def _error_text(exc: Any) -> str:
 def _sleep_before_retry(attempt: int, retry_after: str | None) -> None:
     try:
         wait = float(retry_after) if retry_after is not None else None
-    except ValueError:
+    except ValueError:  # an HTTP date, or garbage
         wait = None
-    if wait is None:
+    if wait is None or not math.isfinite(wait) or wait < 0:  # "nan" or "-5" from a broken proxy
         wait = min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.random())  # jitter spreads a herd of 429s
     time.sleep(min(wait, 30.0))
 

@@ -55,6 +55,19 @@ MISBEHAVIOURS: tuple[str, ...] = (
     "objects",  # list of {"index", "description"} objects instead of strings
 )
 
+# Replies that break the chat-completion protocol itself (opt-in: never drawn by default). A correct
+# client copes or fails the class with one clear line, never a traceback.
+HOSTILE: tuple[str, ...] = (
+    "sse",  # a text/event-stream body although no stream was asked for
+    "html",  # HTTP 200 with an HTML page (a proxy's login or error page)
+    "content_object",  # message.content is the JSON object itself, not a string
+    "content_number",  # message.content is a number
+    "usage_null",  # a valid answer whose usage counts are null
+    "empty_choice",  # choices: [{}]
+    "error_200",  # HTTP 200 whose body is an error object
+    "tool_calls",  # the message holds tool_calls only, content null
+)
+
 _CLASS_RE = re.compile(r"^\s*Class:\s*(.+?)\s*$", re.MULTILINE)
 _KIND_RE = re.compile(r"^\s*Kind:\s*(spatial|temporal)\b", re.MULTILINE | re.IGNORECASE)
 _COUNT_RE = re.compile(r"\bexactly\s+(\d+)\b", re.IGNORECASE)
@@ -160,6 +173,7 @@ class _Reply:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    raw: tuple[str, bytes] | None = None  # (content type, bytes) sent instead of the JSON body
     delay: float = 0.0
     # Set when the reply is one a correct client accepts; recorded unless the client left meanwhile.
     accepted_key: tuple[str, str] | None = None
@@ -251,14 +265,16 @@ class LLMServer:
         require_api_key: str | None = None,
         seed: int = 0,
         idle_timeout: float = 600.0,
-        retry_after: int = 0,
+        retry_after: int | str = 0,
         stats_file: str | os.PathLike[str] | None = None,
+        echo_key: bool = False,
+        fail_first: int = 0,
     ) -> None:
         self._misbehaviours = list(MISBEHAVIOURS if misbehaviours is None else misbehaviours)
         self._always = dict(always_misbehave or {})
-        unknown = sorted(set(self._misbehaviours + list(self._always.values())) - set(MISBEHAVIOURS))
+        unknown = sorted(set(self._misbehaviours + list(self._always.values())) - set(MISBEHAVIOURS + HOSTILE))
         if unknown:
-            raise ValueError(f"unknown misbehaviours {unknown}; known: {list(MISBEHAVIOURS)}")
+            raise ValueError(f"unknown misbehaviours {unknown}; known: {list(MISBEHAVIOURS + HOSTILE)}")
         if not 0.0 <= misbehave_fraction <= 1.0:
             raise ValueError("misbehave_fraction must lie in [0, 1]")
         if misbehave_fraction > 0 and not self._misbehaviours:
@@ -267,11 +283,14 @@ class LLMServer:
             raise ValueError("idle_timeout must be positive")
         self._latency = latency
         self._fraction = misbehave_fraction
-        self._reject_json_schema = reject_json_schema
+        # Public: a test may flip it, as an endpoint upgrade (or a fixed URL) would.
+        self.reject_json_schema = reject_json_schema
         self._api_key = require_api_key
         self._seed = seed
         self._idle_timeout = idle_timeout
-        self._retry_after = retry_after
+        self._retry_after = retry_after  # any string, e.g. "-5" or "nan" as broken proxies send
+        self._echo_key = echo_key  # error bodies quote the presented key, as some endpoints do
+        self._fail_first = fail_first  # the first N chat requests get a generic HTTP 500
         self._stats_file = Path(stats_file) if stats_file is not None else None
 
         self._lock = threading.Lock()
@@ -286,6 +305,7 @@ class LLMServer:
         self._last_activity = time.monotonic()
         self._keys: dict[tuple[str, str], _KeyStats] = {}
         self._bodies: list[dict[str, Any]] = []
+        self._paths: list[str] = []
 
         self._httpd: _HTTPServer | None = None
         self._threads: list[threading.Thread] = []
@@ -364,6 +384,12 @@ class LLMServer:
     def requests_total(self) -> int:
         with self._lock:
             return self._requests_total
+
+    @property
+    def request_paths(self) -> list[str]:
+        """Paths (with query strings) of POST requests, in arrival order."""
+        with self._lock:
+            return list(self._paths)
 
     @property
     def request_bodies(self) -> list[dict[str, Any]]:
@@ -459,9 +485,12 @@ class LLMServer:
             key_stats.requests += 1
             if key_stats.accepted:
                 key_stats.after_accepted += 1
-            rejected = self._reject_json_schema and ask.response_format == "json_schema"
+            generic_500 = sequence <= self._fail_first
+            rejected = self.reject_json_schema and ask.response_format == "json_schema" and not generic_500
             misbehaviour = None
-            if rejected:
+            if generic_500:
+                self._sent_500 += 1
+            elif rejected:
                 self._sent_500 += 1
                 self._json_schema_rejected += 1
             else:
@@ -479,19 +508,23 @@ class LLMServer:
             # Arrivals show in the stats file at once, even if the client dies before the answer.
             self._write_stats_file()
 
+        if generic_500:
+            return _Reply(500, _error("server_error", "The server had an error while processing your request."))
         if rejected:
             # llama.cpp's server fails this way (HTTP 500) on json_schema, at parse time.
             message = f'response_format type must be one of "text" or "json_object", but got: {ask.response_format}'
             return _Reply(500, {"error": {"code": 500, "message": message, "type": "server_error"}})
         if misbehaviour == "429":
             headers = {"Retry-After": str(self._retry_after)}
-            error = _error("requests", "Rate limit reached for requests. Please try again.", "rate_limit_exceeded")
+            quoted = f" for key {authorization.removeprefix('Bearer ')}" if self._echo_key and authorization else ""
+            error = _error("requests", f"Rate limit reached for requests{quoted}. Please try again.",
+                           "rate_limit_exceeded")
             return _Reply(429, error, headers)
         if misbehaviour == "500":
             message = "The server had an error while processing your request. Sorry about that!"
             return _Reply(500, _error("server_error", message), delay=self._latency)
 
-        content, finish_reason = self._content(ask, misbehaviour)
+        content, finish_reason = self._content(ask, None if misbehaviour in HOSTILE else misbehaviour)
         if ask.max_tokens is not None and count_tokens(content) > ask.max_tokens:
             # Real endpoints stop generating at max_tokens: the answer is cut, finish_reason "length".
             content = content[: list(_TOKEN_RE.finditer(content))[ask.max_tokens - 1].end()]
@@ -517,8 +550,43 @@ class LLMServer:
                 "total_tokens": ask.prompt_tokens + completion_tokens,
             },
         }
+        if misbehaviour in HOSTILE:
+            return self._hostile(misbehaviour, completion, key)
         acceptable = misbehaviour in (None, "bullets") and finish_reason == "stop"
         return _Reply(200, completion, delay=self._latency, accepted_key=key if acceptable else None)
+
+    def _hostile(self, misbehaviour: str, completion: dict[str, Any], key: tuple[str, str]) -> _Reply:
+        """A well-formed completion (content: the valid answer) broken as `misbehaviour` says."""
+        message = completion["choices"][0]["message"]
+        accepted = None
+        match misbehaviour:
+            case "sse":
+                chunk = {**completion, "object": "chat.completion.chunk"}
+                data = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+                return _Reply(200, {}, raw=("text/event-stream", data), delay=self._latency)
+            case "html":
+                page = b"<!DOCTYPE html><html><body><h1>Sign in to continue</h1></body></html>"
+                return _Reply(200, {}, raw=("text/html; charset=utf-8", page), delay=self._latency)
+            case "content_object":
+                message["content"] = json.loads(message["content"])
+                accepted = key
+            case "content_number":
+                message["content"] = 42
+            case "usage_null":
+                completion["usage"] = {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None}
+                accepted = key
+            case "empty_choice":
+                completion["choices"] = [{}]
+            case "error_200":
+                return _Reply(200, _error("server_error", "upstream model overloaded", 503), delay=self._latency)
+            case "tool_calls":
+                message["content"] = None
+                message["tool_calls"] = [{"id": "call_0", "type": "function",
+                                          "function": {"name": "describe", "arguments": "{}"}}]
+                completion["choices"][0]["finish_reason"] = "tool_calls"
+            case _:
+                raise AssertionError(misbehaviour)
+        return _Reply(200, completion, delay=self._latency, accepted_key=accepted)
 
     def _content(self, ask: _Ask, misbehaviour: str | None) -> tuple[str, str]:
         """(message content, finish_reason) for a 200 answer, well-formed or broken on purpose."""
@@ -628,6 +696,8 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         with app._activity():
             raw = self._read_body()
+            with app._lock:
+                app._paths.append(self.path)
             if urlsplit(self.path).path.rstrip("/") != "/v1/chat/completions":
                 self._send(self._not_found())
                 return
@@ -659,9 +729,9 @@ class _Handler(BaseHTTPRequestHandler):
         return _Reply(404, _error("invalid_request_error", f"Invalid URL ({self.command} {self.path})"))
 
     def _send(self, reply: _Reply) -> None:
-        data = json.dumps(reply.body).encode()
+        content_type, data = reply.raw or ("application/json", json.dumps(reply.body).encode())
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in reply.headers.items():
             self.send_header(name, value)
@@ -702,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-api-key")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--idle-timeout", type=float, default=600.0)
-    parser.add_argument("--retry-after", type=int, default=0, help="Retry-After seconds on 429")
+    parser.add_argument("--retry-after", default="0", help="Retry-After header on 429 (seconds, or any string)")
     parser.add_argument("--stats-file", help="JSON counters, rewritten atomically after every request")
     args = parser.parse_args(argv)
 

@@ -92,18 +92,30 @@ def test_gc_removes_what_no_row_reaches(home: Path, tmp_path: Path) -> None:
     assert run_cli("describe", "-d", "toy", "--labels", labels, "--from-file", labels, "--kind", "spatial",
                    "--home", home).returncode == 2  # not JSON: refused, nothing half-written
     f = tmp_path / "d.json"
-    for text in ("hand", "foot"):  # two generations: the first one's artifact is superseded
+
+    def describe(text: str) -> str:
         f.write_text(json.dumps({"waving": [f"A video about a {text}.", "A video about an arm."],
                                  "clapping": ["A video about two hands.", "A video about a crowd."]}))
-        run_cli("describe", "-d", "toy", "--labels", labels, "--from-file", f, "--kind", "spatial", "--home", home)
+        return run_cli("describe", "-d", "toy", "--labels", labels, "--from-file", f, "--kind", "spatial",
+                       "--home", home).stdout
+
+    for text in ("hand", "foot"):  # two runs of one target: the first is superseded, not unreachable
+        describe(text)
     orphan = home / "artifacts" / "descriptions" / "zz" / ".tmp-left-by-a-crash"
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"x")
     dry = run_cli("gc", "--dry-run", "--home", home)
-    assert "would delete 2 files" in dry.stdout and orphan.exists()
+    assert "would delete 1 files" in dry.stdout and orphan.exists()
     assert run_cli("gc", "--home", home).returncode == 0 and not orphan.exists()
     assert run_cli("status", "--home", home).returncode == 0  # everything current is intact
+    assert "fresh  describe:toy:spatial" in describe("hand")  # the earlier run's artifact survived gc
+    describe("foot")
     assert "deleted 0 files" in run_cli("gc", "--home", home).stdout
+    dry = run_cli("gc", "--superseded", "--dry-run", "--home", home)  # the explicit scope names what goes
+    assert "would delete superseded run" in dry.stdout and "of describe:toy:spatial" in dry.stdout
+    assert "would delete 1 files" in dry.stdout
+    assert run_cli("gc", "--superseded", "--home", home).returncode == 0
+    assert "run    describe:toy:spatial" in describe("hand")
 
 
 def test_unknown_dataset_and_malformed_config_are_clear(home: Path, tmp_path: Path) -> None:

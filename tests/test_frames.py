@@ -121,3 +121,121 @@ def test_kill_9_then_rerun_decodes_only_the_missing_clips(tmp_path: Path, home: 
     assert r.returncode == 0, r.stderr
     assert f"36 clips ({36 - done_before} decoded, {done_before} cached)" in r.stdout
     assert catalog_rows(home, "SELECT count(*), count(DISTINCT entry_key) FROM frame_clips") == [(36, 36)]
+
+
+def clip_of(home: Path, video: str) -> Path:
+    return home / catalog_rows(home, f"SELECT clip_path FROM frames WHERE video = '{video}'")[0][0]
+
+
+def test_an_altered_clip_is_a_miss_never_trusted(tmp_path: Path, home: Path) -> None:
+    config = make_dataset(tmp_path, per_class=2, broken=False)
+    args = ["frames", "-d", "toy", "--list", "train", "--config", config, "--home", home]
+    assert run_cli(*args).returncode == 0
+    clip = clip_of(home, "c0/v0.mp4")
+    clip.write_bytes(clip.read_bytes()[:-10])  # other bytes, another size: `status` sees it at once
+    r = run_cli("status", "--home", home)
+    assert r.returncode == 1 and "the cached clip of c0/v0.mp4 was altered" in r.stdout
+    assert "1 decoded, 5 cached" in run_cli(*args).stdout
+    clip.write_bytes(bytes(clip.stat().st_size))  # same size: its digest tells, where the file is read
+    r = run_cli(*args, "--force")
+    assert "1 decoded, 5 cached" in r.stdout, r.stdout
+    assert load_clip(clip).shape[:2] == (2, 4)
+
+
+def test_a_reader_meeting_an_altered_clip_says_rerun_in_one_line(tmp_path: Path, home: Path) -> None:
+    from pipeline.errors import UserError
+    from stages.frames import read_frame_index
+
+    config = make_dataset(tmp_path, per_class=2, broken=False)
+    assert run_cli("frames", "-d", "toy", "--list", "train", "--config", config, "--home", home).returncode == 0
+    (index,) = catalog_rows(home, "SELECT DISTINCT a.path FROM frames f JOIN artifacts a ON a.digest = f.artifact")
+    assert len(read_frame_index(home / index[0], home)) == 6
+    clip = clip_of(home, "c2/v1.mp4")
+    clip.write_bytes(bytes(clip.stat().st_size))  # what train and evaluate used to meet as a ClipStoreError
+    with pytest.raises(UserError) as err:
+        read_frame_index(home / index[0], home)
+    assert err.value.exit_code == 1 and "\n" not in str(err.value)
+    assert "c2/v1.mp4" in str(err.value) and "rerun" in str(err.value)
+    assert not clip.exists()  # removed, so the rerun decodes it instead of failing the same way
+    r = run_cli("frames", "-d", "toy", "--list", "train", "--config", config, "--home", home)
+    assert "1 decoded, 5 cached" in r.stdout
+    assert len(read_frame_index(home / index[0], home)) == 6
+
+
+def test_strict_judges_a_cached_result_too(tmp_path: Path, home: Path) -> None:
+    config = make_dataset(tmp_path, per_class=1)
+    args = ["frames", "-d", "toy", "--list", "train", "--config", config, "--home", home]
+    assert run_cli(*args).returncode == 0  # 3 broken videos: reported, not fatal
+    strict = run_cli(*args, "--strict")
+    assert "fresh  frames:toy:train:train" in strict.stdout
+    assert strict.returncode == 1 and strict.stderr.count("\n") == 1
+    assert "3 videos of list 'train' could not be decoded (--strict)" in strict.stderr
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_frames(config: Path, home: Path, workers: int) -> subprocess.Popen[str]:
+    args = [sys.executable, "-m", "pipeline", "frames", "-d", "toy", "--list", "train", "--config", str(config),
+            "--home", str(home), "--workers", str(workers), "--no-progress", "--decoder", "pyav"]
+    victim = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    clips = home / "artifacts" / "clips"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(clips.rglob("*.clip"))) < 4:
+        time.sleep(0.02)
+    return victim
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_a_killed_command_and_status_says_interrupted(tmp_path: Path, home: Path) -> None:
+    config = make_dataset(tmp_path, per_class=16, broken=False)
+    victim = start_frames(config, home, workers=2)
+    workers = [p for p in child_pids(victim.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert workers
+    os.kill(victim.pid, signal.SIGKILL)
+    time.sleep(0.5)  # not reaped yet: a zombie's pid still answers kill(pid, 0)
+    status = run_cli("status", "--home", home)
+    assert "interrupted (process gone)" in status.stdout, status.stdout
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(p) for p in workers):
+        time.sleep(0.05)
+    assert not any(alive(p) for p in workers), "decoding workers outlived the killed command"
+    clips = len(list((home / "artifacts" / "clips").rglob("*.clip")))
+    time.sleep(1)
+    assert len(list((home / "artifacts" / "clips").rglob("*.clip"))) == clips  # nobody writes any more
+    victim.communicate(timeout=10)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_at_once_and_keeps_what_is_done(tmp_path: Path, home: Path) -> None:
+    config = make_dataset(tmp_path, per_class=16, broken=False)
+    victim = start_frames(config, home, workers=2)
+    os.kill(victim.pid, signal.SIGINT)
+    started = time.monotonic()
+    out, err = victim.communicate(timeout=30)
+    assert victim.returncode == 130 and time.monotonic() - started < 5
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    ((kept,),) = catalog_rows(home, "SELECT count(*) FROM frame_clips")
+    assert f"interrupted: the {kept} clips decoded so far are cached" in out, out
+    on_disk = len(list((home / "artifacts" / "clips").rglob("*.clip")))  # a clip may land unregistered
+    time.sleep(1)
+    assert kept <= on_disk == len(list((home / "artifacts" / "clips").rglob("*.clip"))) < 48 and on_disk >= 4
+    r = run_cli("frames", "-d", "toy", "--list", "train", "--config", config, "--home", home, "--decoder", "pyav")
+    assert f"48 clips ({48 - on_disk} decoded, {on_disk} cached)" in r.stdout

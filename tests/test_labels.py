@@ -101,3 +101,48 @@ test_crops = 1
         Config(bad).dataset("x")
     with pytest.raises(UserError, match="unknown dataset 'nope'"):
         Config(cfg).dataset("nope")
+
+
+class CountingName(str):
+    """A class name that counts the equality tests made on it."""
+    comparisons = 0
+
+    def __eq__(self, other: object) -> bool:
+        CountingName.comparisons += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_validation_is_linear_in_the_number_of_labels(tmp_path: Path) -> None:
+    """list.count per name compared every name with every other: 100k labels took 104 s. The
+    algorithm is asserted by counting comparisons, not by a clock (benchmarks/labels_scaling.py
+    prints the time ratio)."""
+    from pipeline.labels import _validated
+
+    CountingName.comparisons = 0
+    n = 2_000
+    classes = _validated(tmp_path / "l.txt", [(i, CountingName(f"class {i}")) for i in range(n)])
+    assert len(classes) == n and CountingName.comparisons < n  # the quadratic check made n * (n - 1)
+    names = "".join(f"{i},class {i}\n" for i in range(100_000))
+    assert len(read_class_list(write(tmp_path, "big.csv", "id,name\n" + names))) == 100_000
+    with pytest.raises(UserError, match=r"more than once: \['class 5'\]"):
+        read_class_list(write(tmp_path, "dup.csv", "id,name\n" + names + "100000,class 5\n"))
+
+
+@pytest.mark.parametrize("text", ["id,name\n²,waving\n", '{"waving": "²"}', "² waving\n1 clapping\n"])
+def test_ids_that_look_like_digits_but_are_not_integers(tmp_path: Path, text: str) -> None:
+    """'²'.isdigit() is True, int('²') raises: such ids are refused with the file's name."""
+    p = write(tmp_path, "l.json" if text.startswith("{") else "l.txt", text)
+    if text.startswith("²"):  # not a classInd line: read as one name per line
+        assert [c.raw_name for c in read_class_list(p)] == ["² waving", "1 clapping"]
+        return
+    with pytest.raises(UserError, match=str(p)):
+        read_class_list(p)
+
+
+def test_unreadable_class_lists_name_the_file(tmp_path: Path) -> None:
+    """A directory, and JSON nested past the recursion limit: once an IsADirectoryError and a RecursionError."""
+    for p in (tmp_path, write(tmp_path, "deep.json", '{"a":' + "[" * 100_000 + "]" * 100_000 + "}")):
+        with pytest.raises(UserError, match=str(p)):
+            read_class_list(p)

@@ -65,3 +65,24 @@ def test_real_base_to_novel_lists_use_their_half_ids(shared_data: Path, ds: str,
     assert {it.label for it in train} == set(range(len(base)))
     assert all(sum(it.label == c for it in train) == 16 for c in range(len(base)))  # 16 shots per base class
     assert {it.label for it in read_video_list(folder / "novel_val.txt", novel)} == set(range(len(novel)))
+
+
+def test_labels_outside_the_class_list_are_refused_by_line(tmp_path: Path) -> None:
+    p = tmp_path / "l.txt"
+    p.write_text("a.mp4 0\n\nc.mp4 1\nd.mp4 9\ne.mp4 -1\n")
+    with pytest.raises(UserError, match=r"l.txt line 4: label 9 is outside .* \(2 such entries; none is used\)"):
+        read_video_list(p, NAMES)
+
+
+@pytest.mark.parametrize("data", [b"a.mp4 0\n\xff\xfe.mp4 1\n", "a.mp4 ²\n".encode(), b"[" * 100_000 + b"]" * 100_000])
+def test_unreadable_lists_name_the_file(tmp_path: Path, data: bytes) -> None:
+    p = tmp_path / "l.txt"
+    p.write_bytes(data)
+    with pytest.raises(UserError, match=str(p)):
+        read_video_list(p, NAMES)
+
+
+def test_a_negative_draw_is_refused() -> None:
+    items = [VideoItem(f"{c}/{i}.mp4", c) for c in range(3) for i in range(4)]
+    with pytest.raises(UserError, match="--shots must be at least 1"):
+        draw_per_class(items, -2, 0, ["a", "b", "c"])  # once: every video of a class but the last two
