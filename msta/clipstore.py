@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,11 @@ def save_clip(path: str | os.PathLike[str], frames: np.ndarray, fmt: str = DEFAU
     return len(data)
 
 
-def load_clip(path: str | os.PathLike[str], index: int | None = None) -> np.ndarray:
+def load_clip(path: str | os.PathLike[str], index: int | None = None, frames: Sequence[int] | None = None) -> np.ndarray:
     """Read a clip written by `save_clip`, whatever its format: all of it as uint8
     (S, T, H, W, 3), or only stored clip `index` as (T, H, W, 3) (a jpeg file then decodes only
-    those T frames, which is what a training step needs).
+    those T frames, which is what a training step needs), or only its `frames` (a frame pool's
+    draw for one epoch) as (len(frames), H, W, 3).
 
     Raises ClipStoreError for a corrupt or partial file; a missing file raises the usual OSError.
     """
@@ -63,13 +65,16 @@ def load_clip(path: str | os.PathLike[str], index: int | None = None) -> np.ndar
         raise ClipStoreError(f"{path}: not a clip file (header {data[:8]!r})")
     try:
         if data.startswith(_JPEG_MAGIC):
-            return _decode_jpeg(data, index)
-        frames = np.load(io.BytesIO(data), allow_pickle=False)
+            return _decode_jpeg(data, index, frames)
+        stored = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # numpy and Pillow on short or damaged bytes
         raise ClipStoreError(f"{path}: corrupt or partial clip file ({e})") from e
-    if frames.dtype != np.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
-        raise ClipStoreError(f"{path}: not a clip (array {frames.dtype} {frames.shape})")
-    return frames if index is None else frames[_checked(index, len(frames))]
+    if stored.dtype != np.uint8 or stored.ndim != 5 or stored.shape[-1] != 3:
+        raise ClipStoreError(f"{path}: not a clip (array {stored.dtype} {stored.shape})")
+    if index is None:
+        return stored
+    clip = stored[_checked(index, len(stored))]
+    return clip if frames is None else clip[_checked_frames(frames, clip.shape[0])]
 
 
 def clip_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
@@ -87,6 +92,13 @@ def clip_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
         except ValueError as e:
             raise ClipStoreError(f"{path}: corrupt or partial clip file ({e})") from e
     raise ClipStoreError(f"{path}: not a clip file (header {head[:8]!r})")
+
+
+def _checked_frames(frames: Sequence[int], count: int) -> list[int]:
+    picked = [int(f) for f in frames]
+    if picked and not (0 <= min(picked) and max(picked) < count):
+        raise IndexError(f"frames {min(picked)}..{max(picked)} out of range: the clip holds {count} frames")
+    return picked
 
 
 def _checked(index: int, count: int) -> int:
@@ -120,9 +132,9 @@ def _jpeg_dims(data: bytes) -> tuple[int, int, int, int]:
     return S, T, H, W
 
 
-def _decode_jpeg(data: bytes, index: int | None) -> np.ndarray:
-    """Inverse of `_encode_jpeg`, for all clips or clip `index`; ValueError when the bytes do
-    not add up to a whole file."""
+def _decode_jpeg(data: bytes, index: int | None, frames: Sequence[int] | None = None) -> np.ndarray:
+    """Inverse of `_encode_jpeg`, for all clips, clip `index`, or some `frames` of it; ValueError
+    when the bytes do not add up to a whole file."""
     S, T, H, W = _jpeg_dims(data)
     start = _JPEG_FIXED + S * T * _OFFSET.itemsize
     if S * T == 0 or len(data) < start:
@@ -131,11 +143,15 @@ def _decode_jpeg(data: bytes, index: int | None) -> np.ndarray:
     if len(data) != ends[-1]:
         raise ValueError(f"{len(data)} bytes, the index promises {ends[-1]}")
     begins = np.concatenate([[start], ends[:-1]])
-    first, count = (0, S * T) if index is None else (_checked(index, S) * T, T)
-    out = np.empty((count, H, W, 3), np.uint8)
-    for i in range(count):
-        with Image.open(io.BytesIO(data[begins[first + i] : ends[first + i]])) as image:
+    if index is None:
+        picked = list(range(S * T))
+    else:
+        first = _checked(index, S) * T
+        picked = [first + f for f in (range(T) if frames is None else _checked_frames(frames, T))]
+    out = np.empty((len(picked), H, W, 3), np.uint8)
+    for i, f in enumerate(picked):
+        with Image.open(io.BytesIO(data[begins[f] : ends[f]])) as image:
             if image.format != "JPEG" or image.mode != "RGB" or image.size != (W, H):
-                raise ValueError(f"frame {first + i} is {image.format} {image.mode} {image.size}, expected RGB JPEG {(W, H)}")
+                raise ValueError(f"frame {f} is {image.format} {image.mode} {image.size}, expected RGB JPEG {(W, H)}")
             out[i] = np.asarray(image)
-    return out.reshape(S, T, H, W, 3) if index is None else out.reshape(T, H, W, 3)
+    return out.reshape(S, T, H, W, 3) if index is None else out

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msta.clipstore import clip_shape, load_clip
 from msta.transforms import CLIP_MEAN, CLIP_STD, test_views, train_transform
+from msta.video import train_indices
 
 MODES = ("train", "test")
 
@@ -28,7 +29,9 @@ def derive_seed(*parts: int) -> int:
 class ClipDataset(Dataset):
     """(path of a cached clip, label) items.
 
-    train: one of the S stored samplings, augmented -> (float (T, 3, size, size), label);
+    train: one of the S stored samplings, or (a stored frame pool, S = 1, whose length is not T)
+           T frames drawn TSN-style from the pool afresh every epoch; augmented ->
+           (float (T, 3, size, size), label);
     test: every stored clip x `crops` spatial crops -> (float (V, T, 3, size, size), label),
     V = S * crops.
     """
@@ -45,6 +48,7 @@ class ClipDataset(Dataset):
         std: Sequence[float] = CLIP_STD,
         color_jitter: float = 0.8,
         grayscale: float = 0.2,
+        frames: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -53,6 +57,7 @@ class ClipDataset(Dataset):
         self.hflip, self.crops = hflip, crops
         self.color_jitter, self.grayscale = color_jitter, grayscale
         self.mean, self.std = tuple(mean), tuple(std)
+        self.frames = frames  # T; needed only to draw from frame pools
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -66,8 +71,15 @@ class ClipDataset(Dataset):
         if self.mode == "test":
             return test_views(load_clip(path), self.size, self.crops, self.mean, self.std), label
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
-        pick = int(torch.randint(clip_shape(path)[0], (), generator=generator))
-        clip = load_clip(path, pick)  # only the picked sampling is decoded
+        stored, length = clip_shape(path)[:2]
+        if self.frames is not None and length != self.frames:  # a frame pool: new TSN offsets
+            if stored != 1:
+                raise ValueError(f"{path}: {stored} clips of {length} frames, neither T={self.frames} nor one pool")
+            rng = np.random.default_rng(derive_seed(self.seed, self.epoch, i, 1))
+            clip = load_clip(path, 0, train_indices(length, self.frames, rng))  # only those T are decoded
+        else:
+            pick = int(torch.randint(stored, (), generator=generator))
+            clip = load_clip(path, pick)  # only the picked sampling is decoded
         return train_transform(clip, self.size, generator, self.hflip, color_jitter_p=self.color_jitter,
                                grayscale_p=self.grayscale, mean=self.mean, std=self.std), label
 
@@ -107,6 +119,14 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def epoch_steps(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimiser steps per epoch as the authors' DDP runs take them: the epoch's order is padded to
+    a multiple of the process count with its own first items (torch's DistributedSampler), then
+    each process drops its last partial batch. 8 processes x 4 clips: UCF-101 K=2 (202 clips)
+    gives 6 steps and SSv2 K=2 (348) gives 11; one process with batch 32 gives 6 and 10."""
+    return math.ceil(n / world_size) // (batch_size // world_size)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -117,12 +137,18 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
+    steps: int | None = None,
 ) -> DataLoader:
     """A DataLoader over this rank's shard of epoch `epoch`; batches (B, T, 3, H, W) in train
-    mode, (B, V, T, 3, H, W) in test mode, labels (B,) int64."""
+    mode, (B, V, T, 3, H, W) in test mode, labels (B,) int64. `steps` cuts every rank's shard to
+    that many full batches (see `epoch_steps`)."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     sampler = ShardSampler(len(dataset), shuffle, seed, epoch, rank, world_size, drop_last)  # type: ignore[arg-type]
+    if steps is not None:
+        if len(sampler.indices) < steps * batch_size:
+            raise ValueError(f"cannot cut a shard of {len(sampler.indices)} items to {steps} batches of {batch_size}")
+        sampler.indices = sampler.indices[:steps * batch_size]
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -52,7 +52,9 @@ class VideoInfo:
 class Sampling:
     """How frames are picked from one video and at what size they are stored.
 
-    train: `samplings` independent TSN draws of `frames` frames (S = samplings);
+    train: `samplings` independent TSN draws of `frames` frames (S = samplings), or with `pool`
+           a frame pool (S = 1): up to `pool` evenly spaced frames of the video (all of a shorter
+           one), from which the loader draws new TSN offsets every epoch, as the authors' runs did;
     test: `clips` evenly spaced temporal views of `frames` frames (S = clips).
     """
 
@@ -62,6 +64,7 @@ class Sampling:
     clips: int = 1
     short_side: int = 256
     seed: int = 0
+    pool: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -70,20 +73,29 @@ class Sampling:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Sampling.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"Sampling.seed must be a non-negative int, got {self.seed!r}")
+        for name in ("seed", "pool"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Sampling.{name} must be a non-negative int, got {value!r}")
 
     @property
     def num_clips(self) -> int:
         """S: how many (T, H, W, 3) clips one video yields."""
-        return self.samplings if self.mode == "train" else self.clips
+        if self.mode == "test":
+            return self.clips
+        return 1 if self.pool else self.samplings
 
     def to_dict(self) -> dict[str, Any]:
         """The parameters that change the output, and only those, for cache keys: test
         sampling is deterministic, so `seed` and `samplings` do not enter it; `clips` does
-        not enter train sampling."""
+        not enter train sampling; a pool is deterministic too; no pool leaves the keys as before."""
         params = asdict(self)
-        unused = ("clips",) if self.mode == "train" else ("samplings", "seed")
+        if self.mode == "test":
+            unused: tuple[str, ...] = ("samplings", "seed", "pool")
+        elif self.pool:
+            unused = ("clips", "samplings", "seed")
+        else:
+            unused = ("clips", "pool")
         return {k: v for k, v in sorted(params.items()) if k not in unused}
 
 
@@ -122,11 +134,19 @@ def test_indices(num_frames: int, T: int, clips: int) -> np.ndarray:
 test_indices.__test__ = False  # type: ignore[attr-defined]  # a library function, not a pytest test
 
 
+def pool_indices(num_frames: int, pool: int) -> np.ndarray:
+    """Up to `pool` evenly spaced frame indices, every frame of a video of at most `pool` frames."""
+    count = min(num_frames, pool)
+    return ((np.arange(count) + 0.5) * num_frames / count).astype(np.int64)
+
+
 def sample_indices(num_frames: int, sampling: Sampling, key: str = "") -> np.ndarray:
     """The (S, T) frame indices `sampling` picks from a video of `num_frames` frames; train
     draws come from a generator seeded by (sampling.seed, key), so they are reproducible."""
     if sampling.mode == "test":
         return test_indices(num_frames, sampling.frames, sampling.clips)
+    if sampling.pool:
+        return pool_indices(num_frames, sampling.pool)[None]
     rng = np.random.default_rng([sampling.seed, _key_entropy(key)])
     return np.stack([train_indices(num_frames, sampling.frames, rng) for _ in range(sampling.samplings)])
 

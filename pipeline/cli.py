@@ -3,14 +3,16 @@ inside the commands that need them, so `msta-pipe --help` starts at once."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from click.core import ParameterSource
 
-from .errors import UserError
+from .errors import UserError, error_line, one_line, scrub
 
 app = typer.Typer(
     name="msta-pipe",
@@ -37,13 +39,23 @@ Force = Annotated[bool, typer.Option("--force", help="Run the stage even if its 
                                      "(item caches such as LLM answers are still used)")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Say what would run and why; change nothing")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars")]
+BACKBONE_HELP = ("open_clip model name (ViT-B-16, ViT-B-16-quickgelu, msta-world, ...), ViCLIP-B-16, or an "
+                 "open_clip folder (open_clip_config.json + one weights file) as local-dir:PATH or just PATH "
+                 "[default: ViT-B-16]")
 PRETRAINED_HELP = ("Weights: a shipped short name (synthetic-world, for --backbone msta-world), a local "
-                   ".safetensors/.pt/.bin file, local-dir:PATH, an open_clip tag already in the local cache "
-                   "(openai, laion2b_s34b_b88k, ...), or 'random' for random init")
+                   ".safetensors/.pt/.bin file (OpenAI's converted weights are detected and built with "
+                   "QuickGELU), an open_clip folder, an open_clip tag already in the local cache "
+                   "(openai, laion2b_s34b_b88k, ...), or 'random' for random init "
+                   "[default: openai for open_clip names; a folder's own weights]")
+Backbone = Annotated[Optional[str], typer.Option("--backbone", help=BACKBONE_HELP, show_default=False)]
+Pretrained = Annotated[Optional[str], typer.Option("--pretrained", help=PRETRAINED_HELP, show_default=False)]
 
 
 def home_dir(home: Path | None) -> Path:
-    return (home or Path(os.environ.get("MSTA_HOME", ".msta"))).resolve()
+    path = (home or Path(os.environ.get("MSTA_HOME", ".msta"))).resolve()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"the home {path} (--home / MSTA_HOME) is a file, not a folder", 2)
+    return path
 
 
 def load_config(config: Path | None) -> Any:
@@ -57,7 +69,7 @@ def load_config(config: Path | None) -> Any:
 def make_runner(home: Path | None, **options: Any) -> Any:
     from .runner import Runner
 
-    return Runner(home_dir(home), options, echo=lambda s: typer.echo(s, err=False))
+    return Runner(home_dir(home), options, echo=lambda s: typer.echo(scrub(s), err=False))
 
 
 def writing(home: Path | None) -> Any:
@@ -77,7 +89,8 @@ def describe(
     model: Annotated[str, typer.Option(help="Model name at the endpoint [env MSTA_LLM_MODEL]")] = "gpt-4o-mini",
     base_url: Annotated[Optional[str], typer.Option(
         "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, Ollama, "
-                           "DeepSeek) [env OPENAI_BASE_URL; default OpenAI]. The key comes from OPENAI_API_KEY.",
+                           "DeepSeek) [env OPENAI_BASE_URL; default OpenAI]; a query string (?api-version=...) is "
+                           "sent with every request. The key comes from OPENAI_API_KEY, never from the URL.",
         show_default=False)] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature")] = 0.7,
     max_tokens: Annotated[int, typer.Option(help="Answer length limit per request")] = 400,
@@ -103,7 +116,8 @@ def describe(
     A rerun sends no request whose answer is stored; an interrupted run resumes where it stopped.
     Answers that are not JSON, have the wrong count, empty or repeated phrases, or sentences over
     CLIP's 77-token context are answered back (--max-reasks); classes that still fail are listed
-    and the command exits 1. Inspect the result with
+    and the command exits 1 (with --kind both, after the other kind has run). --force also forgets
+    whether the endpoint takes response_format json_schema. Inspect the result with
     `msta-pipe sql "select * from descriptions where dataset='NAME'"`.
     """
     from prompts import KINDS, PROMPT_DIR
@@ -115,6 +129,12 @@ def describe(
     kinds = list(KINDS) if kind == "both" else [kind]
     if n is not None and n < 1:
         raise UserError("--n must be at least 1", 2)
+    if not (math.isfinite(temperature) and 0 <= temperature <= 2):
+        raise UserError(f"--temperature must be a number from 0 to 2, not {temperature}", 2)
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise UserError(f"--timeout must be a positive number of seconds, not {timeout}", 2)
+    if max_tokens < 1 or concurrency < 1 or max_reasks < 0:
+        raise UserError("--max-tokens and --concurrency must be at least 1, --max-reasks at least 0", 2)
     pdir = (prompt_dir or PROMPT_DIR).resolve()
     runner = make_runner(home, progress=not no_progress)
     ds = load_config(config).dataset(dataset, labels)
@@ -139,7 +159,20 @@ def describe(
                           max_tokens=max_tokens, seed=seed, max_reasks=max_reasks, concurrency=concurrency,
                           timeout=timeout, prompt_dir=pdir)
         requests = [describe_llm_request(runner, ds, k, opts) for k in kinds]
-    _materialise(runner, home, requests, force, dry_run)
+    if dry_run or len(requests) == 1:
+        _materialise(runner, home, requests, force, dry_run)
+        return
+    failed = []
+    with writing(home):
+        for req in requests:  # the kinds are independent: a failed one must not stop the other
+            try:
+                runner.materialise(req, force=force)
+            except UserError as exc:
+                if exc.exit_code != 1:
+                    raise
+                failed.append(str(exc))
+    if failed:
+        raise UserError("; ".join(failed), 1)
 
 
 def _materialise(runner: Any, home: Path | None, requests: list[Any], force: bool, dry_run: bool) -> list[Any]:
@@ -152,8 +185,8 @@ def _materialise(runner: Any, home: Path | None, requests: list[Any], force: boo
 @app.command()
 def embed(
     dataset: Dataset,
-    backbone: Annotated[str, typer.Option(help="open_clip model name (msta-world, ViT-B-16, ...)")] = "ViT-B-16",
-    pretrained: Annotated[str, typer.Option(help=PRETRAINED_HELP)] = "openai",
+    backbone: Backbone = None,
+    pretrained: Pretrained = None,
     batch_size: Annotated[int, typer.Option(help="Descriptions per forward pass")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     force: Force = False,
@@ -171,7 +204,7 @@ def embed(
 
     runner = make_runner(home)
     ds = load_config(config).dataset(dataset)
-    req = embed_request(runner, ds, backbone, _pretrained(pretrained), batch_size, device)
+    req = embed_request(runner, ds, *_backbone(backbone, pretrained), batch_size, device)
     _materialise(runner, home, [req], force, dry_run)
 
 
@@ -207,7 +240,9 @@ def frames(
     frame_failures table and left out; the command still succeeds unless --strict.
     """
     from .dag import Selection, frames_request
+    from .flags import COUNT, check_flags
 
+    check_flags({"shots": shots, "workers": workers}, {"shots": COUNT, "workers": COUNT})
     if decoder not in (None, "decord", "pyav"):
         raise UserError("--decoder must be decord or pyav", 2)
     if fmt not in ("jpeg", "raw"):
@@ -219,11 +254,21 @@ def frames(
     ds = load_config(config).dataset(dataset, labels)
     req = frames_request(runner, ds, list_name, mode, Selection(shots, seed), decoder, fmt, skip_missing,
                          strict, workers)
-    _materialise(runner, home, [req], force, dry_run)
+    art = _materialise(runner, home, [req], force, dry_run)[0]
+    if strict and art is not None and art.meta.get("failed"):  # a cached result is judged too
+        raise UserError(f"{art.meta['failed']} videos of list {list_name!r} could not be decoded (--strict), e.g. "
+                        f"{', '.join(art.meta['failed_videos'])}; see `msta-pipe sql \"select * from frame_failures\"`", 1)
 
 
-def _pretrained(value: str | None) -> str | None:
-    return None if value in (None, "", "random") else value
+def _backbone(backbone: str | None, pretrained: str | None) -> tuple[str, str | None]:
+    """The one spelling of --backbone/--pretrained that keys and loading use (msta.registry)."""
+    from msta.registry import BackboneError, canonical_backbone
+
+    try:
+        name, weights = canonical_backbone(backbone, pretrained)
+    except BackboneError as exc:
+        raise UserError(str(exc), 2) from None
+    return name, weights or None
 
 
 def _resolve_device(device: str, precision: str) -> tuple[str, str]:
@@ -242,15 +287,26 @@ def _resolve_device(device: str, precision: str) -> tuple[str, str]:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     stage: Annotated[str, typer.Option(help="adapter (MSTA), full (full fine-tuning baseline) or pretrain "
                                        "(contrastive pre-training of a tiny CLIP on the synthetic world)")] = "adapter",
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Training dataset (source dataset "
                        "for zero-shot; the parent name, e.g. ssv2, for base2novel)", show_default=False)] = None,
     protocol: Annotated[str, typer.Option(help="few-shot, base2novel, zero-shot or fully-supervised")] = "few-shot",
-    shots: Annotated[Optional[int], typer.Option(help="K videos per class (few-shot; base2novel draws 16 when "
-                     "no train_sN list exists)", show_default=False)] = None,
-    seed: Annotated[int, typer.Option(help="Training seed; for base2novel also the split (1, 2 or 3: list "
-                                      "train_sN), for drawn few-shot lists also the draw")] = 2048,
+    shots: Annotated[Optional[int], typer.Option(help="K videos per class (few-shot; base2novel with "
+                     "--draw-shots: per base class, default 16)", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="authors: every flag the MSTA authors' logs fix for this "
+                      "protocol and dataset (DES_N, L_CC on/off, lr, schedule, batch, adapters, seed, template); "
+                      "flags given explicitly still win. --dry-run prints the resolved config",
+                      show_default=False)] = None,
+    split: Annotated[int, typer.Option(help="base2novel: the official split N (list train_sN, N = 1, 2, 3); "
+                                       "with --draw-shots: the draw")] = 1,
+    draw_shots: Annotated[bool, typer.Option("--draw-shots", help="Draw --shots videos per class from the "
+                          "`train` list when the protocol's official list is missing (never done silently)")] = False,
+    seed: Annotated[int, typer.Option(help="Training seed (initialisation, order, augmentation); the authors' "
+                                      "2048. Independent of --split")] = 2048,
+    seeds: Annotated[Optional[str], typer.Option(help="Several training seeds, e.g. 2048,1,2: one cached run each "
+                     "(instead of --seed); `report` shows mean ± std over them", show_default=False)] = None,
     epochs: Annotated[int, typer.Option(help="Epochs")] = 50,
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
     temporal_lr_mult: Annotated[float, typer.Option(help="Learning rate of the temporal branches as a multiple "
@@ -263,20 +319,26 @@ def train(
                            "accumulation [default: the whole batch]", show_default=False)] = None,
     frames: Annotated[Optional[int], typer.Option(help="Frames T per clip [default: the dataset's, 8]",
                       show_default=False)] = None,
+    frame_pool: Annotated[Optional[int], typer.Option(help="Cache up to N evenly spaced frames of each training "
+                          "video (all of a shorter one) and draw new TSN offsets from them every epoch, as the "
+                          "authors did; 0: the dataset's `samplings` fixed TSN draws [default: the dataset's `pool`, 0]",
+                          show_default=False)] = None,
     adapter_scale: Annotated[float, typer.Option(help="lambda, the adapter scale")] = 0.005,
     adapter_dim: Annotated[int, typer.Option(help="Bottleneck width r")] = 128,
     adapter_layers: Annotated[str, typer.Option(help="Adapted blocks, 1-based inclusive, e.g. 8-12")] = "8-12",
     temporal_branch: Annotated[str, typer.Option(help="paper (depthwise temporal conv on the up-projection) or "
                                "bottleneck (on the down-projected features; ours)")] = "paper",
     alpha: Annotated[float, typer.Option(help="Weight of the consistency loss L_CC")] = 1.0,
+    template: Annotated[str, typer.Option(help="Class prompt, {} = class name (the authors' logs: 'a photo of a "
+                                          "{}.')")] = "a video of {}.",
     n_descriptions: Annotated[int, typer.Option(help="Descriptions per class and kind the embeddings must hold")] = 2,
     no_consistency: Annotated[bool, typer.Option("--no-consistency", help="Ablation: no L_CC (alpha 0)")] = False,
     no_temporal: Annotated[bool, typer.Option("--no-temporal", help="Ablation: no temporal branch")] = False,
     no_shared: Annotated[bool, typer.Option("--no-shared", help="Ablation: each tower its own r->r projection")] = False,
     only: Annotated[Optional[str], typer.Option(help="Ablation: adapters in the vision or text tower only",
                     show_default=False)] = None,
-    backbone: Annotated[str, typer.Option(help="open_clip model name")] = "ViT-B-16",
-    pretrained: Annotated[str, typer.Option(help=PRETRAINED_HELP)] = "openai",
+    backbone: Backbone = None,
+    pretrained: Pretrained = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun: one GPU per process)")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16")] = "auto",
     hflip: Annotated[Optional[float], typer.Option(help="Horizontal flip probability [default: the dataset's]",
@@ -296,12 +358,27 @@ def train(
 ) -> None:
     """Train MSTA adapters (or a baseline) against the cached artifacts, running stale upstream stages first.
 
-    Defaults are the authors' recipe (MSTA.md section 3). A checkpoint is written every epoch; rerunning a
+    Defaults follow the authors' recipe; `--recipe authors` also sets what their logs fix per protocol and
+    dataset (description count, L_CC, template, fp32). A checkpoint is written every epoch; rerunning a
     killed training resumes from it. Multi-GPU: `torchrun --nproc_per_node N -m pipeline train ...`
     (rank 0 alone writes the catalog and artifacts).
     """
     from .dag import TrainOptions, train_request
 
+    if recipe is not None:
+        v = _recipe_flags(ctx, recipe, protocol, dataset)
+        (epochs, lr, weight_decay, warmup_epochs, batch_size, frames, adapter_dim, adapter_layers, adapter_scale,
+         temporal_lr_mult, seed, template, n_descriptions, alpha, precision, shots, frame_pool) = (
+            v[k] for k in ("epochs", "lr", "weight_decay", "warmup_epochs", "batch_size", "frames", "adapter_dim",
+                           "adapter_layers", "adapter_scale", "temporal_lr_mult", "seed", "template",
+                           "n_descriptions", "alpha", "precision", "shots", "frame_pool"))
+    from .flags import TRAIN_LIMITS, check_flags
+
+    check_flags(dict(shots=shots, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, frames=frames,
+                     steps=steps, adapter_dim=adapter_dim, n_descriptions=n_descriptions, warmup_epochs=warmup_epochs,
+                     heldout_per_class=heldout_per_class, frame_pool=frame_pool, workers=workers, lr=lr,
+                     temporal_lr_mult=temporal_lr_mult, weight_decay=weight_decay, alpha=alpha,
+                     adapter_scale=adapter_scale, hflip=hflip), TRAIN_LIMITS)
     if stage == "pretrain":
         _pretrain(backbone, steps, batch_size or 128, lr, seed, device, out, force, dry_run, no_progress, home)
         return
@@ -311,11 +388,12 @@ def train(
         raise UserError("--dataset is required for --stage adapter/full", 2)
     if only not in (None, "vision", "text"):
         raise UserError("--only must be vision or text", 2)
-    if not (lr > 0 and temporal_lr_mult > 0):
-        raise UserError("--lr and --temporal-lr-mult must be positive", 2)
     from msta.adapters import AdapterConfig, parse_layers
     from msta.backbone import BackboneError, check_adapter_fit
 
+    backbone, pretrained = _backbone(backbone, pretrained)
+    if "{}" not in template:
+        raise UserError(f"--template {template!r} needs a {{}} where the class name goes", 2)
     try:
         adapter = AdapterConfig(dim=adapter_dim, layers=parse_layers(adapter_layers), scale=adapter_scale,
                                 shared=not no_shared, temporal=not no_temporal, temporal_branch=temporal_branch,
@@ -325,22 +403,64 @@ def train(
     except (ValueError, BackboneError) as exc:
         raise UserError(str(exc), 2) from None
     device, precision = _resolve_device(device, precision)
-    opts = TrainOptions(protocol=protocol, method=stage, shots=shots, split_seed=seed, seed=seed, epochs=epochs,
+    opts = TrainOptions(protocol=protocol, method=stage, shots=shots, split_seed=split, draw=draw_shots, seed=seed,
+                        epochs=epochs,
                         lr=lr, temporal_lr_mult=temporal_lr_mult, weight_decay=weight_decay,
                         warmup_epochs=warmup_epochs, batch_size=batch_size or 32,
-                        micro_batch=micro_batch, frames=frames,
+                        micro_batch=micro_batch, frames=frames, frame_pool=frame_pool,
                         adapter=tuple(sorted(adapter.to_dict().items())) if stage == "adapter" else (),
                         alpha=0.0 if no_consistency else alpha, n_descriptions=n_descriptions, backbone=backbone,
-                        pretrained=_pretrained(pretrained), device=device, precision=precision, hflip=hflip,
-                        heldout_per_class=heldout_per_class, deterministic=deterministic, workers=workers)
+                        pretrained=pretrained, device=device, precision=precision, hflip=hflip,
+                        heldout_per_class=heldout_per_class, deterministic=deterministic, template=template,
+                        workers=workers)
     runner = make_runner(home, progress=not no_progress)
     cfg = load_config(config)
-    req = train_request(runner, cfg, cfg.dataset(dataset), opts)
-    art = _train_materialise(runner, home, req, force, dry_run)
-    if art is not None and int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(f"adapters: {art.path}" if stage == "adapter" else f"weights: {art.path}")
-        if art.meta.get("best_epoch"):
-            typer.echo(f"best held-out epoch {art.meta['best_epoch']} (accuracy {art.meta['best_heldout_acc']:.3f})")
+    from dataclasses import replace
+
+    for one_seed in _seed_list(seeds, seed):
+        req = train_request(runner, cfg, cfg.dataset(dataset), replace(opts, seed=one_seed))
+        if dry_run:
+            _print_resolved(req, recipe)
+        art = _train_materialise(runner, home, req, force, dry_run)
+        if art is not None and int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(f"adapters: {art.path}" if stage == "adapter" else f"weights: {art.path}")
+            if art.meta.get("best_epoch"):
+                typer.echo(f"best held-out epoch {art.meta['best_epoch']} (accuracy {art.meta['best_heldout_acc']:.3f})")
+
+
+def _seed_list(seeds: str | None, seed: int) -> list[int]:
+    if seeds is None:
+        return [seed]
+    try:
+        values = [int(v) for v in seeds.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 2048,1,2", 2) from None
+    if not values or len(set(values)) != len(values) or min(values) < 0:
+        raise UserError(f"--seeds {seeds!r}: give distinct non-negative integers", 2)
+    return values
+
+
+def _recipe_flags(ctx: typer.Context, recipe: str, protocol: str, dataset: str | None) -> dict[str, Any]:
+    """The command's flags with a recipe's values where the user gave none on the command line."""
+    from .authors import RECIPES, authors_recipe
+
+    if recipe not in RECIPES:
+        raise UserError(f"--recipe must be one of {', '.join(RECIPES)}", 2)
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE}
+    preset = authors_recipe(protocol, (dataset or "").removesuffix("-base"))
+    return {**ctx.params, **{k: v for k, v in preset.items() if k not in given}}
+
+
+def _print_resolved(req: Any, recipe: str | None) -> None:
+    """The fully resolved training config, like the dump at the top of each of the authors' logs."""
+    import json
+
+    typer.echo(f"resolved config ({'recipe ' + recipe if recipe else 'flags and defaults'}):")
+    for key, value in sorted(req.params.items()):
+        typer.echo(f"  {key}: {json.dumps(value, sort_keys=True)}")
+    train_list = req.inputs["frames_train"].params
+    typer.echo(f"  train list: {train_list['dataset']}:{train_list['list']}"
+               + (f" (drawn: {json.dumps(train_list['select'])})" if train_list.get("select") else ""))
 
 
 def _train_materialise(runner: Any, home: Path | None, req: Any, force: bool, dry_run: bool) -> Any:
@@ -367,14 +487,14 @@ def _train_materialise(runner: Any, home: Path | None, req: Any, force: bool, dr
     return art
 
 
-def _pretrain(backbone: str, steps: int, batch_size: int, lr: float, seed: int, device: str, out: Path | None,
+def _pretrain(backbone: str | None, steps: int, batch_size: int, lr: float, seed: int, device: str, out: Path | None,
               force: bool, dry_run: bool, no_progress: bool, home: Path | None) -> None:
     import shutil
 
     from .stage import Request
 
     device, _ = _resolve_device(device, "fp32")
-    if backbone == "ViT-B-16":
+    if backbone in (None, "ViT-B-16"):
         backbone = "msta-world"  # the only sensible default: pre-training a real CLIP is out of scope
     req = Request("pretrain", {"config": backbone, "steps": steps, "batch_size": batch_size, "lr": lr,
                                "seed": seed, "device": device})
@@ -398,10 +518,14 @@ def evaluate(
                          show_default=False)] = None,
     run: Annotated[Optional[str], typer.Option(help="Key (or a unique prefix) of the training run "
                    "[default: the latest adapter run on the dataset]", show_default=False)] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Evaluate the latest run of each of these training seeds "
+                     "(as given to train --seeds), e.g. 2048,1,2", show_default=False)] = None,
     frozen: Annotated[bool, typer.Option("--frozen", help="Evaluate the frozen backbone (frame-mean zero-shot)")] = False,
-    selection: Annotated[str, typer.Option(help="last, best-heldout or both")] = "both",
-    backbone: Annotated[str, typer.Option(help="--frozen: open_clip model name")] = "ViT-B-16",
-    pretrained: Annotated[str, typer.Option(help="--frozen: " + PRETRAINED_HELP)] = "openai",
+    selection: Annotated[str, typer.Option(help="last, best-heldout, both, or test-max: the epoch snapshot "
+                         "(epochs 1, 6, ..., last) with the best test top-1, as the authors report (labelled "
+                         "test-max in results: the test list selects it, so it is optimistic)")] = "both",
+    backbone: Annotated[Optional[str], typer.Option(help="--frozen: " + BACKBONE_HELP, show_default=False)] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="--frozen: " + PRETRAINED_HELP, show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16")] = "auto",
     workers: Annotated[int, typer.Option(help="Data-loading worker processes")] = 2,
@@ -419,13 +543,18 @@ def evaluate(
     """
     from .evaluation import run_evaluation
 
-    if selection not in ("last", "best-heldout", "both"):
-        raise UserError("--selection must be last, best-heldout or both", 2)
+    if selection not in ("last", "best-heldout", "both", "test-max"):
+        raise UserError("--selection must be last, best-heldout, both or test-max", 2)
     device, precision = _resolve_device(device, precision)
     runner = make_runner(home, progress=not no_progress)
+    if seeds is not None and (run is not None or frozen):
+        raise UserError("--seeds picks runs by their seed: do not combine it with --run or --frozen", 2)
+    rows: list[Any] = []
     with (writing(home) if not dry_run else contextlib.nullcontext()):
-        rows = run_evaluation(runner, load_config(config), dataset, list_name, run, frozen, selection, backbone,
-                              _pretrained(pretrained), device, precision, workers, force, dry_run)
+        for seed in (_seed_list(seeds, 0) if seeds is not None else [None]):
+            rows += run_evaluation(runner, load_config(config), dataset, list_name, run, frozen, selection,
+                                   *_backbone(backbone, pretrained), device, precision, workers, force, dry_run,
+                                   seed)
     if rows:
         _print_rows(["dataset", "split", "selection", "metric", "value"], rows, "table")
 
@@ -433,17 +562,25 @@ def evaluate(
 @app.command()
 def report(
     format: Annotated[str, typer.Option("--format", help="markdown or csv")] = "markdown",
+    authors_logs: Annotated[Optional[Path], typer.Option(help="Folder of the MSTA authors' training logs: print "
+                            "their logged accuracies (test-selected and last epoch) beside ours",
+                            show_default=False)] = None,
     home: Home = None,
 ) -> None:
     """All results as Markdown tables shaped like the paper's, with the paper's numbers beside ours."""
     from .report import render
 
-    typer.echo(render(make_runner(home).catalog, format))
+    logs = None
+    if authors_logs is not None:
+        from .authors import read_logs
+
+        logs = read_logs(authors_logs)
+    typer.echo(render(make_runner(home).catalog, format, logs))
 
 
 @app.command()
 def params(
-    backbone: Annotated[str, typer.Option(help="open_clip model name (ViT-B-16, msta-world, ...)")] = "ViT-B-16",
+    backbone: Backbone = None,
     adapter_dim: Annotated[int, typer.Option(help="Bottleneck width r")] = 128,
     adapter_layers: Annotated[str, typer.Option(help="Adapted blocks, 1-based inclusive")] = "8-12",
     temporal_branch: Annotated[str, typer.Option(help="paper or bottleneck")] = "paper",
@@ -499,6 +636,9 @@ def demo(
                                 "least the recipe's 32 shots + 2 held out) [default: 36]", show_default=False)] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Few-shot epochs; base-to-novel trains twice as many on its "
                       "smaller list [default: 12]", show_default=False)] = None,
+    seeds: Annotated[int, typer.Option(help="Train every variant with this many seeds (training seed and shot "
+                     "draw 1, 2, ...; base-to-novel splits 1-3) and print mean ± std; each seed is about the "
+                     "time of one demo", min=1)] = 1,
     no_progress: NoProgress = False,
     home: Home = None,
 ) -> None:
@@ -521,7 +661,7 @@ def demo(
                         "and 2 held-out clips per class)", 2)
     runner = make_runner(home, progress=not no_progress)
     with writing(home):
-        typer.echo(run_demo(runner, out.resolve(), recipe, typer.echo))
+        typer.echo(run_demo(runner, out.resolve(), recipe, typer.echo, seeds))
 
 
 @app.command()
@@ -559,7 +699,8 @@ def status(home: Home = None, config: ConfigPath = None) -> None:
 @app.command()
 def sql(
     query: Annotated[str, typer.Argument(help="A read-only SQL query over the catalog (SELECT, WITH, SHOW, "
-                                              "DESCRIBE, SUMMARIZE, EXPLAIN, PRAGMA)")],
+                                              "DESCRIBE, SUMMARIZE, EXPLAIN, PRAGMA); no file, network or "
+                                              "extension access, no settings")],
     format: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
     home: Home = None,
 ) -> None:
@@ -568,6 +709,7 @@ def sql(
     import duckdb
 
     from cache.catalog import Catalog
+    from cache.views import FILE_VIEWS
 
     if format not in ("table", "csv", "json"):
         raise UserError("--format must be table, csv or json", 2)
@@ -581,15 +723,22 @@ def sql(
         raise UserError(f"`msta-pipe sql` is read-only: {', '.join(refused)} statements are refused", 2)
     if not statements:
         raise UserError("the query is empty", 2)
-    with Catalog(home_dir(home)).reader() as con:
-        try:
+    views = [v for v in FILE_VIEWS if v in query.lower()]
+    try:
+        with Catalog(home_dir(home)).sandboxed_reader(views) as con:
             for stmt in statements[:-1]:
                 con.execute(stmt)
             cur = con.execute(statements[-1])
             names = [d[0] for d in cur.description] if cur.description else []
             rows = cur.fetchall() if names else []
-        except duckdb.Error as exc:
-            raise UserError(f"query failed: {exc}", 1) from None
+    except duckdb.Error as exc:
+        msg = one_line(str(exc))
+        # What the sandbox refuses (files, network, extensions, settings) is bad input, not failed work.
+        if (isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in msg
+                or (isinstance(exc, duckdb.CatalogException) and " extension" in msg)):
+            raise UserError(f"`msta-pipe sql` reads the catalog only (no files, extensions or settings): {msg}",
+                            2) from None
+        raise UserError(f"query failed: {msg}", 1) from None
     _print_rows(names, rows, format)
 
 
@@ -623,11 +772,16 @@ def _cell(v: Any) -> str:
 @app.command()
 def gc(
     dry_run: DryRun = False,
-    keep_history: Annotated[bool, typer.Option("--keep-history", help="Also keep the artifacts of superseded "
-                                               "runs (default: only the latest completed run of each target)")] = False,
+    superseded: Annotated[bool, typer.Option("--superseded", help="Also delete the artifacts and run folders of "
+                          "completed runs that a later completed run of the same target replaced, e.g. a training "
+                          "with other hyper-parameters (each is listed; `evaluate --run KEY` of one would retrain "
+                          "it)")] = False,
     home: Home = None,
 ) -> None:
-    """Delete artifact files that no catalog row reaches, leftover temporary files and stale run folders."""
+    """Delete artifact files that no catalog row reaches, leftover temporary files and stale run folders.
+
+    Every run's artifact is reached by its row, whatever its parameters; --superseded is the explicit
+    scope that also deletes replaced runs."""
     from cache.gc import collect
 
     runner = make_runner(home)
@@ -635,20 +789,54 @@ def gc(
         typer.echo("nothing to collect: no catalog yet")
         return
     if dry_run:
-        report = collect(runner.catalog, runner.store, keep_history=keep_history, dry_run=True)
+        report = collect(runner.catalog, runner.store, superseded=superseded, dry_run=True)
     else:
         with writing(home):
-            report = collect(runner.catalog, runner.store, keep_history=keep_history, dry_run=False)
+            report = collect(runner.catalog, runner.store, superseded=superseded, dry_run=False)
     verb = "would delete" if dry_run else "deleted"
+    for target, key in report.superseded:
+        typer.echo(f"{verb} superseded run {key[:16]} of {target}")
     typer.echo(f"{verb} {report.files} files ({report.bytes / 1e6:.1f} MB) and {report.rows} catalog rows")
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    typer.echo(f"warning: {one_line(str(message), limit=4000)}", err=True)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _one_line_warning  # a warning is a line for the user, not a source location
     try:
-        app(prog_name="msta-pipe")
+        # not standalone: click's usage errors become one line here, and Ctrl-C (which typer turns
+        # into a silent exit code 130) gets its message
+        code = app(prog_name="msta-pipe", standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors, as vendored by typer
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help text itself
+            typer.echo(exc.format_message(), err=True)
+        else:
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {one_line(str(exc), limit=4000)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
+    except OSError as exc:  # the environment (a full disk, a read-only home): the file and the reason
+        where = f": {exc.filename}" if exc.filename else ""
+        typer.echo(f"error: {exc.strerror or one_line(str(exc))}{where}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # a bug or the environment (disk full, ...): one line, the place, no traceback
+        if os.environ.get("MSTA_TRACEBACK"):
+            raise
+        typer.echo(f"error: {error_line(exc)}; set MSTA_TRACEBACK=1 to see the traceback", err=True)
+        sys.exit(1)
+    if code == 130:
+        typer.echo("interrupted; rerun the same command to resume", err=True)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -81,11 +81,15 @@ def current_describe_request(runner: Any, ds: Dataset, kind: str) -> Request:
     return req
 
 
-def weights_input(pretrained: str | None) -> FileInput | None:
-    """The weights file behind --pretrained, so that its content digest enters the keys."""
-    from msta.registry import weights_file
+def weights_input(backbone: str, pretrained: str | None) -> FileInput | None:
+    """The weights file behind a (canonical) backbone and --pretrained, so that its content digest
+    enters the keys: a file, a shipped short name, or the one file of an open_clip folder."""
+    from msta.registry import BackboneError, weights_file
 
-    path = weights_file(pretrained)
+    try:
+        path = weights_file(backbone, pretrained)
+    except BackboneError as exc:
+        raise UserError(str(exc), 2) from None
     return FileInput(path) if path is not None else None
 
 
@@ -93,7 +97,7 @@ def embed_request(runner: Any, ds: Dataset, backbone: str, pretrained: str | Non
                   batch_size: int = 256, device: str = "auto") -> Request:
     inputs: dict[str, Request | FileInput] = {
         kind: current_describe_request(runner, ds, kind) for kind in ("spatial", "temporal")}
-    weights = weights_input(pretrained)
+    weights = weights_input(backbone, pretrained)
     if weights is not None:
         inputs["weights"] = weights
     params = {"dataset": ds.name, "backbone": backbone, "pretrained": pretrained or ""}
@@ -120,11 +124,14 @@ def default_decoder() -> str:
 def frames_request(runner: Any, ds: Dataset, list_name: str, mode: str, selection: Selection = Selection(),
                    decoder: str | None = None, fmt: str = "jpeg", skip_missing: bool = False,
                    strict: bool = False, workers: int = 1, sampling_seed: int = 0, frames: int | None = None,
-                   clips: int | None = None) -> Request:
+                   clips: int | None = None, pool: int | None = None) -> Request:
     v = ds.video
     if mode == "train":
         sampling = {"mode": "train", "frames": frames or v.frames, "samplings": v.samplings,
                     "short_side": v.train_short_side, "seed": sampling_seed}
+        pool = v.pool if pool is None else pool
+        if pool:  # absent when off, so that the keys of fixed draws stay as they were
+            sampling = {"mode": "train", "frames": frames or v.frames, "pool": pool, "short_side": v.train_short_side}
     else:
         sampling = {"mode": "test", "frames": frames or v.frames, "clips": clips or v.test_clips,
                     "short_side": v.test_short_side}
@@ -152,8 +159,9 @@ class TrainOptions:
     protocol: str
     method: str = "adapter"
     shots: int | None = None
-    split_seed: int = 1
-    seed: int = 2048
+    split_seed: int = 1          # base2novel: official split N (list train_sN); drawn lists: the draw
+    draw: bool = False           # draw the shots when the protocol's official list is missing
+    seed: int = 2048             # training seed (the authors' 2048), independent of the split
     epochs: int = 50
     lr: float = 1e-3
     temporal_lr_mult: float = 1.0
@@ -163,6 +171,7 @@ class TrainOptions:
     batch_size: int = 32
     micro_batch: int | None = None
     frames: int | None = None
+    frame_pool: int | None = None  # None: the dataset's setting; 0: S fixed draws; N: a pool of N frames
     adapter: tuple[tuple[str, Any], ...] = ()
     alpha: float = 1.0
     n_descriptions: int = 2
@@ -199,6 +208,10 @@ def train_data(config: Any, ds: Dataset, o: TrainOptions) -> TrainData:
         name = f"few_shot_{o.shots}"
         if name in ds.lists:
             return TrainData(ds, name, Selection(), heldout_from_train(ds, ds.lists[name], None))
+        if not o.draw:
+            raise UserError(f"dataset {ds.name!r} has no list {name!r} (the official {o.shots}-shot videos): declare "
+                            f"it under [datasets.{ds.name}.lists], or pass --draw-shots to draw {o.shots} videos "
+                            f"per class from its `train` list (the draw is seeded by --split)", 2)
         if "train" not in ds.lists:
             raise UserError(f"dataset {ds.name!r} has neither a list {name!r} nor a `train` list to draw "
                             f"{o.shots} shots per class from; declare one under [datasets.{ds.name}.lists]", 2)
@@ -210,6 +223,10 @@ def train_data(config: Any, ds: Dataset, o: TrainOptions) -> TrainData:
         if name in base.lists:
             return TrainData(base, name, Selection(), heldout_from_train(base, base.lists[name], None))
         shots = o.shots or 16
+        if not o.draw:
+            raise UserError(f"dataset {base.name!r} has no list {name!r} (official split {o.split_seed} of the "
+                            f"base-class training videos): declare it, use --split 1, 2 or 3 where those exist, "
+                            f"or pass --draw-shots to draw {shots} videos per base class from its `train` list", 2)
         if "train" not in base.lists:
             raise UserError(f"dataset {base.name!r} has neither a list {name!r} nor a `train` list to draw the "
                             "base-class shots from", 2)
@@ -234,11 +251,12 @@ def train_request(runner: Any, config: Any, ds: Dataset, o: TrainOptions) -> Req
               "batch_size": o.batch_size, "micro_batch": o.micro_batch, "adapter": dict(o.adapter),
               "alpha": o.alpha, "n_descriptions": o.n_descriptions, "backbone": o.backbone,
               "pretrained": o.pretrained or "", "device": o.device, "precision": o.precision, "augment": augment,
-              "deterministic": o.deterministic, "template": o.template, "frames": o.frames}
+              "deterministic": o.deterministic, "template": o.template, "frames": o.frames or d.video.frames,
+              "frame_pool": d.video.pool if o.frame_pool is None else o.frame_pool}
     inputs: dict[str, Request | FileInput] = {
         "classes": labels_request(runner, d),
         "frames_train": frames_request(runner, d, data.list_name, "train", data.selection,
-                                       workers=o.frame_workers, frames=o.frames)}
+                                       workers=o.frame_workers, frames=o.frames, pool=o.frame_pool)}
     if data.heldout is not None:
         inputs["frames_heldout"] = frames_request(runner, d, "train" if "heldout" not in d.lists else "heldout",
                                                   "test", data.heldout, workers=o.frame_workers, frames=o.frames,
@@ -250,7 +268,7 @@ def train_request(runner: Any, config: Any, ds: Dataset, o: TrainOptions) -> Req
             if n is not None and n != o.n_descriptions:
                 raise UserError(f"the {kind} descriptions of {d.name!r} have N={n}, but --n-descriptions is "
                                 f"{o.n_descriptions}: describe again with --n {o.n_descriptions} or change the flag", 2)
-    weights = weights_input(o.pretrained)
+    weights = weights_input(o.backbone, o.pretrained)
     if weights is not None:
         inputs["weights"] = weights
     return Request("train", params, inputs, {"workers": o.workers})
@@ -273,7 +291,7 @@ def evaluate_request(runner: Any, target: EvalTarget, model: Request | None, sel
                                  frames=model.params.get("frames") if model else None)}
     if model is not None:
         inputs["model"] = model
-    weights = weights_input(pretrained)
+    weights = weights_input(backbone, pretrained)
     if weights is not None:
         inputs["weights"] = weights
     params = {"dataset": d.name, "list": target.list_name, "role": target.role, "selection": selection,

@@ -69,7 +69,10 @@ def write_world(out: Path, recipe: DemoRecipe, echo: Callable[[str], None]) -> P
     return folder
 
 
-def run_demo(runner: Any, out: Path, recipe: DemoRecipe, echo: Callable[[str], None]) -> str:
+def run_demo(runner: Any, out: Path, recipe: DemoRecipe, echo: Callable[[str], None], seeds: int = 1) -> str:
+    """Train and evaluate every variant with `seeds` seeds (training seed and few-shot draw
+    recipe.seed, +1, ...; base-to-novel splits 1, 2, 3 in turn) and print the table, as mean ± std
+    over seeds when there are several."""
     from msta.world import APPEARANCE_CLASSES, REVERSAL_PAIRS
 
     folder = write_world(out, recipe, echo)
@@ -81,19 +84,9 @@ def run_demo(runner: Any, out: Path, recipe: DemoRecipe, echo: Callable[[str], N
             runner.materialise(describe_import_request(runner, ds, kind, path, 2))
         runner.materialise(embed_request(runner, ds, BACKBONE, PRETRAINED))
 
-    base = TrainOptions(protocol="few-shot", shots=recipe.shots, split_seed=recipe.seed, seed=recipe.seed,
-                        epochs=recipe.epochs, lr=recipe.lr,
-                        temporal_lr_mult=recipe.temporal_lr_mult, warmup_epochs=recipe.warmup_epochs,
-                        batch_size=recipe.batch_size, adapter=_adapter(recipe), backbone=BACKBONE,
-                        pretrained=PRETRAINED, device="cpu", precision="fp32", workers=0, frame_workers=1)
-    variants = {
-        "MSTA w/o L_CC": replace(base, alpha=0.0),
-        "MSTA": base,
-        "MSTA w/o temporal": replace(base, adapter=_adapter(recipe, temporal=False)),
-    }
     world = config.dataset("world")
     pairs = {c for pair in REVERSAL_PAIRS for c in pair}
-    table: dict[str, dict[str, float]] = {}
+    tables: dict[str, list[dict[str, float]]] = {}
 
     def evaluate(model: Any, target: EvalTarget, selection: str = "last") -> Any:
         req = evaluate_request(runner, target, model, selection, BACKBONE, PRETRAINED, "a video of {}.", "cpu",
@@ -103,15 +96,29 @@ def run_demo(runner: Any, out: Path, recipe: DemoRecipe, echo: Callable[[str], N
     frozen = {"few-shot": evaluate(None, EvalTarget(world, "test", "top1")),
               "base": evaluate(None, EvalTarget(config.dataset("world-base"), "val", "base")),
               "novel": evaluate(None, EvalTarget(config.dataset("world-novel"), "val", "novel"))}
-    table["frozen CLIP (frame mean)"] = _row(frozen, pairs, set(APPEARANCE_CLASSES))
-    for name, opts in variants.items():
-        arts = {"few-shot": evaluate(runner_train(runner, config, world, opts), EvalTarget(world, "test", "top1"))}
-        if name != "MSTA w/o temporal":
-            b2n = runner_train(runner, config, world, replace(opts, protocol="base2novel", epochs=recipe.b2n_epochs))
-            arts["base"] = evaluate(b2n, EvalTarget(config.dataset("world-base"), "val", "base"))
-            arts["novel"] = evaluate(b2n, EvalTarget(config.dataset("world-novel"), "val", "novel"))
-        table[name] = _row(arts, pairs, set(APPEARANCE_CLASSES))
-    return _format(table, recipe)
+    tables["frozen CLIP (frame mean)"] = [_row(frozen, pairs, set(APPEARANCE_CLASSES))]  # no seed in it
+    for i in range(seeds):
+        seed = recipe.seed + i
+        # The world has no official shot lists: the shots are drawn from its `train` list.
+        base = TrainOptions(protocol="few-shot", shots=recipe.shots, split_seed=seed, draw=True, seed=seed,
+                            epochs=recipe.epochs, lr=recipe.lr,
+                            temporal_lr_mult=recipe.temporal_lr_mult, warmup_epochs=recipe.warmup_epochs,
+                            batch_size=recipe.batch_size, adapter=_adapter(recipe), backbone=BACKBONE,
+                            pretrained=PRETRAINED, device="cpu", precision="fp32", workers=0, frame_workers=1)
+        variants = {
+            "MSTA w/o L_CC": replace(base, alpha=0.0),
+            "MSTA": base,
+            "MSTA w/o temporal": replace(base, adapter=_adapter(recipe, temporal=False)),
+        }
+        for name, opts in variants.items():
+            arts = {"few-shot": evaluate(runner_train(runner, config, world, opts), EvalTarget(world, "test", "top1"))}
+            if name != "MSTA w/o temporal":
+                b2n = runner_train(runner, config, world, replace(opts, protocol="base2novel", split_seed=1 + i % 3,
+                                                                  epochs=recipe.b2n_epochs))
+                arts["base"] = evaluate(b2n, EvalTarget(config.dataset("world-base"), "val", "base"))
+                arts["novel"] = evaluate(b2n, EvalTarget(config.dataset("world-novel"), "val", "novel"))
+            tables.setdefault(name, []).append(_row(arts, pairs, set(APPEARANCE_CLASSES)))
+    return _format(tables, recipe, seeds)
 
 
 def runner_train(runner: Any, config: Config, ds: Any, opts: TrainOptions) -> Any:
@@ -154,24 +161,47 @@ def _acc(rows: list[dict[str, Any]]) -> float:
     return sum(r["label"] == r["pred"] for r in rows) / max(1, len(rows))
 
 
-def _format(table: dict[str, dict[str, float]], recipe: DemoRecipe) -> str:
-    def cell(row: dict[str, float], key: str) -> str:
-        return f"{100 * row[key]:5.1f}" if key in row else "    -"
+# The spread of the default one-seed demo, measured over 3 seeds from a fresh home
+# (`msta-pipe demo --seeds 3`): the std of each cell in percentage points, so that a one-seed run
+# is read with its noise (README, "The demo").
+MEASURED_SPREAD: dict[str, dict[str, float]] = {}
 
+
+def _format(tables: dict[str, list[dict[str, float]]], recipe: DemoRecipe, seeds: int) -> str:
+    import statistics
+
+    def cell(rows: list[dict[str, float]], key: str) -> str:
+        values = [100 * r[key] for r in rows if key in r]
+        if not values:
+            return "-"
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+    width = 13 if seeds > 1 else 5
+    keys = ("all", "pairs", "base", "novel", "hm")
     lines = [
         f"Synthetic world, 12 classes (5 time-reversal pairs + 2 appearance classes); tiny CLIP pre-trained "
         f"on static images only. Few-shot: K={recipe.shots} per class, {recipe.epochs} epochs; base-to-novel: 6/6 "
-        f"classes, 16 clips each, split 1, {recipe.b2n_epochs} epochs.",
+        f"classes, 16 clips each, {recipe.b2n_epochs} epochs.",
         f"Recipe (not the paper's real-data defaults): lambda {recipe.scale}, lr {recipe.lr} (temporal branch "
         f"x{recipe.temporal_lr_mult:g}), "
-        f"batch {recipe.batch_size}, r={recipe.dim}, layers {recipe.layers}, T=8; last epoch, top-1 %.",
+        f"batch {recipe.batch_size}, r={recipe.dim}, layers {recipe.layers}, T=8; last epoch, top-1 %; "
+        + (f"mean ± std over {seeds} seeds (training seed and shot draw {recipe.seed}..{recipe.seed + seeds - 1}, "
+           "base-to-novel splits 1-3)." if seeds > 1 else f"seed {recipe.seed}, split 1."),
         "",
-        "| model                      | few-shot all | reversal pairs |  base | novel |    HM |",
-        "|----------------------------|--------------|----------------|-------|-------|-------|",
+        "| model                      | " + " | ".join(f"{h:>{width}}" for h in ("all", "pairs", "base", "novel", "HM"))
+        + " |",
+        "|----------------------------|" + "|".join("-" * (width + 2) for _ in keys) + "|",
     ]
-    for name, row in table.items():
-        lines.append(f"| {name:<26} |        {cell(row, 'all')} |          {cell(row, 'pairs')} | {cell(row, 'base')}"
-                     f" | {cell(row, 'novel')} | {cell(row, 'hm')} |")
-    lines += ["", "Reversal pairs: a clip and its time-reversal hold the same frames, so any order-invariant model "
-                  "(frame-mean CLIP, MSTA w/o temporal) is capped at 50 % there."]
+    for name, rows in tables.items():
+        lines.append(f"| {name:<26} | " + " | ".join(f"{cell(rows, k):>{width}}" for k in keys) + " |")
+    lines += ["", "all / pairs: few-shot top-1 on all test clips / on the reversal pairs. A clip and its time-reversal "
+                  "hold the same frames, so any order-invariant model (frame-mean CLIP, MSTA w/o temporal) is "
+                  "capped at 50 % on the pairs."]
+    if seeds == 1 and MEASURED_SPREAD:
+        spread = ", ".join(f"{name} {'/'.join(f'{v:.1f}' for v in row.values())}"
+                           for name, row in MEASURED_SPREAD.items())
+        lines.append(f"Seed noise (std over 3 seeds, points, all/pairs/base/novel/HM): {spread}. "
+                     "A difference smaller than about twice that is not a result.")
     return "\n".join(lines)

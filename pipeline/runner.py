@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +17,8 @@ from typing import Any
 
 from cache.catalog import Catalog, rows_as_dicts, utcnow
 from cache.store import Store, table_digest, write_parquet, atomic_write_bytes
-from .errors import UserError
+from .errors import UserError, error_line, one_line
+from .lock import HomeLock
 from .keys import canonical_json, sha256_bytes, sha256_file, digest_value
 from .stage import (Artifact, FileDigest, FileInput, Output, Request, Resolved, StageFailed,
                     get_stage)
@@ -34,6 +34,7 @@ class Context:
     echo: Callable[[str], None] = print
     run_id: str = ""
     key: str = ""
+    forced: bool = False  # run with --force: a stage redoes its work instead of resuming it
 
     def option(self, name: str, default: Any = None) -> Any:
         return self.options.get(name, default)
@@ -69,6 +70,8 @@ class Runner:
             st = os.stat(path)
         except FileNotFoundError:
             raise UserError(f"input file {path} does not exist", 2) from None
+        if path.is_dir():
+            raise UserError(f"input file {path} is a directory, not a file", 2)
         memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if memo_key in self._file_memo:
             return self._file_memo[memo_key]
@@ -152,9 +155,9 @@ class Runner:
             return "missing", "never run"
         latest = rows[0]
         if latest["key"] == key and latest["status"] == "failed":
-            return "failed", f"last run failed: {latest['error']}"
+            return "failed", f"last run failed: {one_line(latest['error'] or '')}"  # older rows hold tracebacks
         if latest["key"] == key and latest["status"] == "running":
-            alive = _pid_alive(latest["pid"])
+            alive = HomeLock(self.home).holder() == latest["pid"]
             return "stale", "running now" if alive else "interrupted (process gone); rerun resumes it"
         done = [r for r in rows if r["status"] == "done"]
         if not done:
@@ -212,6 +215,7 @@ class Runner:
             if plan:
                 self.echo(f"  {plan}")
             return None
+        ctx.forced = force
         return self._execute(req, stage, target, key, resolved, digests, ctx)
 
     def follow(self, req: Request, force: bool = False) -> Artifact | None:
@@ -233,7 +237,8 @@ class Runner:
                 resolved[name] = up.artifact
             digests[name] = resolved[name].digest if isinstance(resolved[name], Artifact) else resolved[name].sha256  # type: ignore[union-attr]
         key = self.key_of(req, digests)
-        ctx = Context(self.home, self.catalog, self.store, self.options, lambda s: None, run_id="", key=key)
+        ctx = Context(self.home, self.catalog, self.store, self.options, lambda s: None, run_id="", key=key,
+                      forced=force)
         get_stage(req.stage).run(req, resolved, ctx)
         return None
 
@@ -258,16 +263,14 @@ class Runner:
         except StageFailed as exc:
             # sibling handlers below do not see what this one raises
             if exc.output is not None:
-                self._register(run_id, exc.output, key, req, status="failed", error=str(exc),
+                self._register(run_id, exc.output, key, req, status="failed", error=one_line(str(exc)),
                                seconds=time.perf_counter() - started)
             else:
-                self._fail(run_id, str(exc), started)
+                self._fail(run_id, one_line(str(exc)), started)
             raise UserError(f"{target}: {exc}", 1) from None
         except BaseException as exc:
-            msg = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, (UserError, KeyboardInterrupt)):
-                msg += "\n" + traceback.format_exc(limit=-3)
-            self._fail(run_id, msg, started)
+            # One scrubbed line, never a traceback: it is shown by `status` and may hold a key.
+            self._fail(run_id, error_line(exc), started)
             raise
 
     def _fail(self, run_id: str, error: str, started: float) -> None:
@@ -333,15 +336,3 @@ def _short(value: Any) -> str:
         return value["__float__"]
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -46,7 +46,7 @@ class EvaluateStage(Stage):
             backbone = load_backbone(p["backbone"], p["pretrained"] or None, device=device)
         except BackboneError as exc:
             raise UserError(str(exc), 2) from None
-        model, run_key, checkpoint, protocol = self._model(backbone, inputs.get("model"), p)
+        model, run_key, checkpoint, protocol = self._model(backbone, inputs.get("model"), p, ctx.home)
         model.to(device).eval()
         classes = read_classes(artifact_of(inputs["classes"]))
         names = [name for _, _, name in classes]
@@ -100,8 +100,10 @@ class EvaluateStage(Stage):
                       summary={"run_key": run_key, **metrics, "videos": len(items), "views": view_text,
                                "confusion": str(run_dir / "confusion.png")})
 
-    def _model(self, backbone: Any, model_art: Resolved | None, p: Mapping[str, Any]) -> tuple[Any, str, str, str]:
-        """(model, run key, checkpoint digest, protocol) for the frozen CLIP or a trained run."""
+    def _model(self, backbone: Any, model_art: Resolved | None, p: Mapping[str, Any],
+               home: Path) -> tuple[Any, str, str, str]:
+        """(model, run key, checkpoint digest, protocol) for the frozen CLIP or a trained run: its last
+        weights, its best-heldout epoch, or the snapshot of one epoch (`epoch:N`)."""
         from msta.model import MSTA, VideoCLIP, read_adapter_info
 
         if model_art is None:
@@ -112,10 +114,13 @@ class EvaluateStage(Stage):
             if not art.meta.get("best_file"):
                 raise UserError("this run had no held-out videos, so it has no best-heldout checkpoint; "
                                 "evaluate --selection last", 2)
-            path = Path(art.meta["best_file"])
-            if not path.exists() or sha256_file(path) != art.meta["best_sha256"]:
-                raise UserError(f"the best-heldout checkpoint {path} is missing or altered; retrain with --force", 1)
-            checkpoint = art.meta["best_digest"]
+            path, checkpoint = _checked(home, art.meta["best_file"], art.meta["best_sha256"], art.meta["best_digest"])
+        elif p["selection"].startswith("epoch:"):
+            snapshot = art.meta.get("snapshots", {}).get(p["selection"].removeprefix("epoch:"))
+            if snapshot is None:
+                raise UserError(f"this run kept no snapshot of {p['selection']} (snapshots: "
+                                f"{', '.join(art.meta.get('snapshots', {})) or 'none'})", 2)
+            path, checkpoint = _checked(home, snapshot["file"], snapshot["sha256"], snapshot["digest"])
         if art.kind == "adapters":
             info = read_adapter_info(path)
             model = MSTA(backbone, info.config, p["template"])
@@ -133,6 +138,13 @@ class EvaluateStage(Stage):
     def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
         p = req.params
         return f"evaluate on {p['dataset']}:{p['list']} ({p['selection']})"
+
+
+def _checked(home: Path, file: str, sha256: str, digest: str) -> tuple[Path, str]:
+    path = home / file  # relative to the home (an absolute path, from older runs, stays as it is)
+    if not path.exists() or sha256_file(path) != sha256:
+        raise UserError(f"the checkpoint {path} is missing or altered; retrain with `train ... --force`", 1)
+    return path, digest
 
 
 def get_target(req: Request) -> str:

@@ -7,6 +7,7 @@ embeddings. The frozen description branch never runs here: D_s, D_t come from th
             v   = adapted vision tower on the B*T frames, mean over T
             L   = CE(exp(s) cos(v, w), y) + alpha * mean_c [2 - cos(w_c, D_s) - cos(w_c, D_t)]
         held-out accuracy -> "best" epoch; checkpoint (atomic) -> a killed run resumes here
+        after epochs 1, 6, 11, ... and the last: adapter snapshots, the epochs the authors tested
 
 Every random choice is a function of (seed, epoch, index), and the checkpoint holds the optimiser,
 scheduler and RNG states, so a resumed run ends with the same numbers as an uninterrupted one.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,9 +32,17 @@ from .labels import read_classes
 from .plots import plot_curves
 
 
+SNAPSHOT_EVERY = 5  # the authors' SAVE_FREQ: they tested after epochs 1, 6, ..., 46 and the last
+
+
+def snapshot_epochs(epochs: int) -> list[int]:
+    """1-based epochs after which the authors evaluated (and this stage keeps adapter snapshots)."""
+    return sorted({e + 1 for e in range(0, epochs, SNAPSHOT_EVERY)} | {epochs})
+
+
 class TrainStage(Stage):
     name = "train"
-    code_version = "1"
+    code_version = "2"  # 2: the authors' schedule (cosine over all steps), AdamW betas, dropped partial batch
 
     def target(self, req: Request) -> str:
         p = req.params
@@ -77,9 +85,10 @@ class Trainer:
 
         from msta.adapters import AdapterConfig
         from msta.backbone import BackboneError, load_backbone
-        from msta.data import ClipDataset
+        from msta.data import ClipDataset, epoch_steps
         from msta.model import MSTA, full_finetune
         from msta.runtime import seed_everything, set_deterministic
+        from msta.schedule import applied_factor
 
         self.p, self.device, self.rank, self.world = p, device, rank, world
         self.run_dir, self.ctx, self.key = run_dir, ctx, ctx.key
@@ -105,7 +114,8 @@ class Trainer:
             self.d_spatial, self.d_temporal = means["spatial"].to(device), means["temporal"].to(device)
         size, mean, std = backbone.image_size, backbone.mean, backbone.std
         train_items = read_frame_index(artifact_of(inputs["frames_train"]).path, ctx.home)
-        self.train_set = ClipDataset(train_items, "train", size, seed=p["seed"], mean=mean, std=std, **p["augment"])
+        self.train_set = ClipDataset(train_items, "train", size, seed=p["seed"], mean=mean, std=std,
+                                     frames=p["frames"], **p["augment"])
         self.heldout_set = None
         if "frames_heldout" in inputs:
             items = read_frame_index(artifact_of(inputs["frames_heldout"]).path, ctx.home)
@@ -115,12 +125,19 @@ class Trainer:
             raise UserError(f"--batch-size {p['batch_size']} must be a multiple of --micro-batch ({micro}) x "
                             f"processes ({world})", 2)
         self.micro, self.accum = micro, p["batch_size"] // (micro * world)
-        self.steps_per_epoch = math.ceil(len(self.train_set) / p["batch_size"])
+        # Each process drops its last partial batch, as in the authors' runs (UCF-101 K=2: 6 steps).
+        self.steps_per_epoch = epoch_steps(len(self.train_set), p["batch_size"], world)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(self.train_set)} training clips do not fill one batch of --batch-size "
+                            f"{p['batch_size']}: lower --batch-size or add videos", 2)
         groups = self.model.parameter_groups(p["lr"], p["temporal_lr_mult"])
-        self.optimizer = torch.optim.AdamW(groups, lr=p["lr"], weight_decay=p["weight_decay"])
+        # ViFi-CLIP's optimiser, which the authors' runs use: betas (0.9, 0.98), eps 1e-8.
+        self.optimizer = torch.optim.AdamW(groups, lr=p["lr"], weight_decay=p["weight_decay"], betas=(0.9, 0.98),
+                                           eps=1e-8)
         total = self.steps_per_epoch * p["epochs"]
         warmup = self.steps_per_epoch * p["warmup_epochs"]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(warmup, total, p["min_lr_ratio"]))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           applied_factor(total, warmup, p["min_lr_ratio"]))
         self.step_module = _step_module(self.model, self.class_names)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -148,8 +165,13 @@ class Trainer:
             if heldout is not None and (best is None or heldout > best["acc"]):
                 best = {"epoch": epoch + 1, "acc": heldout}
                 if self.rank == 0:
+                    from msta.fileio import safetensors_digest
+
                     self._save_weights(self.run_dir / "best.safetensors", {"epoch": str(epoch + 1)})
+                    best["digest"] = safetensors_digest(self.run_dir / "best.safetensors")
             if self.rank == 0:
+                if self.cfg is not None and epoch + 1 in snapshot_epochs(p["epochs"]):
+                    self._save_weights(self.run_dir / f"epoch_{epoch + 1}.safetensors", {"epoch": str(epoch + 1)})
                 self._record(row)
                 self._checkpoint(epoch + 1, best, history)
                 plot_curves(history, self.run_dir / "curves.png", p)
@@ -164,13 +186,24 @@ class Trainer:
         meta: dict[str, Any] = {"method": p["method"], "protocol": p["protocol"], "dataset": p["dataset"],
                                 "epochs": p["epochs"], "best_epoch": best["epoch"] if best else None,
                                 "best_heldout_acc": best["acc"] if best else None}
-        if best is not None:
-            from msta.fileio import safetensors_digest
-            from pipeline.keys import sha256_file
+        from msta.fileio import safetensors_digest
+        from pipeline.keys import sha256_file
 
-            meta["best_file"] = str(self.run_dir / "best.safetensors")
-            meta["best_sha256"] = sha256_file(self.run_dir / "best.safetensors")  # the file's integrity
-            meta["best_digest"] = safetensors_digest(self.run_dir / "best.safetensors")  # its identity
+        def described(path: Path) -> dict[str, str]:
+            # Relative to the home, so that a copied or moved home reads its own files.
+            return {"file": str(path.relative_to(self.ctx.home)), "sha256": sha256_file(path),
+                    "digest": safetensors_digest(path)}
+
+        if best is not None:
+            best_path = self.run_dir / "best.safetensors"
+            if best.get("digest") and safetensors_digest(best_path) != best["digest"]:
+                raise UserError(f"{best_path} is not the file this run saved (altered or replaced): "
+                                "retrain with --force", 1)
+            info = described(best_path)
+            meta["best_file"], meta["best_sha256"], meta["best_digest"] = info["file"], info["sha256"], info["digest"]
+        if self.cfg is not None:
+            meta["snapshots"] = {str(e): described(self.run_dir / f"epoch_{e}.safetensors")
+                                 for e in snapshot_epochs(p["epochs"])}
         final = history[-1] if history else {}
         summary = {**meta, "final_loss": final.get("loss"), "final_train_acc": final.get("train_acc"),
                    "final_heldout_acc": final.get("heldout_acc"), "curves": str(self.run_dir / "curves.png"),
@@ -187,7 +220,8 @@ class Trainer:
         p = self.p
         self.model.train()
         loader = make_loader(self.train_set, self.micro, shuffle=True, seed=p["seed"], epoch=epoch,
-                             workers=self.workers, rank=self.rank, world_size=self.world)
+                             workers=self.workers, rank=self.rank, world_size=self.world,
+                             steps=self.steps_per_epoch * self.accum)
         sums = {"loss": 0.0, "ce": 0.0, "cc": 0.0, "correct": 0.0, "seen": 0.0}
         self.optimizer.zero_grad(set_to_none=True)
         n_batches = len(loader)
@@ -281,13 +315,21 @@ class Trainer:
         atomic_write(self.run_dir / "checkpoint.pt", lambda f: f.write(buf.getvalue()))
 
     def _resume(self) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
+        """Where an earlier run of this key stopped; nothing with --force, which trains from scratch."""
         import torch
 
         path = self.run_dir / "checkpoint.pt"
         if not path.exists():
             return 0, None, []
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["key"] != self.key:
+        if self.ctx.forced:
+            self._set_aside(path, "--force trains from scratch")
+            return 0, None, []
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("key") != self.key:
+                raise ValueError("it belongs to another run")
+        except Exception as exc:  # any damage: the run must not be blocked by its own checkpoint
+            self._set_aside(path, f"it does not load ({type(exc).__name__}: {str(exc)[:200]})")
             return 0, None, []
         if self.cfg is not None:
             own = self.model.adapter_state_dict()
@@ -302,6 +344,12 @@ class Trainer:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         return int(state["epoch"]), json.loads(state["best"]), json.loads(state["history"])
+
+    def _set_aside(self, path: Path, why: str) -> None:
+        if self.rank == 0:
+            aside = path.with_name(f"{path.name}.set-aside-{int(time.time())}")
+            path.replace(aside)
+            self.ctx.echo(f"       checkpoint {path} set aside as {aside.name}: {why}; training from epoch 0")
 
     def _record(self, row: dict[str, Any]) -> None:
         with self.ctx.catalog.transaction() as con:
@@ -326,13 +374,3 @@ def _step_module(model: Any, class_names: list[str]) -> Any:
 
     return Step()
 
-
-
-def _warmup_cosine(warmup: int, total: int, floor: float) -> Any:
-    """Per-step factor: linear from 0 over `warmup` steps, then cosine down to `floor` x lr."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor

@@ -219,4 +219,8 @@ def test_readme_reproduction_recipe_dry_runs(tmp_path: Path, home: Path, shared_
     assert r.returncode == 0, r.stderr
     assert "would run frames:hmdb51:few_shot_2:train" in r.stdout and "would run embed:hmdb51:ViT-B-16" in r.stdout
     assert "train adapter on hmdb51 (few-shot) for 50 epochs, batch 32, lr 0.001, on cuda" in r.stdout
+    # The resolved config the authors' logs show for HMDB-51 K=2 (see test_authors_logs.py).
+    for line in ('template: "a photo of a {}."', "alpha: 1.0", "n_descriptions: 2", "seed: 2048",
+                 'precision: "fp32"', "frame_pool: 512", "backbone: \"ViT-B-16-quickgelu\""):
+        assert line in r.stdout, line
     assert not catalog_rows(home, "SELECT * FROM runs WHERE stage IN ('train', 'embed', 'frames')")
