@@ -29,3 +29,10 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path: Path) -> None:
     runner2 = Runner(home, {"progress": False}, echo=lambda s: None)
     assert run_demo(runner2, tmp_path / "demo", recipe, lambda s: None) == table
     assert catalog_rows(home, "SELECT count(*) FROM runs WHERE stage = 'train'") == [(5,)]
+    # Two seeds: the first seed's runs are reused, the second trains its own; cells become mean ± std,
+    # HM the HM of the mean base and mean novel.
+    two = run_demo(runner2, tmp_path / "demo", recipe, lambda s: None, seeds=2)
+    assert catalog_rows(home, "SELECT count(*) FROM runs WHERE stage = 'train'") == [(10,)]
+    msta = next(line for line in two.splitlines() if line.startswith("| MSTA    "))
+    cells = [c.strip() for c in msta.split("|")[2:-1]]
+    assert all("±" in c for c in cells[:4]) and "±" not in cells[4] and "mean ± std over 2 seeds" in two
