@@ -34,7 +34,8 @@ def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool) -> 
                                   ORDER BY target, started_at""").fetchall()
         outputs = {d for (d,) in con.execute(f"SELECT output FROM runs WHERE output IS NOT NULL {scope}").fetchall()}
         outputs |= {d for (d,) in con.execute("""
-            SELECT artifact FROM text_embedding_files UNION SELECT artifact FROM frame_index
+            SELECT artifact FROM text_embedding_files UNION SELECT artifact FROM video_embedding_files
+            UNION SELECT artifact FROM frame_index
             UNION SELECT checkpoint_digest FROM results WHERE checkpoint_digest IS NOT NULL""").fetchall()}
         artifacts = con.execute("SELECT digest, path FROM artifacts").fetchall()
         keep_paths = {p for d, p in artifacts if d in outputs}

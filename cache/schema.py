@@ -75,6 +75,22 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE frame_clips ADD COLUMN sha256 VARCHAR;
     """,
+    # 5: video embeddings of a list (the `features` stage; view video_embeddings), and what
+    #    `predict --save` keeps
+    """
+    CREATE TABLE video_embedding_files (
+        target VARCHAR PRIMARY KEY, dataset VARCHAR, list VARCHAR, model VARCHAR, selection VARCHAR,
+        backbone VARCHAR, artifact VARCHAR, path VARCHAR, dim INTEGER);
+    CREATE TABLE predictions (
+        created_at TIMESTAMP, model VARCHAR, video VARCHAR, rank INTEGER, class_id INTEGER,
+        class_name VARCHAR, prob DOUBLE, views VARCHAR, error VARCHAR);
+    CREATE VIEW video_embeddings AS
+    SELECT NULL::VARCHAR AS dataset, NULL::VARCHAR AS list, NULL::VARCHAR AS model, NULL::VARCHAR AS run_key,
+           NULL::VARCHAR AS selection, NULL::VARCHAR AS backbone, NULL::VARCHAR AS video,
+           NULL::INTEGER AS label, NULL::VARCHAR AS class_name, NULL::VARCHAR AS level, NULL::INTEGER AS view,
+           NULL::INTEGER AS clip, NULL::INTEGER AS crop, NULL::FLOAT[] AS embedding
+    WHERE false;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -12,7 +12,7 @@ import duckdb
 from .schema import EMPTY_TEXT_EMBEDDINGS
 
 # Views that read artifact files rather than tables (`msta-pipe sql` materialises them, see Catalog).
-FILE_VIEWS = ("text_embeddings",)
+FILE_VIEWS = ("text_embeddings", "video_embeddings")
 
 
 def refresh_text_embeddings(con: duckdb.DuckDBPyConnection, home: Path) -> None:
@@ -20,12 +20,24 @@ def refresh_text_embeddings(con: duckdb.DuckDBPyConnection, home: Path) -> None:
     if not files:
         con.execute(EMPTY_TEXT_EMBEDDINGS)
         return
+    con.execute("CREATE OR REPLACE VIEW text_embeddings AS " + _union(
+        files, home, "dataset, backbone, level, class_id, class_name, kind, idx, text, text_sha256"))
+
+
+def refresh_video_embeddings(con: duckdb.DuckDBPyConnection, home: Path) -> None:
+    """Called when a features run registers a file, so the view never reads none."""
+    files = con.execute("SELECT path, dim FROM video_embedding_files ORDER BY target").fetchall()
+    con.execute("CREATE OR REPLACE VIEW video_embeddings AS " + _union(
+        files, home, "dataset, list, model, run_key, selection, backbone, video, label, class_name, level, view, "
+                     "clip, crop"))
+
+
+def _union(files: list[tuple[str, int]], home: Path, columns: str) -> str:
+    """One SELECT over Parquet files (path under the home, embedding width) with `embedding` cast to FLOAT[D]."""
     dims = {d for _, d in files}
     cast = f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]"  # mixed widths cannot share one array type
-    selects = [f"""SELECT dataset, backbone, level, class_id, class_name, kind, idx, text, text_sha256,
-                          embedding::{cast} AS embedding
-                   FROM read_parquet('{_quote(home / path)}')""" for path, _ in files]
-    con.execute("CREATE OR REPLACE VIEW text_embeddings AS " + "\nUNION ALL\n".join(selects))
+    return "\nUNION ALL\n".join(f"SELECT {columns}, embedding::{cast} AS embedding "
+                                 f"FROM read_parquet('{_quote(home / path)}')" for path, _ in files)
 
 
 def _quote(path: Path) -> str:

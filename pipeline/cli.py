@@ -49,6 +49,13 @@ PRETRAINED_HELP = ("Weights: a shipped short name (synthetic-world, for --backbo
                    "[default: openai for open_clip names; a folder's own weights]")
 Backbone = Annotated[Optional[str], typer.Option("--backbone", help=BACKBONE_HELP, show_default=False)]
 Pretrained = Annotated[Optional[str], typer.Option("--pretrained", help=PRETRAINED_HELP, show_default=False)]
+FrozenBackbone = Annotated[Optional[str], typer.Option("--backbone", help="--frozen: " + BACKBONE_HELP,
+                                                       show_default=False)]
+FrozenPretrained = Annotated[Optional[str], typer.Option("--pretrained", help="--frozen: " + PRETRAINED_HELP,
+                                                         show_default=False)]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
+Precision = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16")]
+Workers = Annotated[int, typer.Option("--workers", help="Data-loading worker processes")]
 
 
 def home_dir(home: Path | None) -> Path:
@@ -188,7 +195,7 @@ def embed(
     backbone: Backbone = None,
     pretrained: Pretrained = None,
     batch_size: Annotated[int, typer.Option(help="Descriptions per forward pass")] = 256,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    device: Device = "auto",
     force: Force = False,
     dry_run: DryRun = False,
     home: Home = None,
@@ -347,7 +354,7 @@ def train(
                                  "`train` list outside the training videos, that select the best epoch")] = 2,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-identical "
                              "reruns and resumes on the CPU)")] = False,
-    workers: Annotated[int, typer.Option(help="Data-loading worker processes")] = 2,
+    workers: Workers = 2,
     steps: Annotated[int, typer.Option(help="pretrain: optimiser steps")] = 1000,
     out: Annotated[Optional[Path], typer.Option(help="pretrain: also copy the weights here", show_default=False)] = None,
     force: Force = False,
@@ -524,11 +531,11 @@ def evaluate(
     selection: Annotated[str, typer.Option(help="last, best-heldout, both, or test-max: the epoch snapshot "
                          "(epochs 1, 6, ..., last) with the best test top-1, as the authors report (labelled "
                          "test-max in results: the test list selects it, so it is optimistic)")] = "both",
-    backbone: Annotated[Optional[str], typer.Option(help="--frozen: " + BACKBONE_HELP, show_default=False)] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="--frozen: " + PRETRAINED_HELP, show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16")] = "auto",
-    workers: Annotated[int, typer.Option(help="Data-loading worker processes")] = 2,
+    backbone: FrozenBackbone = None,
+    pretrained: FrozenPretrained = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    workers: Workers = 2,
     force: Force = False,
     dry_run: DryRun = False,
     no_progress: NoProgress = False,
@@ -705,7 +712,8 @@ def sql(
     home: Home = None,
 ) -> None:
     """Query the catalog: tables runs, artifacts, classes, llm_requests, descriptions, description_failures,
-    frame_clips, frame_failures, epochs, results and views text_embeddings, frames (see README)."""
+    frame_clips, frame_failures, epochs, results, class_accuracy, predictions and views text_embeddings,
+    video_embeddings, frames (see README)."""
     import duckdb
 
     from cache.catalog import Catalog
@@ -797,6 +805,201 @@ def gc(
     for target, key in report.superseded:
         typer.echo(f"{verb} superseded run {key[:16]} of {target}")
     typer.echo(f"{verb} {report.files} files ({report.bytes / 1e6:.1f} MB) and {report.rows} catalog rows")
+
+
+def _torch_device(device: str) -> Any:
+    from msta.runtime import resolve_device
+
+    try:
+        return resolve_device(device)
+    except ValueError as exc:  # an unknown name, or CUDA asked for where there is none
+        raise UserError(str(exc), 2) from None
+
+
+@app.command()
+def predict(
+    videos: Annotated[list[Path], typer.Argument(help="Video files, or folders searched recursively for video "
+                                                      "files (.mp4, .avi, .mkv, .webm, .mov, ...)",
+                                                 show_default=False)],
+    run: Annotated[Optional[str], typer.Option(help="Key (or a unique prefix) of a training run",
+                                               show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Use the latest training run on this "
+                       "dataset; with --frozen: its class names and test views", show_default=False)] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="A model folder written by `msta-pipe export`",
+                     show_default=False)] = None,
+    frozen: Annotated[bool, typer.Option("--frozen", help="The frozen CLIP of --backbone/--pretrained (frame-mean "
+                                         "zero-shot); class names from --labels or --dataset")] = False,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="Class names to score instead of the model's "
+                      "(open vocabulary: the adapted text branch encodes them now), in any class list format: "
+                      "`id,name` CSV, labels.json, classInd.txt or one name per line", show_default=False)] = None,
+    selection: Annotated[str, typer.Option(help="--run/--dataset: the run's last or best-heldout weights")] = "last",
+    clips: Annotated[Optional[int], typer.Option(help="Temporal clips per video [default: the dataset's test "
+                     "views]", show_default=False)] = None,
+    crops: Annotated[Optional[int], typer.Option(help="Spatial crops per clip [default: the dataset's test views]",
+                     show_default=False)] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes shown per video")] = 5,
+    fmt: Annotated[str, typer.Option("--format", help="table, jsonl or csv")] = "table",
+    backbone: Annotated[Optional[str], typer.Option(help="--frozen, or --model on another copy of its backbone: "
+                        + BACKBONE_HELP, show_default=False)] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="--frozen: " + PRETRAINED_HELP + ". --model: the "
+                          "backbone weights, refused unless their sha256 is the exported one [default: the path "
+                          "recorded at export]", show_default=False)] = None,
+    decoder: Annotated[Optional[str], typer.Option(help="decord or pyav [default: decord where installed, as "
+                       "`frames` decodes]", show_default=False)] = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when any video could not be read")] = False,
+    save: Annotated[bool, typer.Option("--save", help="Also store the predictions in the catalog's "
+                                       "`predictions` table")] = False,
+    no_progress: NoProgress = False,
+    home: Home = None,
+    config: ConfigPath = None,
+) -> None:
+    """Classify your own videos with a trained run, an exported model folder or the frozen CLIP.
+
+    Every video is seen as the dataset's test views (clips x crops, as `evaluate` sees a test list)
+    and gets its top-k classes with probabilities (the per-view softmax averaged over the views). A
+    video that cannot be read is a row with its error (exit 1 with --strict). Nothing is written
+    anywhere, unless --save stores the predictions in the catalog.
+    """
+    from . import predict as p
+    from .dag import default_decoder
+    from .export import read_export
+    from .flags import COUNT, check_flags
+    from .runs import trained_run
+
+    check_flags({"clips": clips, "crops": crops, "top_k": top_k}, {"clips": COUNT, "crops": COUNT, "top_k": COUNT})
+    if fmt not in ("table", "jsonl", "csv"):
+        raise UserError("--format must be table, jsonl or csv", 2)
+    if selection not in ("last", "best-heldout"):
+        raise UserError("--selection must be last or best-heldout", 2)
+    if decoder not in (None, "decord", "pyav"):
+        raise UserError("--decoder must be decord or pyav", 2)
+    sources = [name for name, given in (("--run", run), ("--model", model), ("--frozen", frozen)) if given]
+    if len(sources) > 1 or (model is not None and dataset is not None):
+        raise UserError(f"give one model: {' and '.join(sources or ['--model', '--dataset'])} exclude each other", 2)
+    if not sources and dataset is None:
+        raise UserError("which model? give --run KEY, --dataset D (its latest run), --model DIR (an export) or "
+                        "--frozen", 2)
+    if (backbone or pretrained) and not (frozen or model is not None):
+        raise UserError("--backbone/--pretrained go with --frozen or --model; a run knows its backbone", 2)
+    if labels is not None and not labels.is_file():
+        raise UserError(f"--labels {labels}: no such file", 2)
+    # the model's files first: a wrong folder or key is told before torch loads
+    exported = read_export(model) if model is not None else None
+    tr = trained_run(make_runner(home), dataset, run) if not (frozen or model) else None
+    device, precision = _resolve_device(device, precision)
+    torch_device = _torch_device(device)
+    if model is not None:
+        clf = p.from_export(model, exported, backbone, pretrained, torch_device)
+    elif tr is None:
+        clf = p.frozen(*_backbone(backbone, pretrained), load_config(config), dataset, torch_device)
+    else:
+        clf = p.from_run(home_dir(home), load_config(config), tr, selection, torch_device)
+    if labels is not None:
+        clf = clf.with_labels(labels)
+    clf = clf.with_views(clips, crops)
+    predictions = p.predict(clf, p.find_videos(videos), top_k, decoder or default_decoder(), torch_device,
+                            precision, not no_progress)
+    if fmt == "jsonl":
+        for line in p.jsonl(predictions):
+            typer.echo(line)
+    else:
+        _print_rows(*p.rows(predictions, fmt), fmt)
+    if save:
+        with writing(home):
+            p.save(make_runner(home).catalog, clf, predictions, lambda s: typer.echo(s, err=True))
+    failed = [x for x in predictions if x.error]
+    if failed:
+        typer.echo(f"{len(failed)} of {len(predictions)} videos could not be read, e.g. {failed[0].error}", err=True)
+        if strict:
+            raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="Folder to write (new, or empty)")],
+    run: Annotated[Optional[str], typer.Option(help="Key (or a unique prefix) of the training run "
+                   "[default: the latest adapter run on --dataset]", show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Export the latest training run on this "
+                       "dataset", show_default=False)] = None,
+    selection: Annotated[str, typer.Option(help="last or best-heldout: which of the run's weights")] = "last",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (to encode the class names)")] = "auto",
+    home: Home = None,
+    config: ConfigPath = None,
+) -> None:
+    """A trained run as a self-contained folder that needs no catalog: adapters.safetensors, config.json
+    (adapter config, backbone identity and weights sha256, template, T, test views, input size, mean/std,
+    class names), class_embeddings.safetensors, recipe.json, results.json and a model card README.md.
+    `msta-pipe predict --model DIR` uses it."""
+    from .export import export_run
+    from .runs import trained_run
+
+    if selection not in ("last", "best-heldout"):
+        raise UserError("--selection must be last or best-heldout", 2)
+    if run is None and dataset is None:
+        raise UserError("which run? give --run KEY or --dataset D (its latest run)", 2)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder; choose a new one", 2)
+    runner = make_runner(home)
+    tr = trained_run(runner, dataset, run)
+    cfg = export_run(runner, load_config(config), tr, selection, out.resolve(),
+                     _torch_device(_resolve_device(device, "fp32")[0]))
+    typer.echo(f"exported run {tr.key[:16]} ({cfg['dataset']}, {cfg['protocol']}, {selection}, "
+               f"{len(cfg['classes'])} classes) to {out}")
+
+
+@app.command()
+def features(
+    dataset: Dataset,
+    list_name: Annotated[str, typer.Option("--list", help="Video list to embed (test, val, few_shot_2, ...)")],
+    run: Annotated[Optional[str], typer.Option(help="Key (or a unique prefix) of the training run "
+                   "[default: the latest adapter run on the dataset]", show_default=False)] = None,
+    frozen: Annotated[bool, typer.Option("--frozen", help="Embed with the frozen backbone")] = False,
+    selection: Annotated[str, typer.Option(help="last or best-heldout: which of the run's weights")] = "last",
+    backbone: FrozenBackbone = None,
+    pretrained: FrozenPretrained = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    workers: Workers = 2,
+    force: Force = False,
+    dry_run: DryRun = False,
+    no_progress: NoProgress = False,
+    home: Home = None,
+    config: ConfigPath = None,
+) -> None:
+    """Video embeddings of a list (frozen or adapted) to Parquet, one row per view and one per video.
+
+    The views and embeddings are the ones `evaluate` scores (the same cached test clips and crops).
+    Query them as the `video_embeddings` view, `embedding` cast to FLOAT[D], e.g. joined with
+    `text_embeddings` (see README). Cached like every stage: a rerun computes nothing.
+    """
+    from .dag import features_request
+    from .evaluation import find_run
+    from .flags import NON_NEGATIVE, check_flags
+
+    check_flags({"workers": workers}, {"workers": NON_NEGATIVE})
+    if selection not in ("last", "best-heldout"):
+        raise UserError("--selection must be last or best-heldout", 2)
+    if frozen and run is not None:
+        raise UserError("--frozen and --run exclude each other", 2)
+    if (backbone or pretrained) and not frozen:
+        raise UserError("--backbone/--pretrained go with --frozen; a run knows its backbone", 2)
+    device, precision = _resolve_device(device, precision)
+    runner = make_runner(home, progress=not no_progress)
+    model = None if frozen else find_run(runner, dataset, run)
+    if model is not None:
+        if selection == "best-heldout" and "frames_heldout" not in model.inputs:
+            raise UserError("this run had no held-out videos, so no epoch was selected: use --selection last", 2)
+        backbone, pretrained = model.params["backbone"], model.params["pretrained"] or None
+    else:
+        backbone, pretrained = _backbone(backbone, pretrained)
+    req = features_request(runner, load_config(config).dataset(dataset), list_name, model,
+                           "none" if frozen else selection, backbone, pretrained, device, precision, workers)
+    art = _materialise(runner, home, [req], force, dry_run)[0]
+    if art is not None:
+        typer.echo(f"video embeddings: {art.path} ({art.meta['dim']}-d, {art.meta['views']} views a video); "
+                   "query them as the view video_embeddings")
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:

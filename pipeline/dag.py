@@ -298,3 +298,13 @@ def evaluate_request(runner: Any, target: EvalTarget, model: Request | None, sel
               "backbone": backbone, "pretrained": pretrained or "", "template": template,
               "crops": d.video.test_crops, "device": device, "precision": precision}
     return Request("evaluate", params, inputs, {"workers": workers})
+
+
+def features_request(runner: Any, ds: Dataset, list_name: str, model: Request | None, selection: str,
+                     backbone: str, pretrained: str | None, device: str, precision: str,
+                     workers: int = 2, frame_workers: int = 2) -> Request:
+    """The video embeddings of a list, on the very clips and crops `evaluate_request` tests on."""
+    evaluation = evaluate_request(runner, EvalTarget(ds, list_name, "top1"), model, selection, backbone, pretrained,
+                                  "a video of {}.", device, precision, workers, frame_workers)
+    params = {k: v for k, v in evaluation.params.items() if k not in ("role", "template")}
+    return Request("features", params, evaluation.inputs, evaluation.locators)

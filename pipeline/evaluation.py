@@ -13,23 +13,12 @@ from .stage import Request
 def find_run(runner: Any, dataset: str, run: str | None, seed: int | None = None) -> Request:
     """The training run to evaluate: by key prefix, else the latest completed one on `dataset`
     (with training seed `seed`, when given)."""
+    from .runs import run_row
+
     if not runner.catalog.exists():
         raise UserError("no catalog yet: train a run first (msta-pipe train ...)", 2)
     with runner.catalog.reader() as con:
-        if run:
-            rows = con.execute("SELECT key, request FROM runs WHERE stage='train' AND status='done' AND key LIKE ? "
-                               "ORDER BY finished_at DESC", [run + "%"]).fetchall()
-            if len({k for k, _ in rows}) > 1:
-                raise UserError(f"--run {run} matches {len({k for k, _ in rows})} runs; give more of the key", 2)
-        else:
-            rows = con.execute("""SELECT key, request FROM runs WHERE stage='train' AND status='done'
-                                  AND params->>'dataset' IN (?, ?) AND (? IS NULL OR params->>'seed' = ?)
-                                  ORDER BY finished_at DESC LIMIT 1""",
-                               [dataset, f"{dataset}-base", seed, str(seed)]).fetchall()
-    if not rows:
-        where = f"with key {run}" if run else f"on dataset {dataset!r}" + ("" if seed is None else f" with seed {seed}")
-        raise UserError(f"no completed training run {where}: train one, pass --run KEY, or use --frozen", 2)
-    return Request.from_json(json.loads(rows[0][1]))
+        return Request.from_json(json.loads(run_row(con, dataset, run, seed)["request"]))
 
 
 def targets_for(config: Any, dataset: str, list_name: str | None, protocol: str | None) -> list[EvalTarget]:

@@ -139,5 +139,71 @@ def render(catalog: Any, fmt: str = "markdown", authors_logs: list[Any] | None =
             out.append(f"| {protocol} | {dataset} | {name} | {sel} | {_pct(m['top1'])} | {_pct(m['top5'])} | "
                        f"{'' if paper is None else f'{paper:.1f}'} |")
         out.append("")
+    out += confusion_section(catalog)
     out += authors
     return "\n".join(out) if out else "no results yet"
+
+
+CONFUSED_PAIRS = 5  # per evaluation
+
+
+def confusion_section(catalog: Any) -> list[str]:
+    """Per evaluation, the class pairs most often confused (true -> predicted, with counts) and, where the
+    dataset's descriptions are embedded for the backbone, every description of the predicted class with
+    its mean cosine to those videos, closest first: what the model matched."""
+    from collections import Counter
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    with catalog.reader() as con:
+        evals = con.execute("""SELECT DISTINCT r.run_key, r.dataset, r.split, r.selection, a.path,
+                                      e.params->>'backbone', t.params
+                               FROM results r JOIN runs e ON e.key = r.eval_key AND e.status = 'done'
+                               JOIN artifacts a ON a.digest = e.output
+                               LEFT JOIN runs t ON t.key = r.run_key AND t.status = 'done'
+                               WHERE r.selection NOT LIKE 'epoch:%'
+                               ORDER BY r.dataset, r.split, r.run_key, r.selection""").fetchall()
+        names = {(d, c): n for d, c, n in con.execute("SELECT dataset, class_id, name FROM classes").fetchall()}
+        embedded = {(d, b): p for d, b, p in
+                    con.execute("SELECT dataset, backbone, path FROM text_embedding_files").fetchall()}
+        # the LLM's phrase says what a description adds; its sentence frame is shared by a whole kind
+        phrases = {tuple(k): ph for *k, ph in
+                   con.execute("SELECT dataset, class_id, kind, idx, phrase FROM descriptions").fetchall()}
+    out: list[str] = []
+    for run_key, dataset, split, sel, path, backbone, params in evals:
+        if not (catalog.home / path).exists():
+            continue  # collected or moved: the results table still holds its numbers
+        table = pq.read_table(catalog.home / path)
+        label, pred = (table[c].to_numpy() for c in ("label", "pred"))
+        wrong = label != pred
+        top = sorted(Counter(zip(label[wrong].tolist(), pred[wrong].tolist())).items(),
+                     key=lambda kv: (-kv[1], kv[0]))[:CONFUSED_PAIRS]
+        out += [f"### {dataset}:{split}, {variant(json.loads(params) if params else None)} "
+                f"(run {run_key[:16]}, {sel})", ""]
+        if not top:
+            out += ["No video was misclassified.", ""]
+            continue
+        descriptions = None
+        if "embedding" in table.column_names and (dataset, backbone) in embedded:
+            descriptions = pq.read_table(catalog.home / embedded[(dataset, backbone)],
+                                         filters=[("level", "=", "description")]).to_pylist()
+            videos = table["embedding"].combine_chunks().flatten().to_numpy().reshape(len(table), -1)
+        out += ["| true class | predicted as | videos | descriptions of the predicted class, closest to these "
+                "videos first (mean cosine) |", "|---|---|---|---|"]
+        for (t, p), count in top:
+            matched = "-"
+            own = [d for d in descriptions or [] if d["class_id"] == p]
+            if own:
+                cosines = videos[(label == t) & (pred == p)] @ np.asarray([d["embedding"] for d in own]).T
+                ranked = sorted(zip(cosines.mean(0).tolist(), own), key=lambda x: -x[0])
+                matched = "; ".join(f"{c:.3f} \"{_short(phrases.get((dataset, p, d['kind'], d['idx']), d['text']))}\" "
+                                    f"({d['kind']})" for c, d in ranked)
+            out.append(f"| {names.get((dataset, t), t)} | {names.get((dataset, p), p)} | {count} | {matched} |")
+        out.append("")
+    return ["## Most confused classes (true -> predicted, per evaluation)", "", *out] if out else []
+
+
+def _short(text: str, limit: int = 70) -> str:
+    text = text.replace("|", "/").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -145,6 +145,7 @@ STAGES: dict[str, str] = {
     "pretrain": "stages.pretrain:PretrainStage",
     "train": "stages.train:TrainStage",
     "evaluate": "stages.evaluate:EvaluateStage",
+    "features": "stages.features:FeaturesStage",
 }
 
 _instances: dict[str, Stage] = {}

@@ -2,30 +2,29 @@
 
 Each video is seen as clips x crops views; per-view softmax probabilities are summed and the
 class with the largest sum wins (MSTA.md section 3). Writes top-1/top-5 rows to `results`,
-per-class accuracy to `class_accuracy`, the predictions as Parquet, and a confusion-matrix PNG.
+per-class accuracy to `class_accuracy`, the predictions as Parquet (with each video's embedding,
+which `report` matches against the class descriptions), and a confusion-matrix PNG.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cache.catalog import insert_rows, utcnow
-from pipeline.errors import UserError
-from pipeline.keys import sha256_file
 from pipeline.runner import Context
 from pipeline.stage import Artifact, Output, Request, Resolved, Stage, artifact_of
 
 from .frames import read_frame_index
 from .labels import read_classes
 from .plots import plot_confusion
+from .trained import model_on_device
 
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    code_version = "1"
+    code_version = "2"  # 2: predictions hold the video's path in its list and its embedding
 
     def target(self, req: Request) -> str:
         p = req.params
@@ -36,18 +35,13 @@ class EvaluateStage(Stage):
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         import torch
 
-        from msta.backbone import BackboneError, load_backbone
         from msta.data import ClipDataset, make_loader
-        from msta.runtime import autocast, resolve_device
+        from msta.inference import embed_views, video_embedding, view_scores
+        from msta.runtime import autocast
 
         p = req.params
-        device = resolve_device(p["device"])
-        try:
-            backbone = load_backbone(p["backbone"], p["pretrained"] or None, device=device)
-        except BackboneError as exc:
-            raise UserError(str(exc), 2) from None
-        model, run_key, checkpoint, protocol = self._model(backbone, inputs.get("model"), p, ctx.home)
-        model.to(device).eval()
+        model, backbone, device, run_key, checkpoint, protocol = model_on_device(p, inputs.get("model"),
+                                                                                 p["template"], ctx.home)
         classes = read_classes(artifact_of(inputs["classes"]))
         names = [name for _, _, name in classes]
         items = read_frame_index(artifact_of(inputs["frames"]).path, ctx.home)
@@ -56,15 +50,15 @@ class EvaluateStage(Stage):
                              workers=int(req.locators.get("workers", 0)))
         from tqdm import tqdm
 
-        scores = []
+        scores, embeddings = [], []
         with torch.no_grad(), autocast(device, p["precision"]):
             class_emb = model.encode_classes(names)
             for batch, _labels in tqdm(loader, desc=f"evaluate {p['dataset']}:{p['list']}", unit="batch",
                                        disable=not ctx.option("progress", True)):
-                b, v = batch.shape[:2]
-                probs = model.logits(model.encode_video(batch.to(device).flatten(0, 1)), class_emb).float().softmax(-1)
-                scores.append(probs.view(b, v, -1).sum(1).cpu())
-        score = torch.cat(scores)
+                view_emb = embed_views(model, batch.to(device))
+                scores.append(view_scores(model, view_emb, class_emb).cpu())
+                embeddings.append(video_embedding(view_emb).cpu())
+        score, embedding = torch.cat(scores), torch.cat(embeddings)
         labels = torch.tensor([label for _, label in items])
         top5 = score.topk(min(5, len(names)), dim=-1).indices
         pred = top5[:, 0]
@@ -76,9 +70,11 @@ class EvaluateStage(Stage):
         run_dir = ctx.store.run_dir(ctx.key)
         run_dir.mkdir(parents=True, exist_ok=True)
         plot_confusion(labels, pred, names, run_dir / "confusion.png", f"{p['dataset']}:{p['list']} ({run_key[:24]})")
-        table = pa.table({"video": [Path(path).name for path, _ in items], "label": labels.tolist(),
+        videos = pq.read_table(artifact_of(inputs["frames"]).path, columns=["video"])["video"]  # in list order
+        table = pa.table({"video": videos, "label": labels.tolist(),
                           "pred": pred.tolist(), "top5": top5.tolist(),
-                          "true_score": score.gather(1, labels[:, None]).squeeze(1).tolist()})
+                          "true_score": score.gather(1, labels[:, None]).squeeze(1).tolist(),
+                          "embedding": pa.array(embedding.tolist(), pa.list_(pa.float32(), embedding.shape[1]))})
         values = {**metrics, **({p["role"]: metrics["top1"]} if p["role"] in ("base", "novel") else {})}
         rows = [{"run_key": run_key, "protocol": protocol, "dataset": p["dataset"], "split": p["list"], "metric": name,
                  "value": value, "views": view_text, "checkpoint_digest": checkpoint, "selection": p["selection"],
@@ -100,51 +96,9 @@ class EvaluateStage(Stage):
                       summary={"run_key": run_key, **metrics, "videos": len(items), "views": view_text,
                                "confusion": str(run_dir / "confusion.png")})
 
-    def _model(self, backbone: Any, model_art: Resolved | None, p: Mapping[str, Any],
-               home: Path) -> tuple[Any, str, str, str]:
-        """(model, run key, checkpoint digest, protocol) for the frozen CLIP or a trained run: its last
-        weights, its best-heldout epoch, or the snapshot of one epoch (`epoch:N`)."""
-        from msta.model import MSTA, VideoCLIP, read_adapter_info
-
-        if model_art is None:
-            return VideoCLIP(backbone, p["template"]), f"frozen:{p['backbone']}", backbone.identity.weights_digest, "zero-shot"
-        art = artifact_of(model_art)
-        path, checkpoint = art.path, art.digest
-        if p["selection"] == "best-heldout":
-            if not art.meta.get("best_file"):
-                raise UserError("this run had no held-out videos, so it has no best-heldout checkpoint; "
-                                "evaluate --selection last", 2)
-            path, checkpoint = _checked(home, art.meta["best_file"], art.meta["best_sha256"], art.meta["best_digest"])
-        elif p["selection"].startswith("epoch:"):
-            snapshot = art.meta.get("snapshots", {}).get(p["selection"].removeprefix("epoch:"))
-            if snapshot is None:
-                raise UserError(f"this run kept no snapshot of {p['selection']} (snapshots: "
-                                f"{', '.join(art.meta.get('snapshots', {})) or 'none'})", 2)
-            path, checkpoint = _checked(home, snapshot["file"], snapshot["sha256"], snapshot["digest"])
-        if art.kind == "adapters":
-            info = read_adapter_info(path)
-            model = MSTA(backbone, info.config, p["template"])
-            extra = model.load_adapters(path)
-            return model, extra.get("run_key", art.digest), checkpoint, extra.get("protocol", "")
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        model = VideoCLIP(backbone, p["template"])
-        model.clip.load_state_dict(load_file(str(path)))
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return model, meta.get("run_key", art.digest), checkpoint, meta.get("protocol", "")
-
     def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
         p = req.params
         return f"evaluate on {p['dataset']}:{p['list']} ({p['selection']})"
-
-
-def _checked(home: Path, file: str, sha256: str, digest: str) -> tuple[Path, str]:
-    path = home / file  # relative to the home (an absolute path, from older runs, stays as it is)
-    if not path.exists() or sha256_file(path) != sha256:
-        raise UserError(f"the checkpoint {path} is missing or altered; retrain with `train ... --force`", 1)
-    return path, digest
 
 
 def get_target(req: Request) -> str:

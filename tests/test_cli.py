@@ -12,7 +12,7 @@ import pytest
 from .conftest import ROOT, cli_env, run_cli
 
 COMMANDS = ["describe", "embed", "frames", "train", "evaluate", "report", "params", "synth", "status", "sql", "gc",
-            "demo"]
+            "demo", "predict", "export", "features"]
 
 
 def test_help_imports_nothing_heavy() -> None:

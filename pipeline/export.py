@@ -1,0 +1,164 @@
+"""`msta-pipe export`: a trained run as a self-contained folder that needs no catalog, and the
+reader `predict --model` uses.
+
+    adapters.safetensors          the run's chosen weights, byte for byte (--selection last|best-heldout)
+    config.json                   adapter config, backbone identity and weights sha256, template, T,
+                                  test views, input size, mean/std, class names
+    class_embeddings.safetensors  the class prompts through the adapted text branch, (C, D)
+    recipe.json                   the run's parameters; results.json its rows of `results`
+    README.md                     the model card
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .runs import TrainedRun
+
+EXPORT_FORMAT = "msta-export/1"
+FILES = ("config.json", "adapters.safetensors", "class_embeddings.safetensors", "recipe.json", "results.json",
+         "README.md")
+
+
+def dataset_views(config: Any, dataset: str, frames: int) -> dict[str, int]:
+    """The test views a dataset's evaluation uses (MSTA.md section 3), with the run's T."""
+    video = config.dataset(dataset).video
+    return {"frames": frames, "test_clips": video.test_clips, "test_crops": video.test_crops,
+            "test_short_side": video.test_short_side}
+
+
+def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Path, device: Any) -> dict[str, Any]:
+    """Write the folder (atomically: built beside `out`, then renamed); returns its config."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cache.catalog import rows_as_dicts
+    from msta.backbone import BackboneError, load_backbone
+    from stages.trained import adapted_model, selected_weights
+
+    p = tr.params
+    if tr.artifact.kind != "adapters":
+        raise UserError(f"run {tr.key[:16]} is a {p['method']} fine-tune: its weights are a whole CLIP "
+                        f"({tr.artifact.path}), not adapters; export packs adapter runs", 2)
+    weights, checkpoint = selected_weights(tr.artifact, selection, runner.home)
+    views = dataset_views(config, p["dataset"], p["frames"])
+    try:
+        backbone = load_backbone(p["backbone"], p["pretrained"] or None, device=device)
+    except BackboneError as exc:
+        raise UserError(str(exc), 2) from None
+    model, extra = adapted_model(backbone, weights, p["template"])
+    names = [name for _, _, name in tr.classes]
+    with torch.no_grad():
+        class_emb = model.to(device).eval().encode_classes(names).float().cpu().contiguous()
+    with runner.catalog.reader() as con:
+        results = rows_as_dicts(con, "SELECT dataset, split, metric, value, views, selection, checkpoint_digest "
+                                     "FROM results WHERE run_key = ? ORDER BY dataset, split, selection, metric",
+                                [tr.key])
+    identity = backbone.identity
+    cfg = {"format": EXPORT_FORMAT, "run_key": tr.key, "dataset": p["dataset"], "protocol": p["protocol"],
+           "selection": selection, "epoch": extra.get("epoch"), "checkpoint_digest": checkpoint,
+           "backbone": {"model": p["backbone"], "pretrained": p["pretrained"], "identity": identity.name,
+                        "weights_sha256": identity.weights_digest, "tokenizer": identity.tokenizer},
+           "adapter": model.cfg.to_dict(), "template": p["template"], **views,
+           "input_size": backbone.image_size, "mean": list(backbone.mean), "std": list(backbone.std),
+           "classes": [{"id": cid, "name": name} for cid, _, name in tr.classes]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copyfile(weights, tmp / "adapters.safetensors")
+        save_file({"embeddings": class_emb}, str(tmp / "class_embeddings.safetensors"),
+                  metadata={"classes": json.dumps(names), "template": p["template"]})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+        (tmp / "recipe.json").write_text(json.dumps({"params": p, "inputs": tr.inputs}, indent=1) + "\n")
+        (tmp / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (tmp / "README.md").write_text(model_card(cfg, p, results, sum(t.numel() for t in
+                                                                       model.adapter_state_dict().values())))
+        if out.exists():
+            out.rmdir()  # fails unless empty: an export never replaces files
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cfg
+
+
+def read_export(folder: Path) -> dict[str, Any]:
+    """config.json of an exported folder, once every file it needs is there."""
+    if not folder.is_dir():
+        raise UserError(f"--model {folder}: no such folder (make one with `msta-pipe export --run KEY --out DIR`)", 2)
+    missing = [f for f in ("config.json", "adapters.safetensors") if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"--model {folder} is not an exported model: {', '.join(missing)} missing "
+                        "(make one with `msta-pipe export --run KEY --out DIR`)", 2)
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{folder / 'config.json'}: not readable JSON ({exc})", 2) from None
+    if not isinstance(cfg, dict) or cfg.get("format") != EXPORT_FORMAT:
+        got = cfg.get("format") if isinstance(cfg, dict) else None
+        raise UserError(f"{folder / 'config.json'}: format {got!r}, expected {EXPORT_FORMAT!r}", 2)
+    absent = [k for k in _NEEDED if k not in cfg] + [f"backbone.{k}" for k in _NEEDED_BACKBONE
+                                                     if k not in (cfg.get("backbone") or {})]
+    if absent:
+        raise UserError(f"{folder / 'config.json'}: {', '.join(absent)} missing", 2)
+    return cfg
+
+
+_NEEDED = ("backbone", "template", "classes", "frames", "test_clips", "test_crops", "test_short_side")
+_NEEDED_BACKBONE = ("model", "pretrained", "identity", "weights_sha256")
+
+
+def model_card(cfg: dict[str, Any], p: dict[str, Any], results: list[dict[str, Any]], parameters: int) -> str:
+    from .report import variant
+
+    b = cfg["backbone"]
+    names = ", ".join(c["name"] for c in cfg["classes"][:12]) + (", ..." if len(cfg["classes"]) > 12 else "")
+    recipe = ["protocol", "shots", "split_seed", "seed", "epochs", "lr", "temporal_lr_mult", "weight_decay",
+              "warmup_epochs", "batch_size", "frames", "frame_pool", "alpha", "n_descriptions", "template",
+              "precision", "device"]
+    rows = [f"| {r['dataset']} | {r['split']} | {r['metric']} | {r['selection']} | {r['views']} | "
+            f"{100 * r['value']:.1f} |" for r in results]
+    return "\n".join([
+        f"# {variant(p)} on {cfg['dataset']} ({cfg['protocol']})", "",
+        f"MSTA adapters ({parameters:,} trainable parameters, adapter config `{json.dumps(cfg['adapter'])}`) for "
+        f"the frozen CLIP `{b['identity']}` (weights `{b['pretrained'] or 'random init'}`, sha256 "
+        f"`{b['weights_sha256']}`). They classify a video into the {len(cfg['classes'])} classes of "
+        f"{cfg['dataset']} ({names}), or into any class names you give: the adapted text branch encodes them.",
+        "", f"Exported by msta-pipe from training run `{cfg['run_key']}`, selection `{cfg['selection']}` "
+        f"(epoch {cfg['epoch']}, checkpoint digest `{cfg['checkpoint_digest']}`).", "",
+        "## How it was trained", "",
+        "| parameter | value |", "|---|---|",
+        *[f"| {k} | {json.dumps(p.get(k))} |" for k in recipe if k in p],
+        "", "Every parameter and the digests of the training inputs are in `recipe.json`.", "",
+        "## Results (top-1 / top-5 as %, multi-view test)", "",
+        *(["| dataset | split | metric | selection | views | value |", "|---|---|---|---|---|---|", *rows]
+          if rows else ["No evaluation of this run was recorded before the export (`msta-pipe evaluate`)."]),
+        "", "## Test views", "",
+        f"T = {cfg['frames']} frames per clip, {cfg['test_clips']} clips x {cfg['test_crops']} crops, short side "
+        f"{cfg['test_short_side']} px, input {cfg['input_size']} px; per-view softmax summed over the views.", "",
+        "## How to use it", "", "```bash",
+        "msta-pipe predict --model THIS_FOLDER --pretrained /path/to/backbone-weights videos/",
+        "msta-pipe predict --model THIS_FOLDER --pretrained /path/to/backbone-weights --labels my_classes.txt clip.mp4",
+        "```", "",
+        "`predict` refuses backbone weights whose sha256 differs from the one above. In Python:", "",
+        "```python", "import json", "from msta.backbone import load_backbone",
+        "from msta.model import MSTA, read_adapter_info", "",
+        "cfg = json.load(open('THIS_FOLDER/config.json'))",
+        "backbone = load_backbone(cfg['backbone']['model'], '/path/to/backbone-weights')",
+        "model = MSTA(backbone, read_adapter_info('THIS_FOLDER/adapters.safetensors').config, cfg['template']).eval()",
+        "model.load_adapters('THIS_FOLDER/adapters.safetensors')  # checks the backbone's name and weights",
+        "logits = model(frames, [c['name'] for c in cfg['classes']])  # frames: (B, T, 3, H, W), normalised",
+        "```", "",
+        "## Files", "",
+        "| file | holds |", "|---|---|",
+        "| adapters.safetensors | the adapter weights (their config and backbone identity in its metadata) |",
+        "| config.json | adapter config, backbone identity and weights sha256, template, T, test views, input "
+        "size, mean/std, class names |",
+        "| class_embeddings.safetensors | `embeddings` (C, D): the class prompts through the adapted text branch |",
+        "| recipe.json | the training run's parameters and input digests |",
+        "| results.json | the run's rows of the `results` table |", ""])

@@ -1,0 +1,226 @@
+"""`msta-pipe predict`: classify video files with a trained run, an exported model folder or the
+frozen CLIP. A read-only consumer of artifacts: nothing is written unless `--save` asks.
+
+Each video is decoded and sampled as the `frames` stage samples a test list, cropped and scored as
+the evaluate stage scores it (msta/inference.py); the probabilities shown are the per-view softmax
+averaged over the views. A video that cannot be read is a row with its error, never a crash.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .export import dataset_views
+from .runs import TrainedRun
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ogv")
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A video model ready to predict, the classes it scores and the views it looks at."""
+    model: Any
+    backbone: Any
+    class_ids: list[int]
+    class_names: list[str]
+    views: dict[str, int]  # frames, test_clips, test_crops, test_short_side
+    name: str  # the model's identity in the output and in `predictions`: run key, folder or frozen:BACKBONE
+
+    def with_labels(self, path: Path) -> Classifier:
+        """Open vocabulary: the class names of a label file, encoded by this model's text branch."""
+        from .labels import read_class_list
+
+        classes = read_class_list(path)
+        return replace(self, class_ids=[c.class_id for c in classes], class_names=[c.name for c in classes])
+
+    def with_views(self, clips: int | None, crops: int | None) -> Classifier:
+        views = {**self.views, **({"test_clips": clips} if clips else {}), **({"test_crops": crops} if crops else {})}
+        return replace(self, views=views)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    video: str
+    top: list[tuple[int, str, float]]  # (class id, class name, probability), best first
+    error: str = ""
+
+
+def _backbone(name: str, pretrained: str | None, device: Any) -> Any:
+    from msta.backbone import BackboneError, load_backbone
+
+    try:
+        return load_backbone(name, pretrained or None, device=device)
+    except BackboneError as exc:
+        raise UserError(str(exc), 2) from None
+
+
+def from_run(home: Path, config: Any, tr: TrainedRun, selection: str, device: Any) -> Classifier:
+    """A training run with the class list and T it trained with, and its dataset's test views."""
+    from stages.trained import load_model
+
+    p = tr.params
+    views = dataset_views(config, p["dataset"], p["frames"])
+    backbone = _backbone(p["backbone"], p["pretrained"], device)
+    model, _, _, _ = load_model(backbone, tr.artifact, selection, p["template"], home, p["backbone"])
+    return Classifier(model.to(device).eval(), backbone, [c for c, _, _ in tr.classes],
+                      [name for _, _, name in tr.classes], views, f"{tr.key}:{selection}")
+
+
+def from_export(folder: Path, cfg: dict[str, Any], backbone: str | None, pretrained: str | None,
+                device: Any) -> Classifier:
+    """An exported folder (`cfg`: its config.json, see read_export) on backbone weights whose sha256 must
+    be the one it was trained on."""
+    from msta.backbone import RANDOM_INIT
+    from msta.registry import BackboneError, canonical_backbone, weights_file
+    from stages.trained import adapted_model
+
+    from .keys import sha256_file
+
+    b = cfg["backbone"]
+    given = "--pretrained " + pretrained if pretrained else f"the exported {b['pretrained'] or 'random init'}"
+    try:
+        name, weights = canonical_backbone(backbone or b["model"], b["pretrained"] if pretrained is None else pretrained)
+        path = weights_file(name, weights)
+    except BackboneError as exc:
+        raise UserError(str(exc), 2) from None
+    # Compared before loading, so that weights of another architecture are named as such, not as a shape error.
+    if path is not None or not weights:
+        _same_weights(folder, b, sha256_file(path) if path is not None else RANDOM_INIT, given)
+    loaded = _backbone(name, weights, device)
+    _same_weights(folder, b, loaded.identity.weights_digest, given)
+    try:
+        model, _ = adapted_model(loaded, folder / "adapters.safetensors", cfg["template"])
+    except BackboneError as exc:  # a damaged adapter file, or one that does not fit the backbone
+        raise UserError(str(exc), 2) from None
+    views = {k: int(cfg[k]) for k in ("frames", "test_clips", "test_crops", "test_short_side")}
+    classes = cfg["classes"]
+    return Classifier(model.to(device).eval(), loaded, [c["id"] for c in classes], [c["name"] for c in classes],
+                      views, str(folder))
+
+
+def _same_weights(folder: Path, b: dict[str, Any], got: str, given: str) -> None:
+    if got != b["weights_sha256"]:
+        raise UserError(f"{folder} was trained on {b['identity']} weights with sha256 {b['weights_sha256']}, but "
+                        f"{given} has sha256 {got}: pass the same weights with --pretrained", 2)
+
+
+def frozen(backbone: str, pretrained: str | None, config: Any, dataset: str | None, device: Any) -> Classifier:
+    """The frozen CLIP (frame-mean zero-shot); `dataset` gives the class names and test views."""
+    from msta.model import DEFAULT_TEMPLATE, VideoCLIP
+
+    from .datasets import VideoSettings
+    from .labels import read_class_list
+
+    loaded = _backbone(backbone, pretrained, device)
+    ds = config.dataset(dataset) if dataset else None
+    video = ds.video if ds else VideoSettings()
+    classes = read_class_list(ds.require_labels()) if ds else []
+    views = {"frames": video.frames, "test_clips": video.test_clips, "test_crops": video.test_crops,
+             "test_short_side": video.test_short_side}
+    return Classifier(VideoCLIP(loaded, DEFAULT_TEMPLATE).to(device).eval(), loaded, [c.class_id for c in classes],
+                      [c.name for c in classes], views, f"frozen:{backbone}")
+
+
+def find_videos(paths: Iterable[Path]) -> list[Path]:
+    """Files as given (a non-video file becomes an error row), folders searched recursively for video files."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+            found += inside or [path]  # an empty folder stays, to be reported as such
+        else:
+            found.append(path)
+    return found
+
+
+def predict(clf: Classifier, videos: list[Path], top_k: int, decoder: str, device: Any, precision: str,
+            progress: bool) -> list[Prediction]:
+    import torch
+    from tqdm import tqdm
+
+    from msta.inference import embed_views, video_views, view_scores
+    from msta.runtime import autocast
+    from msta.video import Sampling
+
+    if not clf.class_names:
+        raise UserError("no class names to score: give --labels FILE (or --dataset D with --frozen)", 2)
+    v = clf.views
+    sampling = Sampling("test", frames=v["frames"], clips=v["test_clips"], short_side=v["test_short_side"])
+    b = clf.backbone
+    out = []
+    with torch.no_grad(), autocast(device, precision):
+        class_emb = clf.model.encode_classes(clf.class_names)
+        for video in tqdm(videos, desc="predict", unit="video", disable=not progress):
+            error = _unreadable(video)
+            if not error:
+                try:
+                    views = video_views(video, sampling, b.image_size, v["test_crops"], b.mean, b.std, decoder)
+                except Exception as exc:  # a broken file is a row of the output, whatever the decoder raised
+                    error = _message(video, exc)
+            if error:
+                out.append(Prediction(str(video), [], error))
+                continue
+            probs = view_scores(clf.model, embed_views(clf.model, views[None].to(device)), class_emb)[0]
+            probs = probs / views.shape[0]  # summed over views -> their mean: a distribution over the classes
+            top = probs.topk(min(top_k, len(clf.class_names)))
+            out.append(Prediction(str(video), [(clf.class_ids[i], clf.class_names[i], float(p))
+                                               for p, i in zip(top.values.tolist(), top.indices.tolist())]))
+    return out
+
+
+def _unreadable(path: Path) -> str:
+    if not path.exists():
+        return f"{path}: no such file or folder"
+    if path.is_dir():
+        return f"{path}: no video files ({' '.join(VIDEO_SUFFIXES)}) in this folder"
+    return ""
+
+
+def _message(path: Path, exc: Exception) -> str:
+    from msta.video import VideoError
+
+    if isinstance(exc, VideoError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{path}: {exc.strerror or exc}"
+    return f"{path}: {type(exc).__name__}: {exc}"
+
+
+def rows(predictions: list[Prediction], fmt: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Column names and rows for `table` (one row per video) or `csv` (one row per video and rank)."""
+    if fmt == "csv":
+        out: list[tuple[Any, ...]] = []
+        for p in predictions:
+            out += [(p.video, r + 1, cid, name, round(prob, 6), "") for r, (cid, name, prob) in enumerate(p.top)]
+            out += [(p.video, None, None, None, None, p.error)] if p.error else []
+        return ["video", "rank", "class_id", "class", "prob", "error"], out
+    return (["video", "class", "prob", "next", "error"],
+            [("..." + p.video[-57:] if len(p.video) > 60 else p.video,  # the table cuts cells at 60: keep the name
+              p.top[0][1] if p.top else "", f"{p.top[0][2]:.4f}" if p.top else "",
+              ", ".join(f"{name} {prob:.3f}" for _, name, prob in p.top[1:]), p.error) for p in predictions])
+
+
+def jsonl(predictions: list[Prediction]) -> Iterable[str]:
+    for p in predictions:
+        yield json.dumps({"video": p.video, "error": p.error} if p.error else
+                         {"video": p.video, "top": [{"class_id": cid, "class": name, "prob": round(prob, 6)}
+                                                    for cid, name, prob in p.top]})
+
+
+def save(catalog: Any, clf: Classifier, predictions: list[Prediction], echo: Callable[[str], None]) -> None:
+    """`--save`: the predictions into the catalog's `predictions` table."""
+    from cache.catalog import insert_rows, utcnow
+
+    now, views = utcnow(), f"{clf.views['test_clips']}x{clf.views['test_crops']}"
+    records = [{"created_at": now, "model": clf.name, "video": p.video, "rank": r + 1, "class_id": cid,
+                "class_name": name, "prob": prob, "views": views, "error": None}
+               for p in predictions for r, (cid, name, prob) in enumerate(p.top)]
+    records += [{"created_at": now, "model": clf.name, "video": p.video, "rank": None, "class_id": None,
+                 "class_name": None, "prob": None, "views": views, "error": p.error} for p in predictions if p.error]
+    with catalog.transaction() as con:
+        insert_rows(con, "predictions", records)
+    echo(f"saved {len(records)} rows to the predictions table of {catalog.path}")
