@@ -117,16 +117,34 @@ class AdapterState:
 
 
 class TemporalConv(nn.Module):
-    """Depthwise Conv1d (kernel 3, padding 1) over the T frames of each clip, at every token position."""
+    """Depthwise Conv1d (kernel 3, padding 1) over the T frames of each clip, at every token position.
 
-    def __init__(self, channels: int):
+    Tokens come frame-batched, (B*T, N, C), from an image CLIP; or `joint`, one sequence per clip,
+    (B, 1 + N*T, C) = [CLS] + N patches x T frames in (n t) order, from a video CLIP (ViCLIP). There
+    the clip's one CLS token has no time axis: it is convolved as a sequence of one step (the centre
+    tap and the bias), which is what every token of a one-frame clip gets on an image CLIP.
+    """
+
+    def __init__(self, channels: int, joint: bool = False):
         super().__init__()
         self.conv = nn.Conv1d(channels, channels, kernel_size=3, padding=1, groups=channels, bias=True)
+        self.joint = joint
         # Zero init: the branch starts as a no-op, so the model at init is the image adapter.
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 
+    def _joint(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        b, length, c = x.shape
+        if (length - 1) % num_frames:
+            raise ValueError(f"{length - 1} patch tokens do not split into clips of {num_frames} frames")
+        n = (length - 1) // num_frames
+        patches = self.conv(x[:, 1:].reshape(b * n, num_frames, c).transpose(1, 2))  # (B*N, C, T)
+        cls = self.conv(x[:, :1].transpose(1, 2))                                      # (B, C, 1)
+        return torch.cat([cls.transpose(1, 2), patches.transpose(1, 2).reshape(b, n * num_frames, c)], dim=1)
+
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        if self.joint:
+            return self._joint(x, num_frames)
         bt, n, c = x.shape  # frames batched: (B*T, N, C)
         if bt % num_frames:
             raise ValueError(f"{bt} frames do not split into clips of {num_frames} frames")
@@ -153,6 +171,7 @@ class TowerAdapter(nn.Module):
         shared: nn.Linear,
         state: AdapterState,
         temporal_branch: str | None = None,  # None: no temporal conv (text, or temporal=False)
+        joint_frames: bool = False,          # tokens of a clip in one sequence (see TemporalConv)
     ):
         super().__init__()
         self.down = _kaiming_linear(width, dim)
@@ -161,7 +180,7 @@ class TowerAdapter(nn.Module):
         self.temporal_branch = temporal_branch
         self.temporal = None
         if temporal_branch is not None:
-            self.temporal = TemporalConv(dim if temporal_branch == "bottleneck" else width)
+            self.temporal = TemporalConv(dim if temporal_branch == "bottleneck" else width, joint_frames)
         self.state = state
 
     def _frames(self) -> int:
@@ -382,7 +401,8 @@ def attach_adapters(model: nn.Module, cfg: AdapterConfig) -> AttachedAdapters:
                 shared = _kaiming_linear(cfg.dim, cfg.dim)
                 handle.shared[j].append(shared)
             temporal = cfg.temporal_branch if (tower == "vision" and cfg.temporal) else None
-            out[j] = TowerAdapter(transformer.width, cfg.dim, shared, state, temporal)
+            joint = getattr(transformer, "joint_frames", False)  # a video CLIP's vision tower (msta/viclip.py)
+            out[j] = TowerAdapter(transformer.width, cfg.dim, shared, state, temporal, joint)
     for adapter in handle.modules():
         adapter.to(device=ref.device, dtype=ref.dtype)
 

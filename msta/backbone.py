@@ -8,6 +8,9 @@ Weights come from (in the order `load_backbone` tries them):
 - an open_clip pretrained tag, only when its file is already in the local HF or open_clip cache:
   nothing is ever downloaded (the machines this project is built on have no internet, and a
   network wait that ends in an error is worse than an immediate, actionable message).
+
+A `ViCLIP-*` name (InternVid's video CLIP, msta/viclip.py) is built by that module and takes its
+released checkpoint file (or a folder holding it), or random init.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msta import viclip
 from msta.adapters import AdapterConfig, adapters_disabled, text_transformer, vision_transformer
 from msta.registry import (
     CHECKPOINT_SUFFIXES,
@@ -68,7 +72,7 @@ class BackboneIdentity:
 
 
 def known_models() -> list[str]:
-    return open_clip.list_models()
+    return open_clip.list_models() + list(viclip.CONFIGS)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -193,8 +197,10 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         if "TorchScript" in str(e):
             raise BackboneError(f"{path}: a TorchScript archive cannot be loaded safely. {convert}") from e
         raise BackboneError(f"{path}: not a readable torch checkpoint ({e})") from e
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]
+    for nesting in ("state_dict", "model"):  # training checkpoints nest the weights (InternVid's under 'model')
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(nesting), dict):
+            checkpoint = checkpoint[nesting]
+            break
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise BackboneError(f"{path}: expected a state dict of tensors")
     return checkpoint
@@ -207,6 +213,9 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, 
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
+        if any(k.startswith("vision_encoder.") for k in state):
+            raise BackboneError(f"{path}: a ViCLIP checkpoint (vision_encoder.*, text_encoder.*), not an open_clip "
+                                "model's: use --backbone ViCLIP-B-16 (or ViCLIP-L-14)") from e
         raise BackboneError(f"{path}: these weights do not fit model {label!r}:\n{e}") from e
 
 
@@ -365,10 +374,14 @@ def check_adapter_fit(name: str, cfg: AdapterConfig) -> None:
     from msta.adapters import _check_depth
 
     name, _ = canonical_backbone(name, "")
-    model_cfg = _model_config(name)
-    if model_cfg is None:
-        raise _unknown_model(name)
-    depth = {"vision": model_cfg["vision_cfg"]["layers"], "text": model_cfg["text_cfg"]["layers"]}
+    if viclip.is_viclip(name):
+        vc = viclip.viclip_config(name)
+        depth = {"vision": vc.vision_layers, "text": vc.text_layers}
+    else:
+        model_cfg = _model_config(name)
+        if model_cfg is None:
+            raise _unknown_model(name)
+        depth = {"vision": model_cfg["vision_cfg"]["layers"], "text": model_cfg["text_cfg"]["layers"]}
     for tower in ("vision", "text"):
         if tower == "vision" and cfg.adapts_vision or tower == "text" and cfg.adapts_text:
             _check_depth(cfg, tower, depth[tower])
@@ -407,13 +420,39 @@ def _choose_activation(plan: _Plan, state: dict[str, torch.Tensor]) -> str | Non
     return None
 
 
+def _load_viclip(name: str, pretrained: str, device: torch.device) -> Backbone:
+    """InternVid's ViCLIP (msta/viclip.py) from a released checkpoint (`['model']`, strict names), or random."""
+    cfg = viclip.viclip_config(name)
+    path = Path(pretrained) if pretrained else None  # canonical: an absolute file path, or '' for random init
+    if path is not None and device.type == "meta":
+        raise BackboneError("the meta device holds no weights; load pretrained weights on a real device")
+    if path is not None and not path.is_file():
+        raise BackboneError(f"checkpoint file not found: {pretrained}")
+    state = viclip.released_state(_read_checkpoint(path)) if path is not None else None
+    context = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
+    with context, torch.random.fork_rng(devices=[]):  # one random-init model, the caller's RNG untouched
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = viclip.ViCLIP(viclip.fit_frames(cfg, state))
+    digest = RANDOM_INIT
+    if path is not None:
+        viclip.load_released(model, state, str(path), name)
+        digest = file_sha256(path)
+    model.to(device)
+    tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)  # OpenAI's BPE, as InternVid's
+    identity = BackboneIdentity(name=name, pretrained=pretrained, weights_digest=digest,
+                                tokenizer=_tokenizer_id(tokenizer, cfg.context_length, {}))
+    return Backbone(model, tokenizer, identity, embed_dim=cfg.embed_dim)
+
+
 def load_backbone(
     name: str,
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
 ) -> Backbone:
-    """Build `name` (an open_clip model name or `local-dir:PATH`) and load `pretrained` into it."""
+    """Build `name` (an open_clip model name, `local-dir:PATH` or a ViCLIP name) and load `pretrained` into it."""
     device = torch.device(device)
+    if viclip.is_viclip(name or ""):
+        return _load_viclip(*canonical_backbone(name, pretrained or ""), device)
     plan = _plan(name or "", pretrained or "")
     if plan.checkpoint is not None and device.type == "meta":
         if plan.pretrained:

@@ -1,6 +1,7 @@
 """MSTA video classifier on a frozen CLIP, and the frame-mean full fine-tuning baseline.
 
     video  (B, T, 3, H, W) --adapted ViT on all B*T frames--> CLS per frame --mean over T--> normalise
+           (a video CLIP such as ViCLIP: --adapted joint space-time ViT on each clip--> CLS --> normalise)
     class  "a video of {name}." --adapted text transformer--> EOT token --> normalise
     logits = exp(logit_scale) · cos(video, class)
 """
@@ -43,11 +44,15 @@ class VideoCLIP(nn.Module):
         self._tokens: dict[tuple[str, ...], torch.Tensor] = {}  # tokenised templates per label set
 
     def encode_frames(self, frames: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """(B*T, 3, H, W) -> (B*T, E) projected CLS embeddings, not normalised."""
+        """(B*T, 3, H, W) -> (B*T, E) projected CLS embeddings, not normalised; a video CLIP takes the
+        clips whole, (B, T, 3, H, W) -> (B, E)."""
         return self.clip.encode_image(frames)
 
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         b, t = frames.shape[:2]
+        if getattr(self.clip, "joint_space_time", False):
+            # ViCLIP attends over the T frames itself: a clip's embedding is its joint CLS, no frame mean.
+            return F.normalize(self.encode_frames(frames, num_frames=t), dim=-1)
         per_frame = self.encode_frames(frames.flatten(0, 1), num_frames=t)
         return F.normalize(per_frame.reshape(b, t, -1).mean(dim=1), dim=-1)
 

@@ -9,6 +9,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 LOCAL_DIR = "local-dir:"
 DEFAULT_BACKBONE = "ViT-B-16"
 DEFAULT_TAG = "openai"  # the default weights of an open_clip model name
+VICLIP_PREFIX = "ViCLIP-"  # InternVid's video CLIP (msta/viclip.py): its own module and checkpoint layout
 
 # short name -> (open_clip model config, file under msta/weights)
 SHIPPED: dict[str, tuple[str, str]] = {
@@ -33,8 +34,9 @@ def canonical_backbone(backbone: str | None, pretrained: str | None) -> tuple[st
 
     An open_clip folder (`local-dir:PATH` or just its path, relative or absolute, given as either
     flag) carries its own architecture and weights: it becomes `local-dir:/abs/path` and no weights
-    string. Without --pretrained an open_clip name gets its `openai` tag; a weights file becomes an
-    absolute path; '' or 'random' mean random init.
+    string. Without --pretrained an open_clip name gets its `openai` tag (a ViCLIP name: random init);
+    a weights file becomes an absolute path, and for ViCLIP so does the one checkpoint of a folder
+    given as --pretrained; '' or 'random' mean random init.
     """
     pretrained_value = "" if pretrained in ("", "random") else pretrained
     folder = _folder(backbone) if backbone else None
@@ -54,9 +56,11 @@ def canonical_backbone(backbone: str | None, pretrained: str | None) -> tuple[st
         return f"{LOCAL_DIR}{folder.resolve()}", ""
     name = (backbone or DEFAULT_BACKBONE).replace("/", "-")  # open_clip's spelling: ViT-B/16 -> ViT-B-16
     if pretrained_value is None:
-        pretrained_value = DEFAULT_TAG if not name.startswith("ViCLIP-") else ""
+        pretrained_value = DEFAULT_TAG if not name.startswith(VICLIP_PREFIX) else ""
     if pretrained_value and pretrained_value not in SHIPPED and Path(pretrained_value).expanduser().exists():
         pretrained_value = str(Path(pretrained_value).expanduser().resolve())
+        if name.startswith(VICLIP_PREFIX) and Path(pretrained_value).is_dir():  # a folder holding the checkpoint
+            pretrained_value = str(_one_weights_file(Path(pretrained_value), pretrained_value))
     return name, pretrained_value
 
 
@@ -64,11 +68,15 @@ def local_dir_weights(folder: Path) -> Path:
     """The one weights file of an open_clip folder."""
     if not (folder / "open_clip_config.json").is_file():
         raise BackboneError(f"{LOCAL_DIR}{folder}: no open_clip_config.json in that folder")
+    return _one_weights_file(folder, f"{LOCAL_DIR}{folder}")
+
+
+def _one_weights_file(folder: Path, label: str) -> Path:
     found = [p for suffix in CHECKPOINT_SUFFIXES for p in sorted(folder.glob(f"*{suffix}"))]
     if not found:
-        raise BackboneError(f"{LOCAL_DIR}{folder}: no weights file ({', '.join(CHECKPOINT_SUFFIXES)}) in that folder")
+        raise BackboneError(f"{label}: no weights file ({', '.join(CHECKPOINT_SUFFIXES)}) in that folder")
     if len(found) > 1:
-        raise BackboneError(f"{LOCAL_DIR}{folder}: several weights files ({[p.name for p in found]}); keep one")
+        raise BackboneError(f"{label}: several weights files ({[p.name for p in found]}); keep one")
     return found[0]
 
 
