@@ -37,6 +37,13 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def readme_query(start: str, dataset: str) -> str:
+    """The README's SQL query that begins with `start`, asked of `dataset` instead of SSv2."""
+    readme = (ROOT / "README.md").read_text()
+    query = readme[readme.index(start):]
+    return query[: query.index(";")].replace("'ssv2'", f"'{dataset}'")
+
+
 def catalog_rows(home: Path, sql: str) -> list[tuple]:
     """Rows of a read-only query on a home's catalog (as a user's duckdb shell would see them)."""
     import duckdb

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import ROOT, catalog_rows, run_cli
+from .conftest import catalog_rows, readme_query, run_cli
 from .test_train import TINY, prepared_home, world  # noqa: F401  (world is a fixture)
 
 
@@ -172,9 +172,7 @@ def test_features_are_the_embeddings_evaluate_used(trained: Path, world: Path) -
     again = run_cli("features", "-d", "world", "--list", "test", "--no-progress", "--config", config, "--home", trained)
     assert again.returncode == 0 and "fresh  features:" in again.stdout
 
-    readme = (ROOT / "README.md").read_text()
-    query = readme[readme.index("SELECT v.model, v.video, t.class_name"):]
-    query = query[: query.index(";")].replace("'ssv2'", "'world'")
+    query = readme_query("SELECT v.model, v.video, t.class_name", "world")
     r = run_cli("sql", query, "--home", trained, "--format", "json")
     assert r.returncode == 0, r.stderr
     nearest = json.loads(r.stdout)

@@ -19,7 +19,7 @@ from pipeline.datasets import Config
 from pipeline.demo import world_descriptions
 from pipeline.runner import Runner
 
-from .conftest import ROOT, catalog_rows, cli_env, run_cli
+from .conftest import ROOT, catalog_rows, cli_env, readme_query, run_cli
 
 TINY = ["--backbone", "msta-tiny", "--pretrained", "random", "--adapter-layers", "2-4", "--adapter-dim", "8",
         "--batch-size", "8", "--warmup-epochs", "1", "--workers", "0", "--no-progress"]
@@ -169,9 +169,7 @@ def test_torchrun_two_processes_train_one_run(home: Path, world: Path) -> None:
 
 def test_text_embeddings_answer_the_readme_query_and_embed_is_cached(home: Path, world: Path) -> None:
     prepared_home(home, world)
-    readme = (ROOT / "README.md").read_text()
-    query = readme[readme.index("SELECT a.class_name, b.class_name"):]
-    query = query[: query.index(";")].replace("'ssv2'", "'world'")
+    query = readme_query("SELECT a.class_name, b.class_name", "world")
     r = run_cli("sql", query, "--home", home, "--format", "json")
     assert r.returncode == 0, r.stderr
     pairs = json.loads(r.stdout)
