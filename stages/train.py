@@ -261,6 +261,7 @@ class Trainer:
         import torch
 
         from msta.data import make_loader
+        from msta.inference import embed_views, view_scores
         from msta.runtime import autocast
 
         self.model.eval()
@@ -271,11 +272,9 @@ class Trainer:
             class_emb = self.model.encode_classes(self.class_names)
             for views, labels in loader:
                 views, labels = views.to(self.device), labels.to(self.device)
-                b, v = views.shape[:2]
-                probs = self.model.logits(self.model.encode_video(views.flatten(0, 1)), class_emb).softmax(-1)
-                pred = probs.view(b, v, -1).sum(1).argmax(-1)
+                pred = view_scores(self.model, embed_views(self.model, views), class_emb).argmax(-1)
                 correct += (pred == labels).sum().item()
-                seen += b
+                seen += labels.shape[0]
         totals = torch.tensor([correct, seen], dtype=torch.float64)
         if self.world > 1:
             import torch.distributed as dist
