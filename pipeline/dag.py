@@ -127,11 +127,10 @@ def frames_request(runner: Any, ds: Dataset, list_name: str, mode: str, selectio
                    clips: int | None = None, pool: int | None = None) -> Request:
     v = ds.video
     if mode == "train":
-        sampling = {"mode": "train", "frames": frames or v.frames, "samplings": v.samplings,
-                    "short_side": v.train_short_side, "seed": sampling_seed}
         pool = v.pool if pool is None else pool
-        if pool:  # absent when off, so that the keys of fixed draws stay as they were
-            sampling = {"mode": "train", "frames": frames or v.frames, "pool": pool, "short_side": v.train_short_side}
+        sampling = {"mode": "train", "frames": frames or v.frames, "short_side": v.train_short_side}
+        # A pool is deterministic; without one the keys of fixed draws stay as they were.
+        sampling.update({"pool": pool} if pool else {"samplings": v.samplings, "seed": sampling_seed})
     else:
         sampling = {"mode": "test", "frames": frames or v.frames, "clips": clips or v.test_clips,
                     "short_side": v.test_short_side}
