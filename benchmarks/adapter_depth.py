@@ -28,9 +28,9 @@ from train_step import (
     run_child,
 )
 
-from msta.adapters import parse_layers
-from msta.backbone import load_backbone
-from msta.runtime import resolve_device
+from msta.method.adapters import parse_layers
+from msta.method.backbone import load_backbone
+from msta.method.runtime import resolve_device
 
 
 def child(args: argparse.Namespace) -> None:

@@ -17,9 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.dag import LLMOptions, describe_llm_request  # noqa: E402
-from pipeline.datasets import Config  # noqa: E402
-from pipeline.runner import Runner  # noqa: E402
+from pipeline.commands.dag import LLMOptions, describe_llm_request  # noqa: E402
+from pipeline.formats.datasets import Config  # noqa: E402
+from pipeline.commands.dag import stage_for
+from pipeline.engine.runner import Runner  # noqa: E402
 
 
 def synthetic_labels(path: Path, n: int) -> Path:
@@ -50,7 +51,7 @@ def main() -> None:
                           concurrency=args.concurrency)
 
         def run() -> float:
-            runner = Runner(home, {"progress": False}, echo=lambda s: None)
+            runner = Runner(home, stage_for, {"progress": False}, echo=lambda s: None)
             started = time.perf_counter()
             for kind in ("spatial", "temporal"):
                 runner.materialise(describe_llm_request(runner, ds, kind, opts))

@@ -30,10 +30,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from msta.clipstore import FORMATS, load_clip, save_clip
-from msta.data import ClipDataset, derive_seed, make_loader
-from msta.transforms import train_transform
-from msta.video import Sampling, decode_clip
+from msta.video.clipstore import FORMATS, load_clip, save_clip
+from msta.video.dataset import ClipDataset, derive_seed, make_loader
+from msta.video.transforms import train_transform
+from msta.video.decode import Sampling, decode_clip
 
 WIDTH, HEIGHT = 320, 240
 SIZE = 224

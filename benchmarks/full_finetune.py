@@ -26,9 +26,9 @@ from train_step import (
     run_child,
 )
 
-from msta.backbone import load_backbone
-from msta.model import full_finetune
-from msta.runtime import resolve_device, seed_everything
+from msta.method.backbone import load_backbone
+from msta.method.model import full_finetune
+from msta.method.runtime import resolve_device, seed_everything
 
 
 def child(args: argparse.Namespace) -> None:

@@ -14,9 +14,9 @@ import argparse
 import torch
 from train_step import add_common_args, apply_threads, build_msta, describe_setup, interleaved_medians
 
-from msta.backbone import load_backbone
-from msta.model import VideoCLIP
-from msta.runtime import autocast, resolve_device, seed_everything
+from msta.method.backbone import load_backbone
+from msta.method.model import VideoCLIP
+from msta.method.runtime import autocast, resolve_device, seed_everything
 
 
 def main() -> None:

@@ -16,11 +16,11 @@ import time
 import numpy as np
 import torch
 
-from msta.adapters import AdapterConfig, parse_layers
-from msta.backbone import load_backbone
-from msta.losses import msta_loss
-from msta.model import MSTA
-from msta.world import CLASSES, REVERSAL_PAIRS
+from msta.method.adapters import AdapterConfig, parse_layers
+from msta.method.backbone import load_backbone
+from msta.method.losses import msta_loss
+from msta.method.model import MSTA
+from msta.world.generate import CLASSES, REVERSAL_PAIRS
 from world_recipe_sweep import description_means, to_input, tsn, world_tensors
 
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from msta.adapters import AdapterConfig
-from msta.backbone import Backbone, load_backbone
-from msta.losses import class_means, msta_loss
-from msta.model import MSTA, VideoCLIP
-from msta.runtime import autocast, resolve_device, seed_everything
+from msta.method.adapters import AdapterConfig
+from msta.method.backbone import Backbone, load_backbone
+from msta.method.losses import class_means, msta_loss
+from msta.method.model import MSTA, VideoCLIP
+from msta.method.runtime import autocast, resolve_device, seed_everything
 
 MODES = {"a": "ce", "b": "cached", "c": "reencode"}
 

@@ -30,7 +30,7 @@ from train_step import (
     run_child,
 )
 
-from msta.runtime import resolve_device
+from msta.method.runtime import resolve_device
 
 BACKBONES = ("ViCLIP-B-16", "ViT-B-16")
 

@@ -15,11 +15,11 @@ import time
 import numpy as np
 import torch
 
-from msta.adapters import AdapterConfig
-from msta.backbone import Backbone, load_backbone
-from msta.losses import class_means, msta_loss
-from msta.model import MSTA
-from msta.world import CLASSES, REVERSAL_PAIRS, render_video, shipped_descriptions
+from msta.method.adapters import AdapterConfig
+from msta.method.backbone import Backbone, load_backbone
+from msta.method.losses import class_means, msta_loss
+from msta.method.model import MSTA
+from msta.world.generate import CLASSES, REVERSAL_PAIRS, render_video, shipped_descriptions
 
 
 def world_tensors(per_class: int, split: str, seed: int, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:

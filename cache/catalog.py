@@ -16,9 +16,9 @@ from typing import Any
 
 import duckdb
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 
-from .schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS, SCHEMA_VERSION
+from cache.schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS, SCHEMA_VERSION
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
 

@@ -13,8 +13,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .catalog import Catalog
-from .store import TMP_PREFIX, Store
+from cache.catalog import Catalog
+from cache.store import TMP_PREFIX, Store
 
 
 @dataclass

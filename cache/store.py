@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from pipeline.keys import canonical_json, sha256_bytes, sha256_file
+from cache.keys import canonical_json, sha256_bytes, sha256_file
 
 TMP_PREFIX = ".tmp-"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import duckdb
 
-from .schema import EMPTY_TEXT_EMBEDDINGS
+from cache.schema import EMPTY_TEXT_EMBEDDINGS
 
 # Views that read artifact files rather than tables (`msta-pipe sql` materialises them, see Catalog).
 FILE_VIEWS = ("text_embeddings", "video_embeddings")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 from click.core import ParameterSource
 
-from .errors import UserError, error_line, one_line, scrub
+from cache.errors import UserError, error_line, one_line, scrub
 
 app = typer.Typer(
     name="msta-pipe",
@@ -66,7 +66,7 @@ def home_dir(home: Path | None) -> Path:
 
 
 def load_config(config: Path | None) -> Any:
-    from .datasets import Config
+    from pipeline.formats.datasets import Config
 
     if config is None and Path("msta.toml").exists():
         config = Path("msta.toml")
@@ -74,14 +74,15 @@ def load_config(config: Path | None) -> Any:
 
 
 def make_runner(home: Path | None, **options: Any) -> Any:
-    from .runner import Runner
+    from pipeline.commands.dag import stage_for
+    from pipeline.engine.runner import Runner
 
-    return Runner(home_dir(home), options, echo=lambda s: typer.echo(scrub(s), err=False))
+    return Runner(home_dir(home), stage_for, options, echo=lambda s: typer.echo(scrub(s), err=False))
 
 
 def writing(home: Path | None) -> Any:
-    """The home's writer lock for commands that change it (see pipeline/lock.py)."""
-    from .lock import HomeLock
+    """The home's writer lock for commands that change it (see cache/lock.py)."""
+    from cache.lock import HomeLock
 
     return HomeLock(home_dir(home))
 
@@ -129,7 +130,7 @@ def describe(
     """
     from prompts import KINDS, PROMPT_DIR
 
-    from .dag import LLMOptions, describe_import_request, describe_llm_request
+    from pipeline.commands.dag import LLMOptions, describe_import_request, describe_llm_request
 
     if kind not in (*KINDS, "both"):
         raise UserError(f"--kind must be spatial, temporal or both, not {kind!r}", 2)
@@ -150,7 +151,7 @@ def describe(
             raise UserError("--from-file holds one kind of description: pass --kind spatial or --kind temporal", 2)
         requests = [describe_import_request(runner, ds, kind, from_file, n, pdir)]
     else:
-        from stages.llm import normalise_endpoint
+        from prompts.llm import normalise_endpoint
 
         url = base_url or os.environ.get("OPENAI_BASE_URL")
         try:
@@ -207,7 +208,7 @@ def embed(
     uses; `text_embeddings` in SQL shows them with `embedding` cast to FLOAT[D], ready for
     array_cosine_similarity. Runs describe first if its result is stale.
     """
-    from .dag import embed_request
+    from pipeline.commands.dag import embed_request
 
     runner = make_runner(home)
     ds = load_config(config).dataset(dataset)
@@ -246,8 +247,8 @@ def frames(
     cannot be decoded (corrupt, truncated, empty, not a video) are listed, recorded in the
     frame_failures table and left out; the command still succeeds unless --strict.
     """
-    from .dag import Selection, frames_request
-    from .flags import COUNT, check_flags
+    from pipeline.commands.dag import Selection, frames_request
+    from pipeline.commands.flags import COUNT, check_flags
 
     check_flags({"shots": shots, "workers": workers}, {"shots": COUNT, "workers": COUNT})
     if decoder not in (None, "decord", "pyav"):
@@ -268,8 +269,8 @@ def frames(
 
 
 def _backbone(backbone: str | None, pretrained: str | None) -> tuple[str, str | None]:
-    """The one spelling of --backbone/--pretrained that keys and loading use (msta.registry)."""
-    from msta.registry import BackboneError, canonical_backbone
+    """The one spelling of --backbone/--pretrained that keys and loading use (msta.method.registry)."""
+    from msta.method.registry import BackboneError, canonical_backbone
 
     try:
         name, weights = canonical_backbone(backbone, pretrained)
@@ -370,7 +371,7 @@ def train(
     killed training resumes from it. Multi-GPU: `torchrun --nproc_per_node N -m pipeline train ...`
     (rank 0 alone writes the catalog and artifacts).
     """
-    from .dag import TrainOptions, train_request
+    from pipeline.commands.dag import TrainOptions, train_request
 
     if recipe is not None:
         v = _recipe_flags(ctx, recipe, protocol, dataset)
@@ -379,7 +380,7 @@ def train(
             v[k] for k in ("epochs", "lr", "weight_decay", "warmup_epochs", "batch_size", "frames", "adapter_dim",
                            "adapter_layers", "adapter_scale", "temporal_lr_mult", "seed", "template",
                            "n_descriptions", "alpha", "precision", "shots", "frame_pool"))
-    from .flags import TRAIN_LIMITS, check_flags
+    from pipeline.commands.flags import TRAIN_LIMITS, check_flags
 
     check_flags(dict(shots=shots, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, frames=frames,
                      steps=steps, adapter_dim=adapter_dim, n_descriptions=n_descriptions, warmup_epochs=warmup_epochs,
@@ -395,8 +396,8 @@ def train(
         raise UserError("--dataset is required for --stage adapter/full", 2)
     if only not in (None, "vision", "text"):
         raise UserError("--only must be vision or text", 2)
-    from msta.adapters import AdapterConfig, parse_layers
-    from msta.backbone import BackboneError, check_adapter_fit
+    from msta.method.adapters import AdapterConfig, parse_layers
+    from msta.method.backbone import BackboneError, check_adapter_fit
 
     backbone, pretrained = _backbone(backbone, pretrained)
     if "{}" not in template:
@@ -449,7 +450,7 @@ def _seed_list(seeds: str | None, seed: int) -> list[int]:
 
 def _recipe_flags(ctx: typer.Context, recipe: str, protocol: str, dataset: str | None) -> dict[str, Any]:
     """The command's flags with a recipe's values where the user gave none on the command line."""
-    from .authors import RECIPES, authors_recipe
+    from pipeline.commands.authors import RECIPES, authors_recipe
 
     if recipe not in RECIPES:
         raise UserError(f"--recipe must be one of {', '.join(RECIPES)}", 2)
@@ -476,7 +477,7 @@ def _train_materialise(runner: Any, home: Path | None, req: Any, force: bool, dr
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or dry_run:
         return _materialise(runner, home, [req], force, dry_run)[0]
-    from msta.runtime import barrier, init_distributed
+    from msta.method.runtime import barrier, init_distributed
 
     rank, _, _ = init_distributed()
     if rank == 0:
@@ -498,7 +499,7 @@ def _pretrain(backbone: str | None, steps: int, batch_size: int, lr: float, seed
               force: bool, dry_run: bool, no_progress: bool, home: Path | None) -> None:
     import shutil
 
-    from .stage import Request
+    from pipeline.engine.stage import Request
 
     device, _ = _resolve_device(device, "fp32")
     if backbone in (None, "ViT-B-16"):
@@ -548,7 +549,7 @@ def evaluate(
     run key, views, checkpoint digest and selection rule (`last`, or `best-heldout`: the epoch chosen on
     held-out training videos; the test list never selects anything).
     """
-    from .evaluation import run_evaluation
+    from pipeline.commands.evaluation import run_evaluation
 
     if selection not in ("last", "best-heldout", "both", "test-max"):
         raise UserError("--selection must be last, best-heldout, both or test-max", 2)
@@ -575,11 +576,11 @@ def report(
     home: Home = None,
 ) -> None:
     """All results as Markdown tables shaped like the paper's, with the paper's numbers beside ours."""
-    from .report import render
+    from pipeline.commands.report import render
 
     logs = None
     if authors_logs is not None:
-        from .authors import read_logs
+        from pipeline.commands.authors import read_logs
 
         logs = read_logs(authors_logs)
     typer.echo(render(make_runner(home).catalog, format, logs))
@@ -600,9 +601,9 @@ def params(
     Built with random weights (no download): `--backbone ViT-B-16 --adapter-dim 128 --adapter-layers 8-12`
     gives the authors' logged 1,744,000; `--adapter-dim 256 --adapter-layers 1-12` the paper's 8.7 M.
     """
-    from msta.adapters import AdapterConfig, parse_layers
-    from msta.backbone import BackboneError
-    from msta.params import format_parameter_table, parameter_table
+    from msta.method.adapters import AdapterConfig, parse_layers
+    from msta.method.backbone import BackboneError
+    from msta.method.params import format_parameter_table, parameter_table
 
     if only not in (None, "vision", "text"):
         raise UserError("--only must be vision or text", 2)
@@ -624,9 +625,9 @@ def synth(
     """Write the procedural video world as an ordinary dataset: mp4 videos, an id,name label CSV, ViFi-CLIP
     style lists (train, test, few-shot, base/novel halves) and an msta.toml declaring datasets `world`,
     `world-base` and `world-novel`. Five of its twelve classes are time-reversals of five others."""
-    from msta.world import write_dataset
+    from msta.world.generate import write_dataset
 
-    from .demo import world_descriptions
+    from pipeline.commands.demo import world_descriptions
 
     if videos_per_class < 16:
         raise UserError("--videos-per-class must be at least 16 (the few-shot and base-to-novel lists draw 16)", 2)
@@ -658,7 +659,7 @@ def demo(
     """
     from dataclasses import replace
 
-    from .demo import DemoRecipe, run_demo
+    from pipeline.commands.demo import DemoRecipe, run_demo
 
     recipe = DemoRecipe()
     recipe = replace(recipe, videos_per_class=videos_per_class or recipe.videos_per_class,
@@ -674,7 +675,7 @@ def demo(
 @app.command()
 def status(home: Home = None, config: ConfigPath = None) -> None:
     """Every stage the home knows: fresh, stale (and why), failed or missing. Exits 1 if anything is stale."""
-    from .stage import Request
+    from pipeline.engine.stage import Request
     import json
 
     runner = make_runner(home)
@@ -689,7 +690,7 @@ def status(home: Home = None, config: ConfigPath = None) -> None:
     lines = []
     any_stale = False
     for target, request in rows:
-        ev = runner.evaluate(Request.from_json(json.loads(request)))
+        ev = runner.freshness(Request.from_json(json.loads(request)))
         any_stale |= ev.state in ("stale", "failed")
         lines.append((target, ev.state, ev.reason))
     for ds in datasets:
@@ -808,7 +809,7 @@ def gc(
 
 
 def _torch_device(device: str) -> Any:
-    from msta.runtime import resolve_device
+    from msta.method.runtime import resolve_device
 
     try:
         return resolve_device(device)
@@ -862,11 +863,11 @@ def predict(
     video that cannot be read is a row with its error (exit 1 with --strict). Nothing is written
     anywhere, unless --save stores the predictions in the catalog.
     """
-    from . import predict as p
-    from .dag import default_decoder
-    from .export import read_export
-    from .flags import COUNT, check_flags
-    from .runs import trained_run
+    from pipeline.commands import predict as p
+    from pipeline.commands.dag import default_decoder
+    from pipeline.commands.export import read_export
+    from pipeline.commands.flags import COUNT, check_flags
+    from pipeline.commands.runs import trained_run
 
     check_flags({"clips": clips, "crops": crops, "top_k": top_k}, {"clips": COUNT, "crops": COUNT, "top_k": COUNT})
     if fmt not in ("table", "jsonl", "csv"):
@@ -932,8 +933,8 @@ def export(
     (adapter config, backbone identity and weights sha256, template, T, test views, input size, mean/std,
     class names), class_embeddings.safetensors, recipe.json, results.json and a model card README.md.
     `msta-pipe predict --model DIR` uses it."""
-    from .export import export_run
-    from .runs import trained_run
+    from pipeline.commands.export import export_run
+    from pipeline.commands.runs import trained_run
 
     if selection not in ("last", "best-heldout"):
         raise UserError("--selection must be last or best-heldout", 2)
@@ -974,9 +975,9 @@ def features(
     Query them as the `video_embeddings` view, `embedding` cast to FLOAT[D], e.g. joined with
     `text_embeddings` (see README). Cached like every stage: a rerun computes nothing.
     """
-    from .dag import features_request
-    from .evaluation import find_run
-    from .flags import NON_NEGATIVE, check_flags
+    from pipeline.commands.dag import features_request
+    from pipeline.commands.evaluation import find_run
+    from pipeline.commands.flags import NON_NEGATIVE, check_flags
 
     check_flags({"workers": workers}, {"workers": NON_NEGATIVE})
     if selection not in ("last", "best-heldout"):

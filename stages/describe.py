@@ -17,16 +17,16 @@ from typing import Any
 import pyarrow as pa
 
 from cache.catalog import insert_rows
-from pipeline.errors import UserError
-from pipeline.runner import Context
-from pipeline.textfiles import is_int, parse_json, read_text
-from pipeline.stage import (Artifact, FileDigest, Output, Request, Resolved, Stage, StageFailed, artifact_of,
+from cache.errors import UserError
+from pipeline.engine.runner import Context
+from pipeline.formats.textfiles import is_int, parse_json, read_text
+from pipeline.engine.stage import (Artifact, FileDigest, Output, Request, Resolved, Stage, StageFailed, artifact_of,
                             path_of)
 from prompts import load_frames
 
-from .answers import Description, parse_answer, validate_phrases, validate_sentences
-from .labels import read_classes
-from .llm import (LLMClient, LLMError, Recorder, Sampling, SchemaRejected, endpoint_host, recover_journals,
+from prompts.answers import Description, parse_answer, validate_phrases, validate_sentences
+from stages.labels import read_classes
+from prompts.llm import (LLMClient, LLMError, Recorder, Sampling, SchemaRejected, endpoint_host, recover_journals,
                   request_key, response_format)
 
 SCHEMA = pa.schema([("dataset", pa.string()), ("class_id", pa.int32()), ("class_name", pa.string()),
@@ -60,10 +60,9 @@ class ItemResult:
 
 
 class DescribeStage(Stage):
-    name = "describe"
     code_version = "1"
 
-    def target(self, req: Request) -> str:
+    def target(self, req: Request, upstream: Mapping[str, str]) -> str:
         return f"describe:{req.params['dataset']}:{req.params['kind']}"
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
@@ -203,7 +202,7 @@ class DescribeStage(Stage):
         if p["source"] == "file":
             return f"import {p['kind']} descriptions from {req.inputs['file'].path}"  # type: ignore[union-attr]
         if inputs is None:  # the class list is not registered yet: read its file for the count
-            from pipeline.labels import read_class_list
+            from pipeline.formats.classlists import read_class_list
 
             source = req.inputs["classes"].inputs["file"]  # type: ignore[union-attr]
             rows = [(c.class_id, c.raw_name, c.name) for c in read_class_list(source.path)]  # type: ignore[union-attr]

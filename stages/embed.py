@@ -13,27 +13,26 @@ import pyarrow.parquet as pq
 
 from cache.catalog import insert_rows
 from cache.views import refresh_text_embeddings
-from pipeline.errors import UserError
-from pipeline.keys import sha256_text
-from pipeline.runner import Context
-from pipeline.stage import Artifact, Output, Request, Resolved, Stage, artifact_of
+from cache.errors import UserError
+from cache.keys import sha256_text
+from pipeline.engine.runner import Context
+from pipeline.engine.stage import Artifact, Output, Request, Resolved, Stage, artifact_of
 
 KINDS = ("spatial", "temporal")
 
 
 class EmbedStage(Stage):
-    name = "embed"
     code_version = "1"
 
-    def target(self, req: Request) -> str:
+    def target(self, req: Request, upstream: Mapping[str, str]) -> str:
         return f"embed:{req.params['dataset']}:{req.params['backbone']}"
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         import torch
 
-        from msta.backbone import BackboneError, load_backbone
-        from msta.losses import class_means
-        from msta.runtime import resolve_device
+        from msta.method.backbone import BackboneError, load_backbone
+        from msta.method.losses import class_means
+        from msta.method.runtime import resolve_device
 
         p = req.params
         tables = {k: pq.read_table(artifact_of(inputs[k]).path) for k in KINDS}

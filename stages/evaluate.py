@@ -13,31 +13,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cache.catalog import insert_rows, utcnow
-from pipeline.runner import Context
-from pipeline.stage import Artifact, Output, Request, Resolved, Stage, artifact_of
+from pipeline.engine.runner import Context
+from pipeline.engine.stage import Artifact, Output, Request, Resolved, Stage, artifact_of
 
-from .frames import read_frame_index
-from .labels import read_classes
-from .plots import plot_confusion
-from .trained import model_on_device
+from stages.frames import read_frame_index
+from stages.labels import read_classes
+from pipeline.formats.plots import plot_confusion
+from stages.artifacts import model_on_device
 
 
 class EvaluateStage(Stage):
-    name = "evaluate"
     code_version = "2"  # 2: predictions hold the video's path in its list and its embedding
 
-    def target(self, req: Request) -> str:
+    def target(self, req: Request, upstream: Mapping[str, str]) -> str:
         p = req.params
-        model = req.inputs.get("model")
-        owner = (get_target(model) if isinstance(model, Request) else f"frozen:{p['backbone']}")
+        owner = upstream.get("model") or f"frozen:{p['backbone']}"
         return f"evaluate:{owner}:{p['dataset']}:{p['list']}:{p['selection']}"
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         import torch
 
-        from msta.data import ClipDataset, make_loader
+        from msta.video.dataset import ClipDataset, make_loader
         from msta.inference import embed_views, video_embedding, view_scores
-        from msta.runtime import autocast
+        from msta.method.runtime import autocast
 
         p = req.params
         model, backbone, device, run_key, checkpoint, protocol = model_on_device(p, inputs.get("model"),
@@ -100,8 +98,3 @@ class EvaluateStage(Stage):
         p = req.params
         return f"evaluate on {p['dataset']}:{p['list']} ({p['selection']})"
 
-
-def get_target(req: Request) -> str:
-    from pipeline.stage import get_stage
-
-    return get_stage(req.stage).target(req)

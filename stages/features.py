@@ -14,34 +14,32 @@ import pyarrow.parquet as pq
 
 from cache.catalog import insert_rows
 from cache.views import refresh_video_embeddings
-from pipeline.runner import Context
-from pipeline.stage import Artifact, Output, Request, Resolved, Stage, artifact_of, get_stage
+from pipeline.engine.runner import Context
+from pipeline.engine.stage import Artifact, Output, Request, Resolved, Stage, artifact_of
 
-from .frames import read_frame_index
-from .labels import read_classes
-from .trained import model_on_device
+from stages.frames import read_frame_index
+from stages.labels import read_classes
+from stages.artifacts import model_on_device
 
 
-def model_name(req: Request) -> str:
-    """Which model a features or evaluate request embeds with: its training target, or frozen:BACKBONE."""
-    model = req.inputs.get("model")
-    return get_stage(model.stage).target(model) if isinstance(model, Request) else f"frozen:{req.params['backbone']}"
+def model_name(req: Request, upstream: Mapping[str, str]) -> str:
+    """Which model a features request embeds with: its training target, or frozen:BACKBONE."""
+    return upstream.get("model") or f"frozen:{req.params['backbone']}"
 
 
 class FeaturesStage(Stage):
-    name = "features"
     code_version = "1"
 
-    def target(self, req: Request) -> str:
+    def target(self, req: Request, upstream: Mapping[str, str]) -> str:
         p = req.params
-        return f"features:{model_name(req)}:{p['dataset']}:{p['list']}:{p['selection']}"
+        return f"features:{model_name(req, upstream)}:{p['dataset']}:{p['list']}:{p['selection']}"
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         import torch
 
-        from msta.data import ClipDataset, make_loader
+        from msta.video.dataset import ClipDataset, make_loader
         from msta.inference import embed_views, video_embedding
-        from msta.runtime import autocast
+        from msta.method.runtime import autocast
 
         p = req.params
         model, backbone, device, run_key, _, _ = model_on_device(p, inputs.get("model"), "{}", ctx.home)
@@ -62,7 +60,7 @@ class FeaturesStage(Stage):
         views = torch.cat(chunks)  # (N, V, D)
         per_video = video_embedding(views)
         n, v, dim = views.shape
-        owner = model_name(req)
+        owner = model_name(req, ctx.upstream)
         common = {"dataset": p["dataset"], "list": p["list"], "model": owner, "run_key": run_key,
                   "selection": p["selection"], "backbone": p["backbone"]}
         rows = []
@@ -77,7 +75,7 @@ class FeaturesStage(Stage):
                               ("view", pa.int32()), ("clip", pa.int32()), ("crop", pa.int32()),
                               ("embedding", pa.list_(pa.float32(), dim))])
         table = pa.Table.from_pylist(rows, schema=schema)
-        target = self.target(req)
+        target = ctx.target
 
         def publish(con, artifact: Artifact) -> None:
             con.execute("DELETE FROM video_embedding_files WHERE target = ?", [target])
@@ -94,4 +92,4 @@ class FeaturesStage(Stage):
 
     def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
         p = req.params
-        return f"embed the videos of {p['dataset']}:{p['list']} with {model_name(req)} ({p['selection']})"
+        return f"embed the videos of {p['dataset']}:{p['list']} with {model_name(req, ctx.upstream)} ({p['selection']})"

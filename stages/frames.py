@@ -32,13 +32,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cache.catalog import Catalog, insert_rows, utcnow
-from pipeline.errors import UserError
-from pipeline.keys import digest_value, sha256_file
-from pipeline.runner import Context
-from pipeline.stage import Artifact, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
-from pipeline.videolists import draw_per_class, read_video_list, resolve_videos
+from cache.errors import UserError
+from cache.keys import digest_value, sha256_file
+from pipeline.engine.runner import Context
+from pipeline.engine.stage import Artifact, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
+from pipeline.formats.videolists import draw_per_class, read_video_list, resolve_videos
 
-from .labels import read_classes
+from stages.labels import read_classes
 
 INDEX_SCHEMA = pa.schema([("video", pa.string()), ("label", pa.int32()), ("entry_key", pa.string()),
                           ("clip_path", pa.string()), ("source", pa.string()), ("size", pa.int64()),
@@ -64,15 +64,15 @@ class Clip:
 
 
 def _clip_of(path: str, shape: list[int] | None = None) -> Clip:
-    from msta.clipstore import clip_shape
+    from msta.video.clipstore import clip_shape
 
     return Clip(shape or list(clip_shape(path)), os.path.getsize(path), sha256_file(path))
 
 
 def _decode_one(job: Job, sampling: dict[str, Any], decoder: str, fmt: str) -> tuple[Job, Clip | None, str]:
     """Worker: decode, sample, store. Returns (job, the stored clip or None, error)."""
-    from msta.clipstore import save_clip
-    from msta.video import Sampling, VideoError, decode_clip
+    from msta.video.clipstore import save_clip
+    from msta.video.decode import Sampling, VideoError, decode_clip
 
     try:
         frames = decode_clip(job.source, Sampling(**sampling), decoder=decoder, key=job.video)
@@ -107,10 +107,9 @@ def _watch_parent(parent: int) -> None:
 
 
 class FramesStage(Stage):
-    name = "frames"
     code_version = "1"
 
-    def target(self, req: Request) -> str:
+    def target(self, req: Request, upstream: Mapping[str, str]) -> str:
         p = req.params
         target = f"frames:{p['dataset']}:{p['list']}:{p['mode']}"
         select = p["select"]
@@ -211,7 +210,7 @@ class FramesStage(Stage):
                 ctx.echo(f"         {video}: {error[:150]}")
 
         def publish(con, artifact: Artifact) -> None:
-            target = self.target(req)
+            target = ctx.target
             con.execute("DELETE FROM frame_index WHERE target = ?", [target])
             insert_rows(con, "frame_index",
                         [{"target": target, "artifact": artifact.digest, "dataset": p["dataset"], "list": p["list"],
@@ -336,7 +335,7 @@ def _intact(path: str, size: int, sha256: str | None, verify: bool) -> bool:
 
 def _readable(path: str) -> bool:
     """A clip file at its final name was renamed there whole (atomic write); its header suffices."""
-    from msta.clipstore import ClipStoreError, clip_shape
+    from msta.video.clipstore import ClipStoreError, clip_shape
 
     try:
         clip_shape(path)

@@ -7,16 +7,15 @@ import pyarrow as pa
 
 from cache.catalog import insert_rows
 
-from pipeline.labels import read_class_list
-from pipeline.runner import Context
-from pipeline.stage import Artifact, Output, Request, Resolved, Stage, path_of
+from pipeline.formats.classlists import read_class_list
+from pipeline.engine.runner import Context
+from pipeline.engine.stage import Artifact, Output, Request, Resolved, Stage, path_of
 
 
 class LabelsStage(Stage):
-    name = "labels"
     code_version = "1"
 
-    def target(self, req: Request) -> str:
+    def target(self, req: Request, upstream: Mapping[str, str]) -> str:
         return f"labels:{req.params['dataset']}"
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:

@@ -5,21 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipeline.runner import Context
-from pipeline.stage import Output, Request, Resolved, Stage
+from pipeline.engine.runner import Context
+from pipeline.engine.stage import Output, Request, Resolved, Stage
 
 
 class PretrainStage(Stage):
-    name = "pretrain"
     code_version = "1"
 
-    def target(self, req: Request) -> str:
+    def target(self, req: Request, upstream: Mapping[str, str]) -> str:
         return f"pretrain:{req.params['config']}"
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         import torch
 
-        from msta.pretrain import pretrain, save_checkpoint
+        from msta.world.pretrain import pretrain, save_checkpoint
 
         # One thread: the shipped checkpoint was made so, and matmul results depend on the split.
         torch.set_num_threads(1)

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from cache.store import atomic_write
-from pipeline.errors import UserError
-from pipeline.runner import Context
-from pipeline.stage import Output, Request, Resolved, Stage, artifact_of
+from cache.errors import UserError
+from pipeline.engine.runner import Context
+from pipeline.engine.stage import Output, Request, Resolved, Stage, artifact_of
 
-from .embed import read_class_embeddings
-from .frames import read_frame_index
-from .labels import read_classes
-from .plots import plot_curves
+from stages.embed import read_class_embeddings
+from stages.frames import read_frame_index
+from stages.labels import read_classes
+from pipeline.formats.plots import plot_curves
 
 
 SNAPSHOT_EVERY = 5  # the authors' SAVE_FREQ: they tested after epochs 1, 6, ..., 46 and the last
@@ -41,10 +41,9 @@ def snapshot_epochs(epochs: int) -> list[int]:
 
 
 class TrainStage(Stage):
-    name = "train"
     code_version = "2"  # 2: the authors' schedule (cosine over all steps), AdamW betas, dropped partial batch
 
-    def target(self, req: Request) -> str:
+    def target(self, req: Request, upstream: Mapping[str, str]) -> str:
         p = req.params
         tag = {"few-shot": f"k{p['shots']}", "base2novel": f"s{p['split_seed']}"}.get(p["protocol"], "")
         return f"train:{p['method']}:{p['dataset']}:{p['protocol']}{':' + tag if tag else ''}"
@@ -52,8 +51,8 @@ class TrainStage(Stage):
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         import torch
 
-        from msta.fileio import safetensors_digest
-        from msta.runtime import init_distributed, resolve_device
+        from msta.method.fileio import safetensors_digest
+        from msta.method.runtime import init_distributed, resolve_device
 
         p = req.params
         rank, world, local_rank = init_distributed()
@@ -83,12 +82,12 @@ class Trainer:
                  run_dir: Path, ctx: Context, locators: Mapping[str, Any]) -> None:
         import torch
 
-        from msta.adapters import AdapterConfig
-        from msta.backbone import BackboneError, load_backbone
-        from msta.data import ClipDataset, epoch_steps
-        from msta.model import MSTA, full_finetune
-        from msta.runtime import seed_everything, set_deterministic
-        from msta.schedule import applied_factor
+        from msta.method.adapters import AdapterConfig
+        from msta.method.backbone import BackboneError, load_backbone
+        from msta.video.dataset import ClipDataset, epoch_steps
+        from msta.method.model import MSTA, full_finetune
+        from msta.method.runtime import seed_everything, set_deterministic
+        from msta.method.schedule import applied_factor
 
         self.p, self.device, self.rank, self.world = p, device, rank, world
         self.run_dir, self.ctx, self.key = run_dir, ctx, ctx.key
@@ -165,7 +164,7 @@ class Trainer:
             if heldout is not None and (best is None or heldout > best["acc"]):
                 best = {"epoch": epoch + 1, "acc": heldout}
                 if self.rank == 0:
-                    from msta.fileio import safetensors_digest
+                    from msta.method.fileio import safetensors_digest
 
                     self._save_weights(self.run_dir / "best.safetensors", {"epoch": str(epoch + 1)})
                     best["digest"] = safetensors_digest(self.run_dir / "best.safetensors")
@@ -186,8 +185,8 @@ class Trainer:
         meta: dict[str, Any] = {"method": p["method"], "protocol": p["protocol"], "dataset": p["dataset"],
                                 "epochs": p["epochs"], "best_epoch": best["epoch"] if best else None,
                                 "best_heldout_acc": best["acc"] if best else None}
-        from msta.fileio import safetensors_digest
-        from pipeline.keys import sha256_file
+        from msta.method.fileio import safetensors_digest
+        from cache.keys import sha256_file
 
         def described(path: Path) -> dict[str, str]:
             # Relative to the home, so that a copied or moved home reads its own files.
@@ -213,9 +212,9 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         import torch
 
-        from msta.data import make_loader
-        from msta.losses import msta_loss
-        from msta.runtime import autocast
+        from msta.video.dataset import make_loader
+        from msta.method.losses import msta_loss
+        from msta.method.runtime import autocast
 
         p = self.p
         self.model.train()
@@ -260,9 +259,9 @@ class Trainer:
         """Top-1 on a held-out set (one view per clip); every rank computes it on its shard."""
         import torch
 
-        from msta.data import make_loader
+        from msta.video.dataset import make_loader
         from msta.inference import embed_views, view_scores
-        from msta.runtime import autocast
+        from msta.method.runtime import autocast
 
         self.model.eval()
         loader = make_loader(dataset, self.micro, shuffle=False, seed=0, epoch=0, workers=self.workers,

@@ -10,7 +10,7 @@ from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentio
 from safetensors.torch import save_file
 from torch import nn
 
-from msta.adapters import (
+from msta.method.adapters import (
     AdaptedBlock,
     AdapterConfig,
     AdapterState,
@@ -21,7 +21,7 @@ from msta.adapters import (
     parse_layers,
     scale_grad,
 )
-from msta.backbone import load_backbone
+from msta.method.backbone import load_backbone
 
 
 

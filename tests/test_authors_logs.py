@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from msta.data import epoch_steps
-from msta.schedule import cosine_lr
-from pipeline.authors import GPUS, AuthorsLog, authors_recipe, parse_log
-from pipeline.datasets import BUILTINS, VideoSettings
+from msta.video.dataset import epoch_steps
+from msta.method.schedule import cosine_lr
+from pipeline.commands.authors import GPUS, AuthorsLog, authors_recipe, parse_log
+from pipeline.formats.datasets import BUILTINS, VideoSettings
 
 from .conftest import SHARED_DATA
 

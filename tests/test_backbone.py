@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import msta.backbone as backbone_module
-from msta.adapters import AdapterConfig, attach_adapters
-from msta.backbone import Backbone, BackboneError, load_backbone
+import msta.method.backbone as backbone_module
+from msta.method.adapters import AdapterConfig, attach_adapters
+from msta.method.backbone import Backbone, BackboneError, load_backbone
 
 
 

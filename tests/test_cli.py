@@ -136,7 +136,7 @@ def test_pretrain_stage_writes_weights_and_caches_them(home: Path, tmp_path: Pat
     r = run_cli(*args, "--out", out)
     assert r.returncode == 0, r.stderr
     assert "retrieval_top1" in r.stdout and out.stat().st_size > 0
-    from msta.backbone import load_backbone
+    from msta.method.backbone import load_backbone
 
     assert load_backbone("msta-tiny", str(out)).identity.weights_digest != "random-init:seed0"
     again = run_cli(*args)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from msta.clipstore import FORMATS, ClipStoreError, clip_shape, load_clip, save_clip
-from msta.data import ClipDataset, ShardSampler, make_loader
+from msta.video.clipstore import FORMATS, ClipStoreError, clip_shape, load_clip, save_clip
+from msta.video.dataset import ClipDataset, ShardSampler, make_loader
 
 S, T, H, W = 2, 4, 48, 64
 SIZE = 32

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import DemoRecipe, run_demo
-from pipeline.runner import Runner
+from pipeline.commands.demo import DemoRecipe, run_demo
+from pipeline.commands.dag import stage_for
+from pipeline.engine.runner import Runner
 
 from .conftest import catalog_rows
 
@@ -14,7 +15,7 @@ from .conftest import catalog_rows
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_prints_the_table(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    runner = Runner(home, {"progress": False}, echo=lambda s: None)
+    runner = Runner(home, stage_for, {"progress": False}, echo=lambda s: None)
     recipe = DemoRecipe(videos_per_class=16, test_per_class=2, shots=2, epochs=1, batch_size=8)
     table = run_demo(runner, tmp_path / "demo", recipe, lambda s: None)
     lines = table.splitlines()
@@ -26,7 +27,7 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path: Path) -> None:
     stages = dict(catalog_rows(home, "SELECT stage, count(*) FROM runs WHERE status = 'done' GROUP BY stage"))
     assert stages["train"] == 5 and stages["describe"] == 4 and stages["embed"] == 2
     # a second demo run finds everything cached
-    runner2 = Runner(home, {"progress": False}, echo=lambda s: None)
+    runner2 = Runner(home, stage_for, {"progress": False}, echo=lambda s: None)
     assert run_demo(runner2, tmp_path / "demo", recipe, lambda s: None) == table
     assert catalog_rows(home, "SELECT count(*) FROM runs WHERE stage = 'train'") == [(5,)]
     # Two seeds: the first seed's runs are reused, the second trains its own; cells become mean ± std,

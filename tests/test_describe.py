@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.dag import LLMOptions, describe_import_request, describe_llm_request
-from pipeline.datasets import Config
-from pipeline.errors import UserError
-from pipeline.runner import Runner
-from stages.answers import clean_phrase, parse_answer, validate_phrases
+from pipeline.commands.dag import LLMOptions, describe_import_request, describe_llm_request
+from pipeline.formats.datasets import Config
+from cache.errors import UserError
+from pipeline.commands.dag import stage_for
+from pipeline.engine.runner import Runner
+from prompts.answers import clean_phrase, parse_answer, validate_phrases
 from tests.llm_server import MISBEHAVIOURS, LLMServer
 
 from .conftest import ROOT, catalog_rows, cli_env, run_cli
@@ -33,7 +34,7 @@ def labels(tmp_path: Path) -> Path:
 
 def describe(home: Path, labels: Path, server: LLMServer, kind: str = "spatial", n: int = 2, force: bool = False,
              **kw) -> Runner:
-    runner = Runner(home, {"progress": False}, echo=lambda s: None)
+    runner = Runner(home, stage_for, {"progress": False}, echo=lambda s: None)
     ds = Config(None).dataset("toy", labels)
     opts = LLMOptions(model="m", endpoint=server.base_url, base_url_given=True, n=n, concurrency=4, **kw)
     runner.materialise(describe_llm_request(runner, ds, kind, opts), force=force)
@@ -145,7 +146,7 @@ def test_dry_run_counts_requests_and_sends_none(home: Path, labels: Path) -> Non
 
 
 def test_import_reports_the_real_files_defects(home: Path, shared_data: Path) -> None:
-    runner = Runner(home, {"progress": False}, echo=lambda s: None)
+    runner = Runner(home, stage_for, {"progress": False}, echo=lambda s: None)
     k400 = Config(None).dataset("k400", shared_data / "labels" / "kinetics_400_labels.csv")
     with pytest.raises(UserError) as err:
         runner.materialise(describe_import_request(

@@ -13,23 +13,21 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline import stage as stage_mod
-from pipeline.errors import UserError
-from pipeline.keys import canonical_json, digest_value
-from pipeline.lock import HomeLock
-from pipeline.runner import Runner
-from pipeline.stage import FileInput, Output, Request, Stage
+from cache.errors import UserError
+from cache.keys import canonical_json, digest_value
+from cache.lock import HomeLock
+from pipeline.engine.runner import Runner
+from pipeline.engine.stage import FileInput, Output, Request, Stage
 
 from .conftest import ROOT, cli_env
 
 
 class Upper(Stage):
     """Toy stage: upper-cases a text file into a one-column table; counts its executions."""
-    name = "upper"
     code_version = "1"
     runs = 0
 
-    def target(self, req: Request) -> str:
+    def target(self, req: Request, upstream) -> str:
         return f"upper:{req.params['name']}"
 
     def run(self, req, inputs, ctx) -> Output:
@@ -41,11 +39,10 @@ class Upper(Stage):
 
 class Count(Stage):
     """Toy downstream stage: counts the rows of its upstream artifact."""
-    name = "count"
     code_version = "1"
     runs = 0
 
-    def target(self, req: Request) -> str:
+    def target(self, req: Request, upstream) -> str:
         return "count"
 
     def run(self, req, inputs, ctx) -> Output:
@@ -56,11 +53,15 @@ class Count(Stage):
         return Output(kind="toy", data=str(n).encode(), ext=".txt")
 
 
+TOY_STAGES: dict[str, type[Stage]] = {"upper": Upper, "count": Count}
+
+
+def toy_stage(name: str) -> Stage:
+    return TOY_STAGES[name]()
+
+
 @pytest.fixture(autouse=True)
-def toy_stages(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(stage_mod.STAGES, "upper", "tests.test_engine:Upper")
-    monkeypatch.setitem(stage_mod.STAGES, "count", "tests.test_engine:Count")
-    monkeypatch.setattr(stage_mod, "_instances", {})
+def toy_stages() -> None:
     Upper.runs = Count.runs = 0
 
 
@@ -71,7 +72,7 @@ def requests(src: Path, upper: bool = True) -> tuple[Request, Request]:
 
 def quiet_runner(home: Path) -> tuple[Runner, list[str]]:
     lines: list[str] = []
-    return Runner(home, echo=lines.append), lines
+    return Runner(home, toy_stage, echo=lines.append), lines
 
 
 def test_canonical_json_is_stable_and_marks_floats() -> None:
@@ -91,17 +92,17 @@ def test_fresh_stages_are_skipped_and_stale_ones_say_why(home: Path, tmp_path: P
     assert art.path.read_text() == "3" and (Upper.runs, Count.runs) == (1, 1)
     runner.materialise(count)
     assert (Upper.runs, Count.runs) == (1, 1)
-    assert runner.evaluate(count).state == "fresh"
+    assert runner.freshness(count).state == "fresh"
 
     src.write_text("a b c d")  # input content changes: both stale, upstream named
-    ev = runner.evaluate(count)
+    ev = runner.freshness(count)
     assert ev.state == "stale" and "upstream upper:a" in ev.reason
-    assert "input content: src changed" in runner.evaluate(up).reason
+    assert "input content: src changed" in runner.freshness(up).reason
     runner.materialise(count)
     assert (Upper.runs, Count.runs) == (2, 2)
 
     up2, count2 = requests(src, upper=False)  # a parameter changes
-    assert "params: upper true -> false" in runner.evaluate(up2).reason
+    assert "params: upper true -> false" in runner.freshness(up2).reason
 
 
 def test_identical_upstream_content_invalidates_nothing(home: Path, tmp_path: Path) -> None:
@@ -121,7 +122,7 @@ def test_code_version_change_makes_stale(home: Path, tmp_path: Path, monkeypatch
     up, _ = requests(src)
     runner.materialise(up)
     monkeypatch.setattr(Upper, "code_version", "2")
-    assert runner.evaluate(up).reason == "code version 1 -> 2"
+    assert runner.freshness(up).reason == "code version 1 -> 2"
 
 
 def test_force_and_dry_run(home: Path, tmp_path: Path) -> None:
@@ -145,7 +146,7 @@ def test_missing_or_altered_artifact_is_a_miss(home: Path, tmp_path: Path) -> No
     up, _ = requests(src)
     art = runner.materialise(up)
     art.path.write_bytes(b"garbage")
-    assert runner.evaluate(up).reason == "artifact file missing or modified"
+    assert runner.freshness(up).reason == "artifact file missing or modified"
     art2 = runner.materialise(up)
     assert Upper.runs == 2 and art2.digest == art.digest and art2.path.read_bytes() != b"garbage"
     art2.path.unlink()
@@ -172,7 +173,7 @@ def test_crash_between_file_write_and_registration(home: Path, tmp_path: Path,
     with pytest.raises(KeyboardInterrupt):
         runner.materialise(up)
     monkeypatch.setattr(runner.catalog, "transaction", real)
-    assert runner.evaluate(up).state != "fresh"
+    assert runner.freshness(up).state != "fresh"
     art = runner.materialise(up)
     assert Upper.runs == 2
     with runner.catalog.reader() as con:
@@ -195,7 +196,7 @@ def holding(code: str) -> Iterator[subprocess.Popen[str]]:
 
 
 def home_lock_code(home: Path) -> str:
-    return f"from pathlib import Path\nfrom pipeline.lock import HomeLock\nlock = HomeLock(Path({str(home)!r}))\nlock.acquire()"
+    return f"from pathlib import Path\nfrom cache.lock import HomeLock\nlock = HomeLock(Path({str(home)!r}))\nlock.acquire()"
 
 
 def test_second_writer_waits_then_fails_naming_the_holder(home: Path) -> None:

@@ -13,13 +13,13 @@ import torch
 from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 
-from msta.adapters import AdaptedBlock, AdapterConfig, attach_adapters
-from msta.backbone import ActivationWarning, BackboneError, check_adapter_fit, load_backbone
-from msta.registry import canonical_backbone, weights_file
-from msta.schedule import applied_factor, cosine_lr
-from pipeline.dag import TrainOptions, train_data
-from pipeline.datasets import Config
-from pipeline.errors import UserError
+from msta.method.adapters import AdaptedBlock, AdapterConfig, attach_adapters
+from msta.method.backbone import ActivationWarning, BackboneError, check_adapter_fit, load_backbone
+from msta.method.registry import canonical_backbone, weights_file
+from msta.method.schedule import applied_factor, cosine_lr
+from pipeline.commands.dag import TrainOptions, train_data
+from pipeline.formats.datasets import Config
+from cache.errors import UserError
 
 from .conftest import run_cli
 
@@ -202,7 +202,7 @@ def test_the_trainer_uses_the_authors_optimiser_and_drops_the_last_partial_batch
 
 
 def test_loader_cut_to_whole_batches_per_rank() -> None:
-    from msta.data import epoch_steps, make_loader
+    from msta.video.dataset import epoch_steps, make_loader
 
     class Items(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -229,10 +229,10 @@ def test_loader_cut_to_whole_batches_per_rank() -> None:
 
 
 def test_frame_pool_draws_new_offsets_every_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import msta.data
-    from msta.clipstore import save_clip
-    from msta.data import ClipDataset
-    from msta.video import Sampling, decode_clip
+    import msta.video.dataset
+    from msta.video.clipstore import save_clip
+    from msta.video.dataset import ClipDataset
+    from msta.video.decode import Sampling, decode_clip
 
     from .videos import read_index, write_video
 
@@ -245,7 +245,7 @@ def test_frame_pool_draws_new_offsets_every_epoch(tmp_path: Path, monkeypatch: p
     save_clip(tmp_path / "pool.clip", pool)
     save_clip(tmp_path / "fixed.clip", fixed)
     # Read the frame indices back, untouched by augmentation.
-    monkeypatch.setattr(msta.data, "train_transform", lambda clip, *a, **k: torch.from_numpy(clip.copy()))
+    monkeypatch.setattr(msta.video.dataset, "train_transform", lambda clip, *a, **k: torch.from_numpy(clip.copy()))
 
     def draws(name: str) -> list[tuple[int, ...]]:
         ds = ClipDataset([(str(tmp_path / name), 0)], "train", 64, seed=2048, frames=8)

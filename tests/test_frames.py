@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msta.clipstore import load_clip
+from msta.video.clipstore import load_clip
 from tests.videos import write_text_as_video, write_truncated, write_video, write_zero_byte
 
 from .conftest import ROOT, catalog_rows, cli_env, run_cli
@@ -143,7 +143,7 @@ def test_an_altered_clip_is_a_miss_never_trusted(tmp_path: Path, home: Path) -> 
 
 
 def test_a_reader_meeting_an_altered_clip_says_rerun_in_one_line(tmp_path: Path, home: Path) -> None:
-    from pipeline.errors import UserError
+    from cache.errors import UserError
     from stages.frames import read_frame_index
 
     config = make_dataset(tmp_path, per_class=2, broken=False)

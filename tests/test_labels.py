@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.datasets import Config
-from pipeline.errors import UserError
-from pipeline.labels import display_name, read_class_list
+from pipeline.formats.datasets import Config
+from cache.errors import UserError
+from pipeline.formats.classlists import display_name, read_class_list
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -118,7 +118,7 @@ def test_validation_is_linear_in_the_number_of_labels(tmp_path: Path) -> None:
     """list.count per name compared every name with every other: 100k labels took 104 s. The
     algorithm is asserted by counting comparisons, not by a clock (benchmarks/labels_scaling.py
     prints the time ratio)."""
-    from pipeline.labels import _validated
+    from pipeline.formats.classlists import _validated
 
     CountingName.comparisons = 0
     n = 2_000

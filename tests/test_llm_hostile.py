@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from prompts import PROMPT_DIR
 from tests.llm_server import HOSTILE, LLMServer
 

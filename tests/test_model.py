@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from msta.adapters import AdapterConfig
-from msta.backbone import Backbone, load_backbone
-from msta.model import MSTA, AdapterLoadError, VideoCLIP, full_finetune, read_adapter_info
+from msta.method.adapters import AdapterConfig
+from msta.method.backbone import Backbone, load_backbone
+from msta.method.model import MSTA, AdapterLoadError, VideoCLIP, full_finetune, read_adapter_info
 
 
 

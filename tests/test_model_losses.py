@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msta.losses import class_means, consistency_loss, msta_loss
+from msta.method.losses import class_means, consistency_loss, msta_loss
 
 
 def test_class_means_normalise_each_then_the_mean() -> None:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from msta.runtime import (
+from msta.method.runtime import (
     DistributedContext,
     autocast,
     barrier,
@@ -73,7 +73,7 @@ def test_two_process_gloo_group() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = (
-        "from msta.runtime import *\n"
+        "from msta.method.runtime import *\n"
         "rank, world, local = init_distributed()\n"
         "import torch.distributed as dist\n"
         "barrier()\n"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from msta.adapters import AdapterConfig
-from msta.params import format_parameter_table, parameter_table
+from msta.method.adapters import AdapterConfig
+from msta.method.params import format_parameter_table, parameter_table
 
 VIT_B16_TOTAL = 149_620_737
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from msta import pretrain, world
+from msta.world import pretrain
+
+from msta.world import generate as world
 
 TINY = "msta-test-tiny"
 TINY_CONFIG = {
@@ -22,7 +24,7 @@ TINY_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 2},
 }
-PACKAGE = Path(pretrain.__file__).resolve().parent
+PACKAGE = Path(pretrain.__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from pipeline import cli
-from pipeline.errors import error_line, one_line, scrub
+from cache.errors import error_line, one_line, scrub
 from tests.llm_server import LLMServer
 
 from .conftest import catalog_rows, cli_env, run_cli

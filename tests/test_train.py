@@ -14,10 +14,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline.dag import TrainOptions, describe_import_request, embed_request, train_request
-from pipeline.datasets import Config
-from pipeline.demo import world_descriptions
-from pipeline.runner import Runner
+from pipeline.commands.dag import TrainOptions, describe_import_request, embed_request, train_request
+from pipeline.formats.datasets import Config
+from pipeline.commands.demo import world_descriptions
+from pipeline.commands.dag import stage_for
+from pipeline.engine.runner import Runner
 
 from .conftest import ROOT, catalog_rows, cli_env, readme_query, run_cli
 
@@ -28,7 +29,7 @@ TINY = ["--backbone", "msta-tiny", "--pretrained", "random", "--adapter-layers",
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic world, small: 16 training and 2 test clips per class."""
-    from msta.world import write_dataset
+    from msta.world.generate import write_dataset
 
     folder = write_dataset(tmp_path_factory.mktemp("world") / "world", 16, 2, seed=0)
     world_descriptions(folder)
@@ -36,7 +37,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def prepared_home(home: Path, world: Path, datasets: tuple[str, ...] = ("world",)) -> Runner:
-    runner = Runner(home, {"progress": False}, echo=lambda s: None)
+    runner = Runner(home, stage_for, {"progress": False}, echo=lambda s: None)
     config = Config(world / "msta.toml")
     for name in datasets:
         ds = config.dataset(name)
@@ -51,7 +52,7 @@ def test_training_never_runs_the_frozen_description_branch(home: Path, world: Pa
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import open_clip.model
 
-    from msta.backbone import Backbone
+    from msta.method.backbone import Backbone
 
     runner = prepared_home(home, world)
     calls: list[int] = []

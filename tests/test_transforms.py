@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from msta.transforms import (
+from msta.video.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     sample_train_params,

@@ -2,7 +2,7 @@
 encoder, MSTA on it (exact at zero scale, the 1,744,000 of the authors' logs), and the pipeline around it.
 
 The layout below is written from InternVid's public source (Data/InternVid/viclip/viclip_vision.py,
-viclip_text.py, viclip.py), independently of msta/viclip.py, so that the two check each other.
+viclip_text.py, viclip.py), independently of msta/method/viclip.py, so that the two check each other.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msta.adapters import AdapterConfig, TemporalConv
-from msta.backbone import BackboneError, load_backbone
-from msta.model import MSTA, VideoCLIP, full_finetune
-from msta.params import parameter_table
-from msta.registry import canonical_backbone, weights_file
-from msta.viclip import CONFIGS, Attention, ViCLIPConfig
+from msta.method.adapters import AdapterConfig, TemporalConv
+from msta.method.backbone import BackboneError, load_backbone
+from msta.method.model import MSTA, VideoCLIP, full_finetune
+from msta.method.params import parameter_table
+from msta.method.registry import canonical_backbone, weights_file
+from msta.method.viclip import CONFIGS, Attention, ViCLIPConfig
 
 from .conftest import catalog_rows, run_cli
 
@@ -321,8 +321,8 @@ def test_full_finetune_and_adapter_files_work_on_viclip(tmp_path: Path) -> None:
 
 def small_world(tmp_path: Path, home: Path) -> Path:
     """The synthetic world (3 training and 1 test video per class) with its descriptions imported; its config."""
-    from msta.world import write_dataset
-    from pipeline.demo import world_descriptions
+    from msta.world.generate import write_dataset
+    from pipeline.commands.demo import world_descriptions
 
     world = write_dataset(tmp_path / "world", 3, 1, seed=0)
     files = world_descriptions(world)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msta.video import (
+from msta.video.decode import (
     Sampling,
     decode_clip,
     probe,
@@ -130,7 +130,7 @@ def test_real_clips_decode_alike_with_every_decoder(path: Path) -> None:
 # test, not take pytest down with it.
 _BROKEN_SCRIPT = """
 import json, sys
-from msta.video import Sampling, VideoError, decode_clip, probe
+from msta.video.decode import Sampling, VideoError, decode_clip, probe
 decoders, paths = sys.argv[1].split(","), sys.argv[2:]
 calls = {"probe": lambda path, decoder: probe(path, decoder),
          "decode": lambda path, decoder: decode_clip(path, Sampling("train"), decoder)}

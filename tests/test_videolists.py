@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import UserError
-from pipeline.labels import read_class_list
-from pipeline.videolists import VideoItem, draw_per_class, read_video_list, resolve_videos
+from cache.errors import UserError
+from pipeline.formats.classlists import read_class_list
+from pipeline.formats.videolists import VideoItem, draw_per_class, read_video_list, resolve_videos
 
 NAMES = ["Pushing something from left to right", "Holding something"]
 

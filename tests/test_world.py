@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msta import world
+from msta.world import generate as world
 
 if sys.version_info >= (3, 11):
     import tomllib

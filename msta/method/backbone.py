@@ -9,7 +9,7 @@ Weights come from (in the order `load_backbone` tries them):
   nothing is ever downloaded (the machines this project is built on have no internet, and a
   network wait that ends in an error is worse than an immediate, actionable message).
 
-A `ViCLIP-*` name (InternVid's video CLIP, msta/viclip.py) is built by that module and takes its
+A `ViCLIP-*` name (InternVid's video CLIP, msta/method/viclip.py) is built by that module and takes its
 released checkpoint file (or a folder holding it), or random init.
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msta import viclip
-from msta.adapters import AdapterConfig, adapters_disabled, text_transformer, vision_transformer
-from msta.registry import (
+from msta.method import viclip
+from msta.method.adapters import AdapterConfig, adapters_disabled, text_transformer, vision_transformer
+from msta.method.registry import (
     CHECKPOINT_SUFFIXES,
     LOCAL_DIR,
     SHIPPED,
@@ -44,7 +44,7 @@ from msta.registry import (
     local_dir_weights,
 )
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # msta/: configs/ and weights/ ship there
 CONFIG_DIR = PACKAGE_DIR / "configs"
 RANDOM_INIT_SEED = 0
 RANDOM_INIT = f"random-init:seed{RANDOM_INIT_SEED}"
@@ -288,7 +288,7 @@ def _unknown_model(name: str) -> BackboneError:
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return BackboneError(
         f"unknown model {name!r}.{hint} To see the known names run:\n"
-        "  python -c \"import msta.backbone as b; print('\\n'.join(b.known_models()))\""
+        "  python -c \"import msta.method.backbone as b; print('\\n'.join(b.known_models()))\""
     )
 
 
@@ -322,7 +322,7 @@ def _plan(name: str, pretrained: str) -> _Plan:
         if not path.is_file():
             raise BackboneError(
                 f"the shipped weights {pretrained!r} are not in this installation: {path} is missing "
-                "(`python -m msta.pretrain` produces them; see its docstring for the recipe)"
+                "(`python -m msta.world.pretrain` produces them; see its docstring for the recipe)"
             )
         return _Plan(name, name, pretrained, path, {})
     path = Path(pretrained).expanduser()
@@ -371,7 +371,7 @@ def _model_config(model_name: str) -> dict[str, Any]:
 
 def check_adapter_fit(name: str, cfg: AdapterConfig) -> None:
     """Refuse an adapter layer range the backbone's towers cannot hold, before any work starts."""
-    from msta.adapters import _check_depth
+    from msta.method.adapters import _check_depth
 
     name, _ = canonical_backbone(name, "")
     if viclip.is_viclip(name):
@@ -421,7 +421,7 @@ def _choose_activation(plan: _Plan, state: dict[str, torch.Tensor]) -> str | Non
 
 
 def _load_viclip(name: str, pretrained: str, device: torch.device) -> Backbone:
-    """InternVid's ViCLIP (msta/viclip.py) from a released checkpoint (`['model']`, strict names), or random."""
+    """InternVid's ViCLIP (msta/method/viclip.py) from a released checkpoint (`['model']`, strict names), or random."""
     cfg = viclip.viclip_config(name)
     path = Path(pretrained) if pretrained else None  # canonical: an absolute file path, or '' for random init
     if path is not None and device.type == "meta":

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msta.registry import VICLIP_PREFIX, BackboneError
+from msta.method.registry import VICLIP_PREFIX, BackboneError
 
 # ImageNet statistics: what InternVid's demo and its training data pipeline normalise with.
 VICLIP_MEAN = (0.485, 0.456, 0.406)

@@ -10,8 +10,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .textfiles import is_int, parse_json, read_text
+from cache.errors import UserError
+from pipeline.formats.textfiles import is_int, parse_json, read_text
 
 FORMATS_HELP = ("an `id,name` CSV with header (ViFi-CLIP labels/), SSv2's labels.json, "
                 "UCF-101's classInd.txt (`1 ApplyEyeMakeup`), or a plain file with one class name per line")

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .runs import TrainedRun
+from cache.errors import UserError
+from pipeline.commands.runs import TrainedRun
 
 EXPORT_FORMAT = "msta-export/1"
 FILES = ("config.json", "adapters.safetensors", "class_embeddings.safetensors", "recipe.json", "results.json",
@@ -38,8 +38,8 @@ def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Pa
     from safetensors.torch import save_file
 
     from cache.catalog import rows_as_dicts
-    from msta.backbone import BackboneError, load_backbone
-    from stages.trained import adapted_model, selected_weights
+    from msta.method.backbone import BackboneError, load_backbone
+    from stages.artifacts import adapted_model, selected_weights
 
     p = tr.params
     if tr.artifact.kind != "adapters":
@@ -114,7 +114,7 @@ _NEEDED_BACKBONE = ("model", "pretrained", "identity", "weights_sha256")
 
 
 def model_card(cfg: dict[str, Any], p: dict[str, Any], results: list[dict[str, Any]], parameters: int) -> str:
-    from .report import variant
+    from pipeline.commands.report import variant
 
     b = cfg["backbone"]
     names = ", ".join(c["name"] for c in cfg["classes"][:12]) + (", ..." if len(cfg["classes"]) > 12 else "")
@@ -146,8 +146,8 @@ def model_card(cfg: dict[str, Any], p: dict[str, Any], results: list[dict[str, A
         "msta-pipe predict --model THIS_FOLDER --pretrained /path/to/backbone-weights --labels my_classes.txt clip.mp4",
         "```", "",
         "`predict` refuses backbone weights whose sha256 differs from the one above. In Python:", "",
-        "```python", "import json", "from msta.backbone import load_backbone",
-        "from msta.model import MSTA, read_adapter_info", "",
+        "```python", "import json", "from msta.method.backbone import load_backbone",
+        "from msta.method.model import MSTA, read_adapter_info", "",
         "cfg = json.load(open('THIS_FOLDER/config.json'))",
         "backbone = load_backbone(cfg['backbone']['model'], '/path/to/backbone-weights')",
         "model = MSTA(backbone, read_adapter_info('THIS_FOLDER/adapters.safetensors').config, cfg['template']).eval()",

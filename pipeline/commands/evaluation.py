@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .dag import EvalTarget, evaluate_request
-from .errors import UserError
-from .stage import Request
+from pipeline.commands.dag import EvalTarget, evaluate_request
+from cache.errors import UserError
+from pipeline.engine.stage import Request
 
 
 def find_run(runner: Any, dataset: str, run: str | None, seed: int | None = None) -> Request:
     """The training run to evaluate: by key prefix, else the latest completed one on `dataset`
     (with training seed `seed`, when given)."""
-    from .runs import run_row
+    from pipeline.commands.runs import run_row
 
     if not runner.catalog.exists():
         raise UserError("no catalog yet: train a run first (msta-pipe train ...)", 2)

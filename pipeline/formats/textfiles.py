@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from cache.errors import UserError
 
 _INT = re.compile(r"-?[0-9]+")
 

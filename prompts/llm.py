@@ -24,8 +24,8 @@ from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from cache.catalog import Catalog, insert_rows, utcnow
-from pipeline.errors import one_line, register_secret
-from pipeline.keys import digest_value
+from cache.errors import one_line, register_secret
+from cache.keys import digest_value
 
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"
 _COLUMNS = ("attempt_id", "request_key", "created_at", "dataset", "class_name", "kind", "model",

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from msta.adapters import AdapterConfig, attach_adapters
-from msta.backbone import load_backbone
+from msta.method.adapters import AdapterConfig, attach_adapters
+from msta.method.backbone import load_backbone
 
 PARTS = ("text", "video", "shared", "temporal")
 

@@ -1,6 +1,6 @@
 """`msta-pipe demo`: the whole pipeline on the embedded default, on a CPU, without key or download.
 
-The synthetic world (msta/world.py) plays the video dataset, the shipped `synthetic-world` CLIP
+The synthetic world (msta/world/) plays the video dataset, the shipped `synthetic-world` CLIP
 (pre-trained on static captioned images only) the backbone, and the project's own hand-written
 descriptions the LLM. Every step is an ordinary pipeline stage in the home, so a rerun is quick
 and `msta-pipe sql` / `report` show what ran.
@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .dag import EvalTarget, TrainOptions, describe_import_request, embed_request, evaluate_request, train_request
-from .datasets import Config
+from pipeline.commands.dag import EvalTarget, TrainOptions, describe_import_request, embed_request, evaluate_request, train_request
+from pipeline.formats.datasets import Config
 
 BACKBONE, PRETRAINED = "msta-world", "synthetic-world"
 
@@ -46,7 +46,7 @@ class DemoRecipe:
 
 
 def _adapter(recipe: DemoRecipe, **changes: Any) -> tuple[tuple[str, Any], ...]:
-    from msta.adapters import AdapterConfig, parse_layers
+    from msta.method.adapters import AdapterConfig, parse_layers
 
     cfg = AdapterConfig(dim=recipe.dim, layers=parse_layers(recipe.layers), scale=recipe.scale)
     return tuple(sorted(replace(cfg, **changes).to_dict().items()))
@@ -54,7 +54,7 @@ def _adapter(recipe: DemoRecipe, **changes: Any) -> tuple[tuple[str, Any], ...]:
 
 def write_world(out: Path, recipe: DemoRecipe, echo: Callable[[str], None]) -> Path:
     """The world dataset, written once: rewriting would change file times and void the frame cache."""
-    from msta.world import manifest, write_dataset
+    from msta.world.generate import manifest, write_dataset
 
     folder = out / "world"
     stamp = folder / ".demo-recipe.json"
@@ -73,7 +73,7 @@ def run_demo(runner: Any, out: Path, recipe: DemoRecipe, echo: Callable[[str], N
     """Train and evaluate every variant with `seeds` seeds (training seed and few-shot draw
     recipe.seed, +1, ...; base-to-novel splits 1, 2, 3 in turn) and print the table, as mean ± std
     over seeds when there are several."""
-    from msta.world import APPEARANCE_CLASSES, REVERSAL_PAIRS
+    from msta.world.generate import APPEARANCE_CLASSES, REVERSAL_PAIRS
 
     folder = write_world(out, recipe, echo)
     config = Config(folder / "msta.toml")
@@ -131,7 +131,7 @@ def runner_train(runner: Any, config: Config, ds: Any, opts: TrainOptions) -> An
 def world_descriptions(folder: Path) -> dict[str, Path]:
     """The shipped world descriptions keyed by class name (CuPL form), so every label subset
     (world, world-base, world-novel) imports them through the same describe --from-file path."""
-    from msta.world import CLASSES, shipped_descriptions
+    from msta.world.generate import CLASSES, shipped_descriptions
 
     out = {}
     for kind in ("spatial", "temporal"):

@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .export import dataset_views
-from .runs import TrainedRun
+from cache.errors import UserError
+from pipeline.commands.export import dataset_views
+from pipeline.commands.runs import TrainedRun
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ogv")
 
@@ -32,7 +32,7 @@ class Classifier:
 
     def with_labels(self, path: Path) -> Classifier:
         """Open vocabulary: the class names of a label file, encoded by this model's text branch."""
-        from .labels import read_class_list
+        from pipeline.formats.classlists import read_class_list
 
         classes = read_class_list(path)
         return replace(self, class_ids=[c.class_id for c in classes], class_names=[c.name for c in classes])
@@ -50,7 +50,7 @@ class Prediction:
 
 
 def _backbone(name: str, pretrained: str | None, device: Any) -> Any:
-    from msta.backbone import BackboneError, load_backbone
+    from msta.method.backbone import BackboneError, load_backbone
 
     try:
         return load_backbone(name, pretrained or None, device=device)
@@ -60,7 +60,7 @@ def _backbone(name: str, pretrained: str | None, device: Any) -> Any:
 
 def from_run(home: Path, config: Any, tr: TrainedRun, selection: str, device: Any) -> Classifier:
     """A training run with the class list and T it trained with, and its dataset's test views."""
-    from stages.trained import load_model
+    from stages.artifacts import load_model
 
     p = tr.params
     views = dataset_views(config, p["dataset"], p["frames"])
@@ -74,11 +74,11 @@ def from_export(folder: Path, cfg: dict[str, Any], backbone: str | None, pretrai
                 device: Any) -> Classifier:
     """An exported folder (`cfg`: its config.json, see read_export) on backbone weights whose sha256 must
     be the one it was trained on."""
-    from msta.backbone import RANDOM_INIT
-    from msta.registry import BackboneError, canonical_backbone, weights_file
-    from stages.trained import adapted_model
+    from msta.method.backbone import RANDOM_INIT
+    from msta.method.registry import BackboneError, canonical_backbone, weights_file
+    from stages.artifacts import adapted_model
 
-    from .keys import sha256_file
+    from cache.keys import sha256_file
 
     b = cfg["backbone"]
     given = "--pretrained " + pretrained if pretrained else f"the exported {b['pretrained'] or 'random init'}"
@@ -110,10 +110,10 @@ def _same_weights(folder: Path, b: dict[str, Any], got: str, given: str) -> None
 
 def frozen(backbone: str, pretrained: str | None, config: Any, dataset: str | None, device: Any) -> Classifier:
     """The frozen CLIP (frame-mean zero-shot); `dataset` gives the class names and test views."""
-    from msta.model import DEFAULT_TEMPLATE, VideoCLIP
+    from msta.method.model import DEFAULT_TEMPLATE, VideoCLIP
 
-    from .datasets import VideoSettings
-    from .labels import read_class_list
+    from pipeline.formats.datasets import VideoSettings
+    from pipeline.formats.classlists import read_class_list
 
     loaded = _backbone(backbone, pretrained, device)
     ds = config.dataset(dataset) if dataset else None
@@ -143,8 +143,8 @@ def predict(clf: Classifier, videos: list[Path], top_k: int, decoder: str, devic
     from tqdm import tqdm
 
     from msta.inference import embed_views, video_views, view_scores
-    from msta.runtime import autocast
-    from msta.video import Sampling
+    from msta.method.runtime import autocast
+    from msta.video.decode import Sampling
 
     if not clf.class_names:
         raise UserError("no class names to score: give --labels FILE (or --dataset D with --frozen)", 2)
@@ -181,7 +181,7 @@ def _unreadable(path: Path) -> str:
 
 
 def _message(path: Path, exc: Exception) -> str:
-    from msta.video import VideoError
+    from msta.video.decode import VideoError
 
     if isinstance(exc, VideoError):
         return str(exc)

@@ -2,7 +2,7 @@
 
 The shipped checkpoint ``msta/weights/synthetic-world.safetensors`` is produced by::
 
-    python -m msta.pretrain --steps 1000 --batch-size 128 --lr 0.001 --seed 0 --config msta-world \
+    python -m msta.world.pretrain --steps 1000 --batch-size 128 --lr 0.001 --seed 0 --config msta-world \
         --out msta/weights/synthetic-world.safetensors
 
 which also writes ``synthetic-world.json`` next to it (recipe, versions, wall time, metrics).
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from tqdm import tqdm
 
-from msta import world
+from msta.world import generate as world
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = "msta-world"
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "synthetic-world.safetensors"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "synthetic-world.safetensors"
 
 
 def register_configs() -> None:
@@ -346,7 +346,7 @@ def _commands(args: argparse.Namespace) -> dict[str, str]:
     return {
         "command": f"msta-pipe train --stage pretrain --backbone {args.config} {recipe}"
                    f" --out {args.out}",
-        "python_command": f"python -m msta.pretrain {recipe} --config {args.config}"
+        "python_command": f"python -m msta.world.pretrain {recipe} --config {args.config}"
                           f" --partial-captions {args.partial_captions} --out {args.out}",
     }
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .textfiles import is_int, parse_json, read_text
+from cache.errors import UserError
+from pipeline.formats.textfiles import is_int, parse_json, read_text
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import UserError
+from cache.errors import UserError
 
 
 @dataclass(frozen=True)

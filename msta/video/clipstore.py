@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msta.fileio import atomic_write_bytes
+from msta.method.fileio import atomic_write_bytes
 from PIL import Image
 
 FORMATS = ("raw", "jpeg")

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msta.adapters import AdapterConfig, attach_adapters
-from msta.backbone import Backbone, BackboneError
-from msta.fileio import atomic_write_bytes
+from msta.method.adapters import AdapterConfig, attach_adapters
+from msta.method.backbone import Backbone, BackboneError
+from msta.method.fileio import atomic_write_bytes
 
 DEFAULT_TEMPLATE = "a video of {}."
 ADAPTER_FORMAT = "msta-adapters/1"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from cache.errors import UserError
 
 RECIPES = ("authors",)
 GPUS = 8  # the authors' runs: BATCH_SIZE 4 per GPU on 8 GPUs

@@ -17,31 +17,17 @@ from typing import Any
 
 from cache.catalog import Catalog, rows_as_dicts, utcnow
 from cache.store import Store, table_digest, write_parquet, atomic_write_bytes
-from .errors import UserError, error_line, one_line
-from .lock import HomeLock
-from .keys import canonical_json, sha256_bytes, sha256_file, digest_value
-from .stage import (Artifact, FileDigest, FileInput, Output, Request, Resolved, StageFailed,
-                    get_stage)
+from cache.errors import UserError, error_line, one_line
+from cache.lock import HomeLock
+from cache.keys import canonical_json, sha256_bytes, sha256_file, digest_value
+from pipeline.engine.stage import (Artifact, Context, FileDigest, FileInput, Output, Request, Resolved, Stage,
+                                   StageFailed)
+
+StageTable = Callable[[str], Stage]  # stage name -> its implementation, supplied by the app layer
 
 
 @dataclass
-class Context:
-    """What a running stage may use: the home's store and catalog, and run-time options."""
-    home: Path
-    catalog: Catalog
-    store: Store
-    options: dict[str, Any] = field(default_factory=dict)
-    echo: Callable[[str], None] = print
-    run_id: str = ""
-    key: str = ""
-    forced: bool = False  # run with --force: a stage redoes its work instead of resuming it
-
-    def option(self, name: str, default: Any = None) -> Any:
-        return self.options.get(name, default)
-
-
-@dataclass
-class Evaluation:
+class Freshness:
     """Freshness of one request as of now, without running anything."""
     request: Request
     target: str
@@ -49,13 +35,15 @@ class Evaluation:
     reason: str = ""
     key: str | None = None
     artifact: Artifact | None = None
-    upstream: list["Evaluation"] = field(default_factory=list)
+    upstream: list["Freshness"] = field(default_factory=list)
 
 
 class Runner:
-    def __init__(self, home: Path, options: Mapping[str, Any] | None = None,
+    def __init__(self, home: Path, stages: StageTable, options: Mapping[str, Any] | None = None,
                  echo: Callable[[str], None] = print) -> None:
         self.home = home
+        self._stage_table = stages
+        self._stages: dict[str, Stage] = {}
         self.catalog = Catalog(home)
         self.store = Store(home)
         self.options = dict(options or {})
@@ -90,16 +78,27 @@ class Runner:
         self._file_memo[memo_key] = digest
         return digest
 
+    def stage(self, name: str) -> Stage:
+        if name not in self._stages:
+            self._stages[name] = self._stage_table(name)
+        return self._stages[name]
+
+    def upstream_targets(self, req: Request) -> dict[str, str]:
+        return {name: self.target(inp) for name, inp in req.inputs.items() if isinstance(inp, Request)}
+
+    def target(self, req: Request) -> str:
+        return self.stage(req.stage).target(req, self.upstream_targets(req))
+
     def key_of(self, req: Request, input_digests: Mapping[str, str]) -> str:
-        stage = get_stage(req.stage)
+        stage = self.stage(req.stage)
         return digest_value({"stage": req.stage, "code_version": stage.code_version,
                              "params": dict(req.params), "inputs": dict(input_digests)})
 
     # -- freshness ---------------------------------------------------------------------
-    def evaluate(self, req: Request) -> Evaluation:
-        stage = get_stage(req.stage)
-        target = stage.target(req)
-        upstream: list[Evaluation] = []
+    def freshness(self, req: Request) -> Freshness:
+        stage = self.stage(req.stage)
+        target = self.target(req)
+        upstream: list[Freshness] = []
         digests: dict[str, str] = {}
         blocked = ""
         for name, inp in req.inputs.items():
@@ -109,23 +108,23 @@ class Runner:
                     continue
                 digests[name] = self.file_digest(inp.path)
             else:
-                ev = self.evaluate(inp)
+                ev = self.freshness(inp)
                 upstream.append(ev)
                 if ev.state != "fresh":
                     blocked = blocked or f"upstream {ev.target} is {ev.state}"
                 else:
                     digests[name] = ev.artifact.digest  # type: ignore[union-attr]
         if blocked:
-            return Evaluation(req, target, "stale", blocked, upstream=upstream)
+            return Freshness(req, target, "stale", blocked, upstream=upstream)
         key = self.key_of(req, digests)
         artifact = self._done_artifact(key)
         if artifact is not None:
             changed = stage.check(artifact, self.home)
             if not changed:
-                return Evaluation(req, target, "fresh", key=key, artifact=artifact, upstream=upstream)
-            return Evaluation(req, target, "stale", changed, key=key, upstream=upstream)
+                return Freshness(req, target, "fresh", key=key, artifact=artifact, upstream=upstream)
+            return Freshness(req, target, "stale", changed, key=key, upstream=upstream)
         state, reason = self._why_not_fresh(req, target, key, digests)
-        return Evaluation(req, target, state, reason, key=key, upstream=upstream)
+        return Freshness(req, target, state, reason, key=key, upstream=upstream)
 
     def _done_artifact(self, key: str) -> Artifact | None:
         """The artifact of a done run with this key, if its file is intact (else: a miss)."""
@@ -164,7 +163,7 @@ class Runner:
             return "missing", f"no completed run (last: {latest['status']})"
         if any(r["key"] == key for r in done):
             return "stale", "artifact file missing or modified"
-        return "stale", describe_difference(get_stage(req.stage).code_version, req.params, digests,
+        return "stale", describe_difference(self.stage(req.stage).code_version, req.params, digests,
                                             done[0])
 
     # -- execution ---------------------------------------------------------------------
@@ -173,8 +172,8 @@ class Runner:
 
         With dry_run, prints what would run and returns None for anything not already fresh.
         """
-        stage = get_stage(req.stage)
-        target = stage.target(req)
+        stage = self.stage(req.stage)
+        target = self.target(req)
         resolved: dict[str, Resolved] = {}
         digests: dict[str, str] = {}
         pending = False
@@ -190,7 +189,8 @@ class Runner:
                     continue
                 resolved[name] = art
                 digests[name] = art.digest
-        ctx = Context(self.home, self.catalog, self.store, self.options, self.echo)
+        ctx = Context(self.home, self.catalog, self.store, self.options, self.echo,
+                      target=target, upstream=self.upstream_targets(req))
         if pending:
             self.echo(f"would run {target} (after its upstream)")
             plan = stage.plan(req, None, ctx)
@@ -222,7 +222,7 @@ class Runner:
         """What a non-zero rank of a torchrun launch does: run the stage's work beside rank 0 on the
         inputs rank 0 has materialised, writing nothing (rank 0 alone registers the result; the
         stage returns no output on such a rank)."""
-        ev = self.evaluate(req)
+        ev = self.freshness(req)
         if ev.state == "fresh" and not force:
             return ev.artifact
         resolved: dict[str, Resolved] = {}
@@ -231,15 +231,15 @@ class Runner:
             if isinstance(inp, FileInput):
                 resolved[name] = FileDigest(inp.path, self.file_digest(inp.path))
             else:
-                up = self.evaluate(inp)
+                up = self.freshness(inp)
                 if up.artifact is None:
                     raise UserError(f"rank 0 did not materialise {up.target} ({up.reason})", 1)
                 resolved[name] = up.artifact
             digests[name] = resolved[name].digest if isinstance(resolved[name], Artifact) else resolved[name].sha256  # type: ignore[union-attr]
         key = self.key_of(req, digests)
         ctx = Context(self.home, self.catalog, self.store, self.options, lambda s: None, run_id="", key=key,
-                      forced=force)
-        get_stage(req.stage).run(req, resolved, ctx)
+                      forced=force, target=ev.target, upstream=self.upstream_targets(req))
+        self.stage(req.stage).run(req, resolved, ctx)
         return None
 
     def _execute(self, req: Request, stage: Any, target: str, key: str,

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.keys import sha256_file
-from pipeline.stage import Artifact, Resolved, artifact_of
+from cache.errors import UserError
+from cache.keys import sha256_file
+from pipeline.engine.stage import Artifact, Resolved, artifact_of
 
 
 def selected_weights(art: Artifact, selection: str, home: Path) -> tuple[Path, str]:
@@ -40,8 +40,8 @@ def model_on_device(p: Mapping[str, Any], model_input: Resolved | None, template
                     home: Path) -> tuple[Any, Any, Any, str, str, str]:
     """What a stage request names (params backbone, pretrained, device, selection; its `model`
     input, if any) loaded and in eval mode: (model, backbone, device, run key, checkpoint, protocol)."""
-    from msta.backbone import BackboneError, load_backbone
-    from msta.runtime import resolve_device
+    from msta.method.backbone import BackboneError, load_backbone
+    from msta.method.runtime import resolve_device
 
     device = resolve_device(p["device"])
     try:
@@ -57,7 +57,7 @@ def model_on_device(p: Mapping[str, Any], model_input: Resolved | None, template
 def load_model(backbone: Any, art: Artifact | None, selection: str, template: str, home: Path,
                backbone_name: str) -> tuple[Any, str, str, str]:
     """(model, run key, checkpoint digest, protocol) for the frozen CLIP (`art` None) or a training run."""
-    from msta.model import VideoCLIP
+    from msta.method.model import VideoCLIP
 
     if art is None:
         return VideoCLIP(backbone, template), f"frozen:{backbone_name}", backbone.identity.weights_digest, "zero-shot"
@@ -78,7 +78,7 @@ def load_model(backbone: Any, art: Artifact | None, selection: str, template: st
 def adapted_model(backbone: Any, path: Path, template: str) -> tuple[Any, dict[str, str]]:
     """MSTA on `backbone` with the adapters of a file (its config read from the file); the file's
     extra metadata. The adapters must have been trained on this very backbone (name and weights)."""
-    from msta.model import MSTA, read_adapter_info
+    from msta.method.model import MSTA, read_adapter_info
 
     model = MSTA(backbone, read_adapter_info(path).config, template)
     return model, model.load_adapters(path)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .textfiles import read_text
+from cache.errors import UserError
+from pipeline.formats.textfiles import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -17,9 +17,9 @@ from typing import Any
 
 from prompts import PROMPT_DIR, template_files
 
-from .datasets import Dataset
-from .errors import UserError
-from .stage import FileInput, Request
+from pipeline.formats.datasets import Dataset
+from cache.errors import UserError
+from pipeline.engine.stage import FileInput, Request, Stage
 
 
 def latest_request(runner: Any, target: str) -> Request | None:
@@ -84,7 +84,7 @@ def current_describe_request(runner: Any, ds: Dataset, kind: str) -> Request:
 def weights_input(backbone: str, pretrained: str | None) -> FileInput | None:
     """The weights file behind a (canonical) backbone and --pretrained, so that its content digest
     enters the keys: a file, a shipped short name, or the one file of an open_clip folder."""
-    from msta.registry import BackboneError, weights_file
+    from msta.method.registry import BackboneError, weights_file
 
     try:
         path = weights_file(backbone, pretrained)
@@ -307,3 +307,33 @@ def features_request(runner: Any, ds: Dataset, list_name: str, model: Request | 
                                   "a video of {}.", device, precision, workers, frame_workers)
     params = {k: v for k, v in evaluation.params.items() if k not in ("role", "template")}
     return Request("features", params, evaluation.inputs, evaluation.locators)
+
+
+def stage_for(name: str) -> Stage:
+    """The DAG's vocabulary: a stage by name, imported only when used so that the CLI starts
+    without torch, open_clip or decord."""
+    if name == "labels":
+        from stages.labels import LabelsStage
+        return LabelsStage()
+    if name == "describe":
+        from stages.describe import DescribeStage
+        return DescribeStage()
+    if name == "embed":
+        from stages.embed import EmbedStage
+        return EmbedStage()
+    if name == "frames":
+        from stages.frames import FramesStage
+        return FramesStage()
+    if name == "pretrain":
+        from stages.pretrain import PretrainStage
+        return PretrainStage()
+    if name == "train":
+        from stages.train import TrainStage
+        return TrainStage()
+    if name == "evaluate":
+        from stages.evaluate import EvaluateStage
+        return EvaluateStage()
+    if name == "features":
+        from stages.features import FeaturesStage
+        return FeaturesStage()
+    raise UserError(f"unknown stage {name!r} in a stored request", 2)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import UserError
+from cache.errors import UserError
 
 
 class HomeLock:

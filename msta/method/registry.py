@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 LOCAL_DIR = "local-dir:"
 DEFAULT_BACKBONE = "ViT-B-16"
 DEFAULT_TAG = "openai"  # the default weights of an open_clip model name
-VICLIP_PREFIX = "ViCLIP-"  # InternVid's video CLIP (msta/viclip.py): its own module and checkpoint layout
+VICLIP_PREFIX = "ViCLIP-"  # InternVid's video CLIP (msta/method/viclip.py): its own module and checkpoint layout
 
 # short name -> (open_clip model config, file under msta/weights)
 SHIPPED: dict[str, tuple[str, str]] = {

@@ -10,8 +10,8 @@ from typing import Any
 
 from cache.catalog import rows_as_dicts
 
-from .errors import UserError
-from .stage import Artifact, Request
+from cache.errors import UserError
+from pipeline.engine.stage import Artifact, Request
 
 
 @dataclass(frozen=True)

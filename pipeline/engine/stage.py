@@ -8,7 +8,6 @@ stage modules implement `run` and never see each other, only the artifacts they 
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ if TYPE_CHECKING:
     import duckdb
     import pyarrow as pa
 
-    from .runner import Context
+    from cache.catalog import Catalog
+    from cache.store import Store
 
 
 @dataclass(frozen=True)
@@ -112,15 +112,33 @@ class StageFailed(Exception):
         self.output = output
 
 
+@dataclass
+class Context:
+    """What a running stage may use: the home's store and catalog, and run-time options."""
+    home: Path
+    catalog: Catalog
+    store: Store
+    options: dict[str, Any] = field(default_factory=dict)
+    echo: Callable[[str], None] = print
+    run_id: str = ""
+    key: str = ""
+    forced: bool = False  # run with --force: a stage redoes its work instead of resuming it
+    target: str = ""  # the running request's target
+    upstream: Mapping[str, str] = field(default_factory=dict)  # input name -> that request's target
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return self.options.get(name, default)
+
+
 class Stage:
-    name: ClassVar[str]
     code_version: ClassVar[str]
 
-    def target(self, req: Request) -> str:
-        """A readable identity shared by every run of 'the same thing' with other parameters."""
+    def target(self, req: Request, upstream: Mapping[str, str]) -> str:
+        """A readable identity shared by every run of 'the same thing' with other parameters;
+        `upstream` gives the targets of the request's upstream requests by input name."""
         raise NotImplementedError
 
-    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: "Context") -> Output:
+    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         raise NotImplementedError
 
     def check(self, artifact: Artifact, home: Path) -> str:
@@ -130,29 +148,6 @@ class Stage:
         """
         return ""
 
-    def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: "Context") -> str:
+    def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
         """What a run would do, for --dry-run; `inputs` is None while upstream would run first."""
         return ""
-
-
-# The DAG's vocabulary: stage name -> implementing class, imported only when used so that
-# the CLI starts without torch, open_clip or decord.
-STAGES: dict[str, str] = {
-    "labels": "stages.labels:LabelsStage",
-    "describe": "stages.describe:DescribeStage",
-    "embed": "stages.embed:EmbedStage",
-    "frames": "stages.frames:FramesStage",
-    "pretrain": "stages.pretrain:PretrainStage",
-    "train": "stages.train:TrainStage",
-    "evaluate": "stages.evaluate:EvaluateStage",
-    "features": "stages.features:FeaturesStage",
-}
-
-_instances: dict[str, Stage] = {}
-
-
-def get_stage(name: str) -> Stage:
-    if name not in _instances:
-        module, cls = STAGES[name].split(":")
-        _instances[name] = getattr(importlib.import_module(module), cls)()
-    return _instances[name]

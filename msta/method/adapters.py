@@ -401,7 +401,7 @@ def attach_adapters(model: nn.Module, cfg: AdapterConfig) -> AttachedAdapters:
                 shared = _kaiming_linear(cfg.dim, cfg.dim)
                 handle.shared[j].append(shared)
             temporal = cfg.temporal_branch if (tower == "vision" and cfg.temporal) else None
-            joint = getattr(transformer, "joint_frames", False)  # a video CLIP's vision tower (msta/viclip.py)
+            joint = getattr(transformer, "joint_frames", False)  # a video CLIP's vision tower (msta/method/viclip.py)
             out[j] = TowerAdapter(transformer.width, cfg.dim, shared, state, temporal, joint)
     for adapter in handle.modules():
         adapter.to(device=ref.device, dtype=ref.dtype)

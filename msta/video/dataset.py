@@ -1,4 +1,4 @@
-"""Dataset and loader over cached clips (files written by `msta.clipstore.save_clip`).
+"""Dataset and loader over cached clips (files written by `msta.video.clipstore.save_clip`).
 
 Every random choice (which stored sampling, every augmentation parameter, the order of the
 epoch) is a function of (seed, epoch, index) alone: an item comes out the same whatever the
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from msta.clipstore import clip_shape, load_clip
-from msta.transforms import CLIP_MEAN, CLIP_STD, test_views, train_transform
-from msta.video import train_indices
+from msta.video.clipstore import clip_shape, load_clip
+from msta.video.transforms import CLIP_MEAN, CLIP_STD, test_views, train_transform
+from msta.video.decode import train_indices
 
 MODES = ("train", "test")
 
