@@ -17,10 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.commands.dag import LLMOptions, describe_llm_request  # noqa: E402
-from pipeline.formats.datasets import Config  # noqa: E402
-from pipeline.commands.dag import stage_for
+from pipeline.commands.dag import LLMOptions, describe_llm_request, stage_for  # noqa: E402
 from pipeline.engine.runner import Runner  # noqa: E402
+from pipeline.formats.datasets import Config  # noqa: E402
 
 
 def synthetic_labels(path: Path, n: int) -> Path:
@@ -58,6 +57,7 @@ def main() -> None:
             return time.perf_counter() - started
 
         import openai  # noqa: F401  (imports and the tokenizer's vocabulary load once per process:
+
         from stages.describe import TokenCounter  # not throughput, so they are warmed up first)
 
         TokenCounter()(["warm up"])

@@ -32,8 +32,8 @@ from torch.utils.data import Dataset
 
 from msta.video.clipstore import FORMATS, load_clip, save_clip
 from msta.video.dataset import ClipDataset, derive_seed, make_loader
-from msta.video.transforms import train_transform
 from msta.video.decode import Sampling, decode_clip
+from msta.video.transforms import train_transform
 
 WIDTH, HEIGHT = 320, 240
 SIZE = 224

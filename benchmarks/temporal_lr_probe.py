@@ -15,13 +15,13 @@ import time
 
 import numpy as np
 import torch
+from world_recipe_sweep import description_means, to_input, tsn, world_tensors
 
 from msta.method.adapters import AdapterConfig, parse_layers
 from msta.method.backbone import load_backbone
 from msta.method.losses import msta_loss
 from msta.method.model import MSTA
 from msta.world.generate import CLASSES, REVERSAL_PAIRS
-from world_recipe_sweep import description_means, to_input, tsn, world_tensors
 
 
 def train(args: argparse.Namespace, mult: float, data: dict[str, np.ndarray],

@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import TensorDataset
 
 from msta.method.adapters import AdapterConfig
 from msta.method.backbone import Backbone, load_backbone
-from msta.method.losses import class_means, msta_loss
+from msta.method.losses import class_means
 from msta.method.model import MSTA, VideoCLIP
 from msta.method.runtime import autocast, resolve_device, seed_everything
+from msta.train import Recipe, Targets, Trainer
 
 MODES = {"a": "ce", "b": "cached", "c": "reencode"}
 
@@ -113,23 +115,21 @@ def make_workload(backbone: Backbone, args: argparse.Namespace, device: torch.de
 
 def make_step(model: VideoCLIP, wl: Workload, mode: str, device: torch.device, precision: str,
               n_desc: int) -> Callable[[], None]:
-    """One training step of `model` in the given mode ('ce', 'cached' or 'reencode')."""
-    params = model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-3)
+    """One training step of `model` in the given mode ('ce', 'cached' or 'reencode'): the training
+    loop's own step (msta/train.py `Trainer.step`: forward, loss, backward, AdamW, lr step), so that
+    this times the code that trains. 'reencode' first embeds every description with the frozen
+    text tower, as OST's code does each step, and hands the means to the same step."""
+    targets = Targets(wl.class_names, *((wl.d_spatial, wl.d_temporal) if mode == "cached" else (None, None)))
+    recipe = Recipe(epochs=10_000, warmup_epochs=0, batch_size=wl.labels.shape[0], precision=precision,
+                    alpha=0.0 if mode == "ce" else 1.0)
+    trainer = Trainer(model, recipe, targets, TensorDataset(wl.frames, wl.labels), device=device)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            class_emb = model.encode_classes(wl.class_names)
-            logits = model.logits(model.encode_video(wl.frames), class_emb)
-            d_s = d_t = None
-            if mode == "cached":
-                d_s, d_t = wl.d_spatial, wl.d_temporal
-            elif mode == "reencode":
-                d_s, d_t = description_means(model.backbone, wl.descriptions, len(wl.class_names), n_desc, device)
-            total, _, _ = msta_loss(logits, wl.labels, class_emb, d_s, d_t)
-        total.backward()
-        opt.step()
+        if mode == "reencode":
+            with autocast(device, precision):
+                trainer.d_spatial, trainer.d_temporal = description_means(
+                    model.backbone, wl.descriptions, len(wl.class_names), n_desc, device)
+        trainer.step(wl.frames, wl.labels)
 
     return step
 

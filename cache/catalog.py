@@ -17,7 +17,6 @@ from typing import Any
 import duckdb
 
 from cache.errors import UserError
-
 from cache.schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS, SCHEMA_VERSION
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
@@ -118,7 +117,7 @@ class Catalog:
             con.execute(MIGRATIONS[v])
             if v == 0:
                 con.execute(EMPTY_TEXT_EMBEDDINGS)
-            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(v + 1)])
+            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", [str(v + 1)])
             con.execute("COMMIT")
         self._migrated = True
 

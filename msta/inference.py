@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from msta.video.transforms import test_views
 from msta.video.decode import Sampling, decode_clip
+from msta.video.transforms import test_views
 
 
 def video_views(path: str | os.PathLike[str], sampling: Sampling, size: int, crops: int, mean: Sequence[float],

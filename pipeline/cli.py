@@ -128,9 +128,8 @@ def describe(
     whether the endpoint takes response_format json_schema. Inspect the result with
     `msta-pipe sql "select * from descriptions where dataset='NAME'"`.
     """
-    from prompts import KINDS, PROMPT_DIR
-
     from pipeline.commands.dag import LLMOptions, describe_import_request, describe_llm_request
+    from prompts import KINDS, PROMPT_DIR
 
     if kind not in (*KINDS, "both"):
         raise UserError(f"--kind must be spatial, temporal or both, not {kind!r}", 2)
@@ -626,7 +625,6 @@ def synth(
     style lists (train, test, few-shot, base/novel halves) and an msta.toml declaring datasets `world`,
     `world-base` and `world-novel`. Five of its twelve classes are time-reversals of five others."""
     from msta.world.generate import write_dataset
-
     from pipeline.commands.demo import world_descriptions
 
     if videos_per_class < 16:
@@ -675,8 +673,9 @@ def demo(
 @app.command()
 def status(home: Home = None, config: ConfigPath = None) -> None:
     """Every stage the home knows: fresh, stale (and why), failed or missing. Exits 1 if anything is stale."""
-    from pipeline.engine.stage import Request
     import json
+
+    from pipeline.engine.stage import Request
 
     runner = make_runner(home)
     if not runner.catalog.exists():

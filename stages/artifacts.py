@@ -1,17 +1,98 @@
-"""Readers of a train artifact: the weights file a selection names (checked by digest), and the
-video model built from it on a loaded backbone. evaluate, features, `predict` and `export` use
-these, so a run's model is loaded one way everywhere."""
+"""Readers of the artifacts one stage hands another: the one place a stage learns what another wrote.
+
+classes (labels), the clip index of a frames artifact, the per-class description embeddings
+(embed) and a trained model (train: the weights a selection names, checked by digest, and the video
+model built from them on a loaded backbone). Stages, `predict` and `export` read them here, so every
+artifact is read one way everywhere and no stage imports another.
+"""
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cache.catalog import Catalog
 from cache.errors import UserError
 from cache.keys import sha256_file
 from pipeline.engine.stage import Artifact, Resolved, artifact_of
+from prompts import KINDS
 
 
+# -- labels -------------------------------------------------------------------------------
+def read_classes(artifact: Artifact) -> list[tuple[int, str, str]]:
+    """(class_id, raw_name, name) rows of a classes artifact, in id order."""
+    import pyarrow.parquet as pq
+
+    t = pq.ParquetFile(artifact.path).read()  # not read_table: it imports pyarrow.dataset (~0.3 s)
+    return list(zip(t["class_id"].to_pylist(), t["raw_name"].to_pylist(), t["name"].to_pylist()))
+
+
+# -- frames -------------------------------------------------------------------------------
+def read_frame_index(artifact_path: Path, home: Path) -> list[tuple[str, int]]:
+    """(absolute clip path, label) of a frames artifact, in list order, once every clip is found to
+    hold its registered bytes (the reader reads each whole anyway). A damaged clip is removed, so
+    that the rerun the error asks for decodes it again instead of failing the same way."""
+    rows = pq.read_table(artifact_path, columns=["video", "label", "entry_key", "clip_path"]).to_pylist()
+    registered = registered_clips(Catalog(home), [r["entry_key"] for r in rows], digests=True)
+
+    def intact(row: dict[str, Any]) -> bool:
+        return clip_intact(str(home / row["clip_path"]), *registered.get(row["entry_key"], (-1, None)), verify=True)
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+        damaged = [row for row, ok in zip(rows, pool.map(intact, rows)) if not ok]
+    if damaged:
+        for row in damaged:
+            (home / row["clip_path"]).unlink(missing_ok=True)
+        meta = pq.read_schema(artifact_path).metadata or {}
+        dataset, list_name = (meta.get(f"msta.{k}".encode(), b'"?"').decode().strip('"') for k in ("dataset", "list"))
+        raise UserError(f"{len(damaged)} cached clips of list {list_name!r} of {dataset!r} were missing or altered "
+                        f"(e.g. that of {damaged[0]['video']}) and are now removed: rerun the command, whose "
+                        "`frames` stage decodes them anew", 1)
+    return [(str(home / r["clip_path"]), int(r["label"])) for r in rows]
+
+
+def registered_clips(catalog: Catalog, keys: list[str], digests: bool) -> dict[str, tuple[int, str | None]]:
+    """entry_key -> (bytes, sha256 or None) of the registered clips among `keys`; `digests=False`
+    reads sizes only (a catalog `status` has not migrated may predate the digest column)."""
+    with catalog.reader() as con:  # only these keys leave the catalog, not every clip's
+        con.register("_wanted_keys", pa.table({"entry_key": pa.array(keys, pa.string())}))
+        try:
+            return {k: (size, sha) for k, size, sha in con.execute(
+                f"SELECT entry_key, bytes, {'sha256' if digests else 'NULL'} FROM frame_clips "
+                "JOIN _wanted_keys USING (entry_key)").fetchall()}
+        finally:
+            con.unregister("_wanted_keys")
+
+
+def clip_intact(path: str, size: int, sha256: str | None, verify: bool) -> bool:
+    """A clip file still has its registered size and, with `verify` and a known digest, its digest."""
+    try:
+        if os.path.getsize(path) != size:
+            return False
+    except OSError:
+        return False
+    return not (verify and sha256) or sha256_file(path) == sha256
+
+
+# -- embed --------------------------------------------------------------------------------
+def read_class_embeddings(path: "str | object", class_ids: list[int]) -> dict[str, "object"]:
+    """The per-class means {kind: tensor (C, D)} of an embed artifact, in the order of `class_ids`."""
+    import torch
+
+    t = pq.read_table(path, filters=[("level", "=", "class")]).to_pylist()
+    index = {(r["kind"], r["class_id"]): r["embedding"] for r in t}
+    missing = [c for c in class_ids if ("spatial", c) not in index or ("temporal", c) not in index]
+    if missing:
+        raise UserError(f"the description embeddings lack classes {missing[:5]}", 2)
+    return {k: torch.tensor([index[(k, c)] for c in class_ids], dtype=torch.float32) for k in KINDS}
+
+
+# -- train --------------------------------------------------------------------------------
 def selected_weights(art: Artifact, selection: str, home: Path) -> tuple[Path, str]:
     """(file, checkpoint digest) of a training run for `selection`: its last weights (`last`), its
     best-heldout epoch, or the snapshot of one epoch (`epoch:N`)."""

@@ -16,18 +16,35 @@ from typing import Any
 
 import pyarrow as pa
 
-from cache.catalog import insert_rows
+from cache.catalog import insert_rows, utcnow
 from cache.errors import UserError
-from pipeline.engine.runner import Context
+from pipeline.engine.stage import (
+    Artifact,
+    Context,
+    FileDigest,
+    Output,
+    Request,
+    Resolved,
+    Stage,
+    StageFailed,
+    artifact_of,
+    path_of,
+)
 from pipeline.formats.textfiles import is_int, parse_json, read_text
-from pipeline.engine.stage import (Artifact, FileDigest, Output, Request, Resolved, Stage, StageFailed, artifact_of,
-                            path_of)
 from prompts import load_frames
-
 from prompts.answers import Description, parse_answer, validate_phrases, validate_sentences
-from stages.labels import read_classes
-from prompts.llm import (LLMClient, LLMError, Recorder, Sampling, SchemaRejected, endpoint_host, recover_journals,
-                  request_key, response_format)
+from prompts.llm import (
+    LLMClient,
+    LLMError,
+    Recorder,
+    Sampling,
+    SchemaRejected,
+    endpoint_host,
+    recover_journals,
+    request_key,
+    response_format,
+)
+from stages.artifacts import read_classes
 
 SCHEMA = pa.schema([("dataset", pa.string()), ("class_id", pa.int32()), ("class_name", pa.string()),
                     ("kind", pa.string()), ("idx", pa.int32()), ("phrase", pa.string()), ("text", pa.string()),
@@ -128,8 +145,9 @@ class DescribeStage(Stage):
                 results.append(first)
                 if learned:
                     with ctx.catalog.transaction() as con:
-                        con.execute("INSERT OR REPLACE INTO llm_endpoints VALUES (?, ?, ?, now())",
-                                    [endpoint_host(p["endpoint"]), p["model"], mode == "json_schema"])
+                        insert_rows(con, "llm_endpoints", [{
+                            "endpoint_host": endpoint_host(p["endpoint"]), "model": p["model"],
+                            "json_schema": mode == "json_schema", "checked_at": utcnow()}], "OR REPLACE")
             with ThreadPoolExecutor(max_workers=max(1, int(req.locators.get("concurrency", 8)))) as pool, \
                     tqdm(total=len(classes), initial=len(results), desc=f"describe {p['kind']}",
                          unit="class", disable=not ctx.option("progress", True)) as bar:

@@ -12,13 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cache.catalog import insert_rows
-from cache.views import refresh_text_embeddings
 from cache.errors import UserError
 from cache.keys import sha256_text
-from pipeline.engine.runner import Context
-from pipeline.engine.stage import Artifact, Output, Request, Resolved, Stage, artifact_of
-
-KINDS = ("spatial", "temporal")
+from cache.views import refresh_text_embeddings
+from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
+from prompts import KINDS
 
 
 class EmbedStage(Stage):
@@ -108,13 +106,3 @@ class EmbedStage(Stage):
         return f"embed the descriptions with the frozen {req.params['backbone']} text tower"
 
 
-def read_class_embeddings(path: "str | object", class_ids: list[int]) -> dict[str, "object"]:
-    """The per-class means {kind: tensor (C, D)} of an embed artifact, in the order of `class_ids`."""
-    import torch
-
-    t = pq.read_table(path, filters=[("level", "=", "class")]).to_pylist()
-    index = {(r["kind"], r["class_id"]): r["embedding"] for r in t}
-    missing = [c for c in class_ids if ("spatial", c) not in index or ("temporal", c) not in index]
-    if missing:
-        raise UserError(f"the description embeddings lack classes {missing[:5]}", 2)
-    return {k: torch.tensor([index[(k, c)] for c in class_ids], dtype=torch.float32) for k in KINDS}

@@ -13,13 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cache.catalog import insert_rows, utcnow
-from pipeline.engine.runner import Context
-from pipeline.engine.stage import Artifact, Output, Request, Resolved, Stage, artifact_of
-
-from stages.frames import read_frame_index
-from stages.labels import read_classes
+from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
 from pipeline.formats.plots import plot_confusion
-from stages.artifacts import model_on_device
+from stages.artifacts import model_on_device, read_classes, read_frame_index
 
 
 class EvaluateStage(Stage):
@@ -33,9 +29,9 @@ class EvaluateStage(Stage):
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         import torch
 
-        from msta.video.dataset import ClipDataset, make_loader
         from msta.inference import embed_views, video_embedding, view_scores
         from msta.method.runtime import autocast
+        from msta.video.dataset import ClipDataset, make_loader
 
         p = req.params
         model, backbone, device, run_key, checkpoint, protocol = model_on_device(p, inputs.get("model"),

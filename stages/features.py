@@ -14,12 +14,8 @@ import pyarrow.parquet as pq
 
 from cache.catalog import insert_rows
 from cache.views import refresh_video_embeddings
-from pipeline.engine.runner import Context
-from pipeline.engine.stage import Artifact, Output, Request, Resolved, Stage, artifact_of
-
-from stages.frames import read_frame_index
-from stages.labels import read_classes
-from stages.artifacts import model_on_device
+from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
+from stages.artifacts import model_on_device, read_classes, read_frame_index
 
 
 def model_name(req: Request, upstream: Mapping[str, str]) -> str:
@@ -37,9 +33,9 @@ class FeaturesStage(Stage):
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
         import torch
 
-        from msta.video.dataset import ClipDataset, make_loader
         from msta.inference import embed_views, video_embedding
         from msta.method.runtime import autocast
+        from msta.video.dataset import ClipDataset, make_loader
 
         p = req.params
         model, backbone, device, run_key, _, _ = model_on_device(p, inputs.get("model"), "{}", ctx.home)

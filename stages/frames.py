@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
@@ -34,11 +34,9 @@ import pyarrow.parquet as pq
 from cache.catalog import Catalog, insert_rows, utcnow
 from cache.errors import UserError
 from cache.keys import digest_value, sha256_file
-from pipeline.engine.runner import Context
-from pipeline.engine.stage import Artifact, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
+from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
 from pipeline.formats.videolists import draw_per_class, read_video_list, resolve_videos
-
-from stages.labels import read_classes
+from stages.artifacts import clip_intact, read_classes, registered_clips
 
 INDEX_SCHEMA = pa.schema([("video", pa.string()), ("label", pa.int32()), ("entry_key", pa.string()),
                           ("clip_path", pa.string()), ("source", pa.string()), ("size", pa.int64()),
@@ -154,11 +152,11 @@ class FramesStage(Stage):
                                 "sampling": p["sampling"], "decoder": p["decoder"], "format": p["format"]})
             dest = ctx.store.artifact_path("clips", key, ".clip")
             jobs.append((Job(key, it.relpath, str(path), str(dest), st.st_size, st.st_mtime_ns), it.label))
-        known = _registered(ctx.catalog, [j.entry_key for j, _ in jobs], digests=True)
+        known = registered_clips(ctx.catalog, [j.entry_key for j, _ in jobs], digests=True)
         todo, adopt = [], []
         for job, _ in jobs:
             entry = known.get(job.entry_key)
-            if entry is not None and _intact(job.dest, *entry, verify=ctx.forced):
+            if entry is not None and clip_intact(job.dest, *entry, verify=ctx.forced):
                 if entry[1] is None:  # registered before clips had digests: record its digest now
                     adopt.append(job)
                 continue
@@ -267,12 +265,12 @@ class FramesStage(Stage):
         unchanged (digests cost a read of every clip: they are checked where clips are read)."""
         rows = pq.read_table(artifact.path, columns=["video", "entry_key", "clip_path", "source", "size",
                                                      "mtime_ns"]).to_pylist()
-        registered = _registered(Catalog(home), [r["entry_key"] for r in rows], digests=False)
+        registered = registered_clips(Catalog(home), [r["entry_key"] for r in rows], digests=False)
         for row in rows:
             clip = home / row["clip_path"]
             if not clip.exists():
                 return f"the cached clip of {row['video']} is gone"
-            if not _intact(str(clip), *registered.get(row["entry_key"], (-1, None)), verify=False):
+            if not clip_intact(str(clip), *registered.get(row["entry_key"], (-1, None)), verify=False):
                 return f"the cached clip of {row['video']} was altered"
             try:
                 st = os.stat(row["source"])
@@ -285,52 +283,6 @@ class FramesStage(Stage):
     def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
         p = req.params
         return f"decode the videos of list {p['list']} ({p['mode']} sampling {p['sampling']})"
-
-
-def read_frame_index(artifact_path: Path, home: Path) -> list[tuple[str, int]]:
-    """(absolute clip path, label) of a frames artifact, in list order, once every clip is found to
-    hold its registered bytes (the reader reads each whole anyway). A damaged clip is removed, so
-    that the rerun the error asks for decodes it again instead of failing the same way."""
-    rows = pq.read_table(artifact_path, columns=["video", "label", "entry_key", "clip_path"]).to_pylist()
-    registered = _registered(Catalog(home), [r["entry_key"] for r in rows], digests=True)
-
-    def intact(row: dict[str, Any]) -> bool:
-        return _intact(str(home / row["clip_path"]), *registered.get(row["entry_key"], (-1, None)), verify=True)
-
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
-        damaged = [row for row, ok in zip(rows, pool.map(intact, rows)) if not ok]
-    if damaged:
-        for row in damaged:
-            (home / row["clip_path"]).unlink(missing_ok=True)
-        meta = pq.read_schema(artifact_path).metadata or {}
-        dataset, list_name = (meta.get(f"msta.{k}".encode(), b'"?"').decode().strip('"') for k in ("dataset", "list"))
-        raise UserError(f"{len(damaged)} cached clips of list {list_name!r} of {dataset!r} were missing or altered "
-                        f"(e.g. that of {damaged[0]['video']}) and are now removed: rerun the command, whose "
-                        "`frames` stage decodes them anew", 1)
-    return [(str(home / r["clip_path"]), int(r["label"])) for r in rows]
-
-
-def _registered(catalog: Catalog, keys: list[str], digests: bool) -> dict[str, tuple[int, str | None]]:
-    """entry_key -> (bytes, sha256 or None) of the registered clips among `keys`; `digests=False`
-    reads sizes only (a catalog `status` has not migrated may predate the digest column)."""
-    with catalog.reader() as con:  # only these keys leave the catalog, not every clip's
-        con.register("_wanted_keys", pa.table({"entry_key": pa.array(keys, pa.string())}))
-        try:
-            return {k: (size, sha) for k, size, sha in con.execute(
-                f"SELECT entry_key, bytes, {'sha256' if digests else 'NULL'} FROM frame_clips "
-                "JOIN _wanted_keys USING (entry_key)").fetchall()}
-        finally:
-            con.unregister("_wanted_keys")
-
-
-def _intact(path: str, size: int, sha256: str | None, verify: bool) -> bool:
-    """A clip file still has its registered size and, with `verify` and a known digest, its digest."""
-    try:
-        if os.path.getsize(path) != size:
-            return False
-    except OSError:
-        return False
-    return not (verify and sha256) or sha256_file(path) == sha256
 
 
 def _readable(path: str) -> bool:

@@ -6,10 +6,8 @@ from collections.abc import Mapping
 import pyarrow as pa
 
 from cache.catalog import insert_rows
-
+from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, path_of
 from pipeline.formats.classlists import read_class_list
-from pipeline.engine.runner import Context
-from pipeline.engine.stage import Artifact, Output, Request, Resolved, Stage, path_of
 
 
 class LabelsStage(Stage):
@@ -39,11 +37,3 @@ class LabelsStage(Stage):
 
     def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
         return f"read the class list {req.inputs['file'].path}"  # type: ignore[union-attr]
-
-
-def read_classes(artifact: Artifact) -> list[tuple[int, str, str]]:
-    """(class_id, raw_name, name) rows of a classes artifact, in id order."""
-    import pyarrow.parquet as pq
-
-    t = pq.ParquetFile(artifact.path).read()  # not read_table: it imports pyarrow.dataset (~0.3 s)
-    return list(zip(t["class_id"].to_pylist(), t["raw_name"].to_pylist(), t["name"].to_pylist()))

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipeline.engine.runner import Context
-from pipeline.engine.stage import Output, Request, Resolved, Stage
+from pipeline.engine.stage import Context, Output, Request, Resolved, Stage
 
 
 class PretrainStage(Stage):

@@ -23,8 +23,6 @@ from msta.method.adapters import (
 )
 from msta.method.backbone import load_backbone
 
-
-
 # A CLIP as deep as ViT-B/16 (12 blocks per tower) but tiny, to check layers 8-12 quickly.
 DEEP_TINY = {
     "embed_dim": 16,

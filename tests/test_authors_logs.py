@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from msta.video.dataset import epoch_steps
 from msta.method.schedule import cosine_lr
+from msta.video.dataset import epoch_steps
 from pipeline.commands.authors import GPUS, AuthorsLog, authors_recipe, parse_log
 from pipeline.formats.datasets import BUILTINS, VideoSettings
 

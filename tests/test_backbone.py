@@ -16,7 +16,6 @@ from msta.method.adapters import AdapterConfig, attach_adapters
 from msta.method.backbone import Backbone, BackboneError, load_backbone
 
 
-
 @pytest.fixture(scope="module")
 def tiny() -> Backbone:
     torch.manual_seed(0)

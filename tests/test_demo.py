@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.commands.demo import DemoRecipe, run_demo
 from pipeline.commands.dag import stage_for
+from pipeline.commands.demo import DemoRecipe, run_demo
 from pipeline.engine.runner import Runner
 
 from .conftest import catalog_rows

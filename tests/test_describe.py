@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.commands.dag import LLMOptions, describe_import_request, describe_llm_request
-from pipeline.formats.datasets import Config
 from cache.errors import UserError
-from pipeline.commands.dag import stage_for
+from pipeline.commands.dag import LLMOptions, describe_import_request, describe_llm_request, stage_for
 from pipeline.engine.runner import Runner
+from pipeline.formats.datasets import Config
 from prompts.answers import clean_phrase, parse_answer, validate_phrases
 from tests.llm_server import MISBEHAVIOURS, LLMServer
 

@@ -144,7 +144,7 @@ def test_an_altered_clip_is_a_miss_never_trusted(tmp_path: Path, home: Path) -> 
 
 def test_a_reader_meeting_an_altered_clip_says_rerun_in_one_line(tmp_path: Path, home: Path) -> None:
     from cache.errors import UserError
-    from stages.frames import read_frame_index
+    from stages.artifacts import read_frame_index
 
     config = make_dataset(tmp_path, per_class=2, broken=False)
     assert run_cli("frames", "-d", "toy", "--list", "train", "--config", config, "--home", home).returncode == 0

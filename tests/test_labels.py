@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.formats.datasets import Config
 from cache.errors import UserError
 from pipeline.formats.classlists import display_name, read_class_list
+from pipeline.formats.datasets import Config
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

@@ -13,8 +13,6 @@ from msta.method.adapters import AdapterConfig
 from msta.method.backbone import Backbone, load_backbone
 from msta.method.model import MSTA, AdapterLoadError, VideoCLIP, full_finetune, read_adapter_info
 
-
-
 CLASSES = ["pouring water", "folding paper", "opening a door"]
 TINY_CFG = AdapterConfig(dim=8, layers=(3, 4))
 

@@ -14,9 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from msta.world import pretrain
-
 from msta.world import generate as world
+from msta.world import pretrain
 
 TINY = "msta-test-tiny"
 TINY_CONFIG = {

@@ -9,8 +9,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline import cli
 from cache.errors import error_line, one_line, scrub
+from pipeline import cli
 from tests.llm_server import LLMServer
 
 from .conftest import catalog_rows, cli_env, run_cli

@@ -14,11 +14,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline.commands.dag import TrainOptions, describe_import_request, embed_request, train_request
-from pipeline.formats.datasets import Config
+from pipeline.commands.dag import TrainOptions, describe_import_request, embed_request, stage_for, train_request
 from pipeline.commands.demo import world_descriptions
-from pipeline.commands.dag import stage_for
 from pipeline.engine.runner import Runner
+from pipeline.formats.datasets import Config
 
 from .conftest import ROOT, catalog_rows, cli_env, readme_query, run_cli
 

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from msta.method.fileio import atomic_write_bytes
-from PIL import Image
 
 FORMATS = ("raw", "jpeg")
 # Measured by benchmarks/frames_loader.py (T=8, M=2, short side 256): a jpeg clip is ~14x

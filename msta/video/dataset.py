@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msta.video.clipstore import clip_shape, load_clip
-from msta.video.transforms import CLIP_MEAN, CLIP_STD, test_views, train_transform
 from msta.video.decode import train_indices
+from msta.video.transforms import CLIP_MEAN, CLIP_STD, test_views, train_transform
 
 MODES = ("train", "test")
 

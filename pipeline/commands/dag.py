@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prompts import PROMPT_DIR, template_files
-
-from pipeline.formats.datasets import Dataset
 from cache.errors import UserError
 from pipeline.engine.stage import FileInput, Request, Stage
+from pipeline.formats.datasets import Dataset
+from prompts import PROMPT_DIR, template_files
 
 
 def latest_request(runner: Any, target: str) -> Request | None:

@@ -12,7 +12,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.commands.dag import EvalTarget, TrainOptions, describe_import_request, embed_request, evaluate_request, train_request
+from msta.method.metrics import harmonic_mean
+from pipeline.commands.dag import (
+    EvalTarget,
+    TrainOptions,
+    describe_import_request,
+    embed_request,
+    evaluate_request,
+    train_request,
+)
 from pipeline.formats.datasets import Config
 
 BACKBONE, PRETRAINED = "msta-world", "synthetic-world"
@@ -153,7 +161,7 @@ def _row(arts: dict[str, Any], pairs: set[int], appearance: set[int]) -> dict[st
         row["pairs"] = _acc([r for r in t if r["label"] in pairs])
     if "base" in arts and "novel" in arts:
         b, n = arts["base"].meta["top1"], arts["novel"].meta["top1"]
-        row.update(base=b, novel=n, hm=0.0 if b + n == 0 else 2 * b * n / (b + n))
+        row.update(base=b, novel=n, hm=harmonic_mean(b, n))
     return row
 
 
@@ -180,7 +188,7 @@ def _format(tables: dict[str, list[dict[str, float]]], recipe: DemoRecipe, seeds
             return "-"
         if key == "hm" and len(values) > 1:  # as the authors average: HM of the mean base and mean novel
             b, n = (statistics.mean(100 * r[k] for r in rows) for k in ("base", "novel"))
-            return f"{0.0 if b + n == 0 else 2 * b * n / (b + n):.1f}"
+            return f"{harmonic_mean(b, n):.1f}"
         if len(values) == 1:
             return f"{values[0]:.1f}"
         return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"

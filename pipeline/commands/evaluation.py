@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.commands.dag import EvalTarget, evaluate_request
 from cache.errors import UserError
+from msta.method.metrics import harmonic_mean
+from pipeline.commands.dag import EvalTarget, evaluate_request
 from pipeline.engine.stage import Request
 
 
@@ -71,7 +72,7 @@ def run_evaluation(runner: Any, config: Any, dataset: str, list_name: str | None
             if target.role in ("base", "novel"):
                 metrics[target.role] = (art.meta["top1"], art)
         if len(metrics) == 2:
-            out.append(_harmonic_mean(runner, dataset, sel, metrics))
+            out.append(_record_harmonic_mean(runner, dataset, sel, metrics))
     return out
 
 
@@ -121,19 +122,23 @@ def _test_selected(runner: Any, model: Request, targets: list[Any], dataset: str
         if target.role in ("base", "novel"):
             metrics[target.role] = (art.meta["top1"], art)
     if len(metrics) == 2:
-        out.append(_harmonic_mean(runner, dataset, TEST_SELECTED, metrics))
+        out.append(_record_harmonic_mean(runner, dataset, TEST_SELECTED, metrics))
     return out
 
 
-def _harmonic_mean(runner: Any, dataset: str, sel: str, metrics: dict[str, tuple[float, Any]]) -> tuple[Any, ...]:
+def _record_harmonic_mean(runner: Any, dataset: str, sel: str, metrics: dict[str, tuple[float, Any]]) -> tuple[Any, ...]:
+    from cache.catalog import insert_rows, utcnow
+
     base, art = metrics["base"]
     novel = metrics["novel"][0]
-    hm = 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
+    hm = harmonic_mean(base, novel)
     parent = dataset[: -len("-base")] if dataset.endswith("-base") else dataset
     meta = art.meta
     with runner.catalog.transaction() as con:
         con.execute("DELETE FROM results WHERE run_key=? AND dataset=? AND split='val' AND metric='hm' AND selection=?",
                     [meta["run_key"], parent, sel])
-        con.execute("INSERT INTO results VALUES (?, 'base2novel', ?, 'val', 'hm', ?, ?, ?, ?, NULL, now())",
-                    [meta["run_key"], parent, hm, meta["views"], meta["checkpoint"], sel])
+        insert_rows(con, "results", [{
+            "run_key": meta["run_key"], "protocol": "base2novel", "dataset": parent, "split": "val", "metric": "hm",
+            "value": hm, "views": meta["views"], "checkpoint_digest": meta["checkpoint"], "selection": sel,
+            "created_at": utcnow()}])
     return (parent, "base+novel", sel, "hm", round(hm, 4))

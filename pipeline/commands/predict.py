@@ -74,11 +74,10 @@ def from_export(folder: Path, cfg: dict[str, Any], backbone: str | None, pretrai
                 device: Any) -> Classifier:
     """An exported folder (`cfg`: its config.json, see read_export) on backbone weights whose sha256 must
     be the one it was trained on."""
+    from cache.keys import sha256_file
     from msta.method.backbone import RANDOM_INIT
     from msta.method.registry import BackboneError, canonical_backbone, weights_file
     from stages.artifacts import adapted_model
-
-    from cache.keys import sha256_file
 
     b = cfg["backbone"]
     given = "--pretrained " + pretrained if pretrained else f"the exported {b['pretrained'] or 'random init'}"
@@ -111,9 +110,8 @@ def _same_weights(folder: Path, b: dict[str, Any], got: str, given: str) -> None
 def frozen(backbone: str, pretrained: str | None, config: Any, dataset: str | None, device: Any) -> Classifier:
     """The frozen CLIP (frame-mean zero-shot); `dataset` gives the class names and test views."""
     from msta.method.model import DEFAULT_TEMPLATE, VideoCLIP
-
-    from pipeline.formats.datasets import VideoSettings
     from pipeline.formats.classlists import read_class_list
+    from pipeline.formats.datasets import VideoSettings
 
     loaded = _backbone(backbone, pretrained, device)
     ds = config.dataset(dataset) if dataset else None

@@ -13,6 +13,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from msta.method.metrics import harmonic_mean
+
 PAPER_FEW_SHOT = {"hmdb51": (61.2, 62.3, 67.1, 70.4), "ucf101": (86.1, 90.2, 92.7, 94.8), "ssv2": (9.1, 10.4, 13.3, 17.5)}
 PAPER_B2N = {"k400": (77.2, 65.9, 72.0), "hmdb51": (77.5, 57.0, 66.3), "ucf101": (96.0, 73.0, 82.9),
              "ssv2": (21.5, 14.9, 18.9)}
@@ -55,7 +57,7 @@ def _hm_of_means(base: list[float], novel: list[float]) -> str:
     if not base or not novel:
         return ""
     b, n = statistics.mean(base), statistics.mean(novel)
-    return f"{100 * (0.0 if b + n == 0 else 2 * b * n / (b + n)):.1f}"
+    return f"{100 * harmonic_mean(b, n):.1f}"
 
 
 def authors_section(logs: list[Any]) -> list[str]:
@@ -72,7 +74,7 @@ def authors_section(logs: list[Any]) -> list[str]:
             by_dataset[log.dataset]["novel"].append(log.accuracies[-1][0])
     for dataset, m in sorted(by_dataset.items()):
         base, novel = statistics.mean(m["base"]), statistics.mean(m["novel"]) if m["novel"] else float("nan")
-        hm = 2 * base * novel / (base + novel)
+        hm = harmonic_mean(base, novel)
         out.append(f"| base-to-novel | {dataset} | {len(m['base'])} seeds | base {base:.1f}, novel {novel:.1f}, "
                    f"HM {hm:.1f} (HM of the means) | |")
     return out + [""]

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cache.catalog import rows_as_dicts
-
 from cache.errors import UserError
 from pipeline.engine.stage import Artifact, Request
 
@@ -57,7 +56,7 @@ def trained_run(runner: Any, dataset: str | None, run: str | None) -> TrainedRun
         found = {r["digest"]: r for r in rows_as_dicts(
             con, "SELECT * FROM artifacts WHERE digest IN (?, ?)", [row["output"], digests["classes"]])}
     artifact, classes = (_intact(runner, found.get(d), row["key"]) for d in (row["output"], digests["classes"]))
-    from stages.labels import read_classes
+    from stages.artifacts import read_classes
 
     return TrainedRun(row["key"], Request.from_json(json.loads(row["request"])), artifact, read_classes(classes),
                       digests)

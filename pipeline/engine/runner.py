@@ -15,13 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache.catalog import Catalog, rows_as_dicts, utcnow
-from cache.store import Store, table_digest, write_parquet, atomic_write_bytes
+from cache.catalog import Catalog, insert_rows, rows_as_dicts, utcnow
 from cache.errors import UserError, error_line, one_line
+from cache.keys import canonical_json, digest_value, sha256_bytes, sha256_file
 from cache.lock import HomeLock
-from cache.keys import canonical_json, sha256_bytes, sha256_file, digest_value
-from pipeline.engine.stage import (Artifact, Context, FileDigest, FileInput, Output, Request, Resolved, Stage,
-                                   StageFailed)
+from cache.store import Store, atomic_write_bytes, table_digest, write_parquet
+from pipeline.engine.stage import (
+    Artifact,
+    Context,
+    FileDigest,
+    FileInput,
+    Output,
+    Request,
+    Resolved,
+    Stage,
+    StageFailed,
+)
 
 StageTable = Callable[[str], Stage]  # stage name -> its implementation, supplied by the app layer
 
@@ -73,8 +82,8 @@ class Runner:
             digest = sha256_file(path)
             if st.st_size > (8 << 20):
                 with self.catalog.transaction() as con:
-                    con.execute("INSERT OR REPLACE INTO file_digests VALUES (?, ?, ?, ?)",
-                                [*memo_key, digest])
+                    insert_rows(con, "file_digests", [{"path": memo_key[0], "size": memo_key[1],
+                                                       "mtime_ns": memo_key[2], "sha256": digest}], "OR REPLACE")
         self._file_memo[memo_key] = digest
         return digest
 
@@ -300,9 +309,10 @@ class Runner:
         artifact = Artifact(digest, output.kind, path, dict(output.meta))
         file_sha = sha256_file(path)
         with self.catalog.transaction() as con:
-            con.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [digest, output.kind, self.store.relative(path), file_sha,
-                         path.stat().st_size, utcnow(), json.dumps(dict(output.meta), default=str)])
+            insert_rows(con, "artifacts", [{
+                "digest": digest, "kind": output.kind, "path": self.store.relative(path), "file_sha256": file_sha,
+                "bytes": path.stat().st_size, "created_at": utcnow(),
+                "meta": json.dumps(dict(output.meta), default=str)}], "OR REPLACE")
             con.execute("""UPDATE runs SET status=?, output=?, finished_at=?, seconds=?, error=?, summary=?
                            WHERE run_id=?""",
                         [status, digest, utcnow(), seconds, error,
