@@ -5,7 +5,6 @@ connections live only as long as one transaction: a long stage never blocks `mst
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,6 +16,7 @@ from typing import Any
 import duckdb
 
 from cache.errors import UserError
+from cache.lock import lock_wait_seconds
 from cache.schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS, SCHEMA_VERSION
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
@@ -26,8 +26,7 @@ class Catalog:
     def __init__(self, home: Path, wait_seconds: float | None = None) -> None:
         self.home = home
         self.path = home / "catalog.duckdb"
-        # MSTA_LOCK_WAIT: how long to wait for another process's hold on the file before giving up
-        self.wait_seconds = wait_seconds if wait_seconds is not None else float(os.environ.get("MSTA_LOCK_WAIT", 10))
+        self.wait_seconds = wait_seconds if wait_seconds is not None else lock_wait_seconds()
         self._migrated = False
 
     def exists(self) -> bool:

@@ -4,11 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
-
-_CHUNK = 1 << 20
 
 
 def _normalise(value: Any) -> Any:
@@ -45,16 +42,3 @@ def sha256_bytes(data: bytes) -> str:
 def digest_value(value: Any) -> str:
     return sha256_text(canonical_json(value))
 
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What the frame cache treats as a video's identity: path, size and mtime (no content hash)."""
-    st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

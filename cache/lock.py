@@ -16,10 +16,16 @@ from types import TracebackType
 from cache.errors import UserError
 
 
+def lock_wait_seconds() -> float:
+    """How long a process waits for another's hold on the home or the catalog before giving up
+    (MSTA_LOCK_WAIT, seconds)."""
+    return float(os.environ.get("MSTA_LOCK_WAIT", 10))
+
+
 class HomeLock:
     def __init__(self, home: Path, wait_seconds: float | None = None) -> None:
         self.path = home / "lock"
-        self.wait_seconds = wait_seconds if wait_seconds is not None else float(os.environ.get("MSTA_LOCK_WAIT", 5))
+        self.wait_seconds = wait_seconds if wait_seconds is not None else lock_wait_seconds()
         self._fd: int | None = None
 
     def acquire(self) -> None:

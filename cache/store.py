@@ -7,45 +7,22 @@ worst an orphan temporary (removed by `gc`) or an unregistered file (rewritten b
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from cache.keys import canonical_json, sha256_bytes, sha256_file
+from cache.keys import canonical_json, sha256_bytes
 
-TMP_PREFIX = ".tmp-"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through `write(fileobj)` into a temp file beside `path`, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # write() on a full disk names no file
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+# The one atomic writer and file digest, shared with the model package (which imports nothing of
+# cache/); re-exported here so that the engine and the stages reach files through cache/ alone.
+from msta.fileio import TMP_PREFIX as TMP_PREFIX
+from msta.fileio import atomic_write as atomic_write
+from msta.fileio import atomic_write_bytes as atomic_write_bytes
+from msta.fileio import sha256_file as sha256_file
 
 
 def table_digest(table: pa.Table) -> str:

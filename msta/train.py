@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from msta.fileio import atomic_write_bytes, safetensors_digest
 from msta.inference import embed_views, view_scores
-from msta.method.fileio import atomic_write_bytes, safetensors_digest
 from msta.method.losses import msta_loss
 from msta.method.model import MSTA, VideoCLIP
 from msta.method.runtime import autocast

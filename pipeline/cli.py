@@ -150,17 +150,15 @@ def describe(
             raise UserError("--from-file holds one kind of description: pass --kind spatial or --kind temporal", 2)
         requests = [describe_import_request(runner, ds, kind, from_file, n, pdir)]
     else:
-        from prompts.llm import normalise_endpoint
+        from prompts.llm import normalise_endpoint, resolve_api_key
 
         url = base_url or os.environ.get("OPENAI_BASE_URL")
         try:
             endpoint = normalise_endpoint(url)
         except ValueError as exc:
             raise UserError(str(exc), 2) from None
-        if not dry_run and not url and not os.environ.get("OPENAI_API_KEY"):
-            raise UserError("no LLM endpoint configured: set OPENAI_API_KEY (OpenAI) or pass --base-url / "
-                            "OPENAI_BASE_URL for another OpenAI-compatible server; or import descriptions "
-                            "with --from-file", 2)
+        if not dry_run:
+            resolve_api_key(bool(url))  # fails before anything runs when no endpoint can be reached
         opts = LLMOptions(model=os.environ.get("MSTA_LLM_MODEL", model) if model == "gpt-4o-mini" else model,
                           endpoint=endpoint, base_url_given=bool(url), n=n or 2, temperature=temperature,
                           max_tokens=max_tokens, seed=seed, max_reasks=max_reasks, concurrency=concurrency,
@@ -295,8 +293,9 @@ def _resolve_device(device: str, precision: str) -> tuple[str, str]:
 @app.command()
 def train(
     ctx: typer.Context,
-    stage: Annotated[str, typer.Option(help="adapter (MSTA), full (full fine-tuning baseline) or pretrain "
-                                       "(contrastive pre-training of a tiny CLIP on the synthetic world)")] = "adapter",
+    method: Annotated[str, typer.Option("--method", "--stage", help="What to train: adapter (MSTA), full (the full "
+                                        "fine-tuning baseline) or pretrain (contrastive pre-training of a tiny CLIP "
+                                        "on the synthetic world). --stage is the same flag")] = "adapter",
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Training dataset (source dataset "
                        "for zero-shot; the parent name, e.g. ssv2, for base2novel)", show_default=False)] = None,
     protocol: Annotated[str, typer.Option(help="few-shot, base2novel, zero-shot or fully-supervised")] = "few-shot",
@@ -386,36 +385,32 @@ def train(
                      heldout_per_class=heldout_per_class, frame_pool=frame_pool, workers=workers, lr=lr,
                      temporal_lr_mult=temporal_lr_mult, weight_decay=weight_decay, alpha=alpha,
                      adapter_scale=adapter_scale, hflip=hflip), TRAIN_LIMITS)
-    if stage == "pretrain":
+    if method == "pretrain":
         _pretrain(backbone, steps, batch_size or 128, lr, seed, device, out, force, dry_run, no_progress, home)
         return
-    if stage not in ("adapter", "full"):
-        raise UserError("--stage must be adapter, full or pretrain", 2)
+    if method not in ("adapter", "full"):
+        raise UserError("--method must be adapter, full or pretrain", 2)
     if dataset is None:
-        raise UserError("--dataset is required for --stage adapter/full", 2)
-    if only not in (None, "vision", "text"):
-        raise UserError("--only must be vision or text", 2)
-    from msta.method.adapters import AdapterConfig, parse_layers
+        raise UserError("--dataset is required for --method adapter/full", 2)
     from msta.method.backbone import BackboneError, check_adapter_fit
 
     backbone, pretrained = _backbone(backbone, pretrained)
     if "{}" not in template:
         raise UserError(f"--template {template!r} needs a {{}} where the class name goes", 2)
-    try:
-        adapter = AdapterConfig(dim=adapter_dim, layers=parse_layers(adapter_layers), scale=adapter_scale,
-                                shared=not no_shared, temporal=not no_temporal, temporal_branch=temporal_branch,
-                                towers=only or "both")
-        if stage == "adapter":
+    adapter = _adapter_config(adapter_dim, adapter_layers, temporal_branch, no_temporal, no_shared, only,
+                              adapter_scale)
+    if method == "adapter":
+        try:
             check_adapter_fit(backbone, adapter)
-    except (ValueError, BackboneError) as exc:
-        raise UserError(str(exc), 2) from None
+        except (ValueError, BackboneError) as exc:
+            raise UserError(str(exc), 2) from None
     device, precision = _resolve_device(device, precision)
-    opts = TrainOptions(protocol=protocol, method=stage, shots=shots, split_seed=split, draw=draw_shots, seed=seed,
+    opts = TrainOptions(protocol=protocol, method=method, shots=shots, split_seed=split, draw=draw_shots, seed=seed,
                         epochs=epochs,
                         lr=lr, temporal_lr_mult=temporal_lr_mult, weight_decay=weight_decay,
                         warmup_epochs=warmup_epochs, batch_size=batch_size or 32,
                         micro_batch=micro_batch, frames=frames, frame_pool=frame_pool,
-                        adapter=tuple(sorted(adapter.to_dict().items())) if stage == "adapter" else (),
+                        adapter=tuple(sorted(adapter.to_dict().items())) if method == "adapter" else (),
                         alpha=0.0 if no_consistency else alpha, n_descriptions=n_descriptions, backbone=backbone,
                         pretrained=pretrained, device=device, precision=precision, hflip=hflip,
                         heldout_per_class=heldout_per_class, deterministic=deterministic, template=template,
@@ -430,7 +425,7 @@ def train(
             _print_resolved(req, recipe)
         art = _train_materialise(runner, home, req, force, dry_run)
         if art is not None and int(os.environ.get("RANK", "0")) == 0:
-            typer.echo(f"adapters: {art.path}" if stage == "adapter" else f"weights: {art.path}")
+            typer.echo(f"adapters: {art.path}" if method == "adapter" else f"weights: {art.path}")
             if art.meta.get("best_epoch"):
                 typer.echo(f"best held-out epoch {art.meta['best_epoch']} (accuracy {art.meta['best_heldout_acc']:.3f})")
 
@@ -600,17 +595,28 @@ def params(
     Built with random weights (no download): `--backbone ViT-B-16 --adapter-dim 128 --adapter-layers 8-12`
     gives the authors' logged 1,744,000; `--adapter-dim 256 --adapter-layers 1-12` the paper's 8.7 M.
     """
-    from msta.method.adapters import AdapterConfig, parse_layers
     from msta.method.backbone import BackboneError
     from msta.method.params import format_parameter_table, parameter_table
+
+    cfg = _adapter_config(adapter_dim, adapter_layers, temporal_branch, no_temporal, no_shared, only)
+    try:
+        typer.echo(format_parameter_table(parameter_table(backbone, cfg)))
+    except (ValueError, BackboneError) as exc:
+        raise UserError(str(exc), 2) from None
+
+
+def _adapter_config(dim: int, layers: str, temporal_branch: str, no_temporal: bool, no_shared: bool,
+                    only: str | None, scale: float | None = None) -> Any:
+    """The adapter flags of `train` and `params` as one checked AdapterConfig."""
+    from msta.method.adapters import AdapterConfig, parse_layers
 
     if only not in (None, "vision", "text"):
         raise UserError("--only must be vision or text", 2)
     try:
-        cfg = AdapterConfig(dim=adapter_dim, layers=parse_layers(adapter_layers), shared=not no_shared,
-                            temporal=not no_temporal, temporal_branch=temporal_branch, towers=only or "both")
-        typer.echo(format_parameter_table(parameter_table(backbone, cfg)))
-    except (ValueError, BackboneError) as exc:
+        return AdapterConfig(dim=dim, layers=parse_layers(layers), shared=not no_shared, temporal=not no_temporal,
+                             temporal_branch=temporal_branch, towers=only or "both",
+                             **({} if scale is None else {"scale": scale}))
+    except ValueError as exc:
         raise UserError(str(exc), 2) from None
 
 

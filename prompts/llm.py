@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from cache.catalog import Catalog, insert_rows, utcnow
-from cache.errors import one_line, register_secret
+from cache.errors import UserError, one_line, register_secret
 from cache.keys import digest_value
 
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"
@@ -75,7 +75,7 @@ def response_format(mode: str, n: int) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Sampling:
+class LLMSampling:
     temperature: float
     max_tokens: int
     seed: int | None
@@ -84,7 +84,7 @@ class Sampling:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens, "seed": self.seed}
 
 
-def request_key(endpoint: str, model: str, messages: Sequence[Mapping[str, str]], sampling: Sampling,
+def request_key(endpoint: str, model: str, messages: Sequence[Mapping[str, str]], sampling: LLMSampling,
                 fmt: Mapping[str, Any]) -> str:
     return digest_value({"endpoint": endpoint, "model": model, "messages": list(messages),
                          "sampling": sampling.to_dict(), "response_format": dict(fmt)})
@@ -199,7 +199,7 @@ def recover_journals(catalog: Catalog, journal_dir: Path) -> tuple[int, int]:
 class LLMClient:
     """Sync `openai` client (thread-safe) with our own retry loop, so each attempt is recorded."""
 
-    def __init__(self, endpoint: str, model: str, api_key: str, sampling: Sampling,
+    def __init__(self, endpoint: str, model: str, api_key: str, sampling: LLMSampling,
                  recorder: Recorder, timeout: float = 60.0, http_retries: int = 5) -> None:
         from openai import OpenAI
 
@@ -335,3 +335,14 @@ def _sleep_before_retry(attempt: int, retry_after: str | None) -> None:
         wait = min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.random())  # jitter spreads a herd of 429s
     time.sleep(min(wait, 30.0))
 
+
+def resolve_api_key(base_url_given: bool) -> str:
+    """The key sent to the endpoint: OPENAI_API_KEY, or a placeholder for a server named by --base-url."""
+    key = os.environ.get("OPENAI_API_KEY", "")
+    if key:
+        return key
+    if base_url_given:
+        return "not-needed"  # local servers (llama.cpp, vLLM, Ollama) accept any key
+    raise UserError("no LLM endpoint configured: set OPENAI_API_KEY for OpenAI, or pass --base-url "
+                    "(or OPENAI_BASE_URL) for another OpenAI-compatible server, or import descriptions "
+                    "with --from-file", 2)

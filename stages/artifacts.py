@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from cache.catalog import Catalog
 from cache.errors import UserError
-from cache.keys import sha256_file
+from cache.store import sha256_file
 from pipeline.engine.stage import Artifact, Resolved, artifact_of
 from prompts import KINDS
 

@@ -6,7 +6,6 @@ request, itself cached), so a rerun replays the whole exchange without sending a
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -36,12 +35,13 @@ from prompts.answers import Description, parse_answer, validate_phrases, validat
 from prompts.llm import (
     LLMClient,
     LLMError,
+    LLMSampling,
     Recorder,
-    Sampling,
     SchemaRejected,
     endpoint_host,
     recover_journals,
     request_key,
+    resolve_api_key,
     response_format,
 )
 from stages.artifacts import read_classes
@@ -104,7 +104,7 @@ class DescribeStage(Stage):
         from tqdm import tqdm
 
         p = req.params
-        api_key = resolve_api_key(p["endpoint"], req.locators.get("base_url_given", False))
+        api_key = resolve_api_key(req.locators.get("base_url_given", False))
         journal = ctx.home / "journal"
         recovered, damaged = recover_journals(ctx.catalog, journal)
         if recovered or damaged:
@@ -122,7 +122,7 @@ class DescribeStage(Stage):
         if ctx.forced:  # describe --force: what was learned about the endpoint may be out of date
             row = None
         mode = None if row is None else ("json_schema" if row[0] else "json_object")
-        sampling = Sampling(p["temperature"], p["max_tokens"], p["seed"])
+        sampling = LLMSampling(p["temperature"], p["max_tokens"], p["seed"])
         recorder = Recorder(ctx.catalog, journal)
         client = LLMClient(p["endpoint"], p["model"], api_key, sampling, recorder,
                            timeout=req.locators.get("timeout", 60.0))
@@ -256,7 +256,7 @@ class _Conversation:
         self.system, self.user, self.reask = (_template(env, path_of(inputs[name]), variables)
                                               for name in ("template:system", f"template:{kind}", "template:reask"))
         self.frame, self.counter, self.client, self.cache = frame, counter, client, cache
-        self.sampling = Sampling(self.p["temperature"], self.p["max_tokens"], self.p["seed"])
+        self.sampling = LLMSampling(self.p["temperature"], self.p["max_tokens"], self.p["seed"])
 
     def _first_messages(self, name: str) -> list[dict[str, str]]:
         n, kind = self.p["n"], self.p["kind"]
@@ -337,17 +337,6 @@ def refuse_shared_names(classes: Sequence[tuple[int, str, str]]) -> None:
                          for name, ids in clashes[:5])
         raise UserError(f"classes whose names differ only in case, spaces or underscores would get the same "
                         f"descriptions: {said}; rename them in the class list", 2)
-
-
-def resolve_api_key(endpoint: str, base_url_given: bool) -> str:
-    key = os.environ.get("OPENAI_API_KEY", "")
-    if key:
-        return key
-    if base_url_given:
-        return "not-needed"  # local servers (llama.cpp, vLLM, Ollama) accept any key
-    raise UserError("no LLM endpoint configured: set OPENAI_API_KEY for OpenAI, or pass --base-url "
-                    "(or OPENAI_BASE_URL) for another OpenAI-compatible server, or import descriptions "
-                    "with --from-file", 2)
 
 
 def read_description_file(path: Path, classes: list[tuple[int, str]]) -> dict[int, Any]:

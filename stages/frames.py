@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 
 from cache.catalog import Catalog, insert_rows, utcnow
 from cache.errors import UserError
-from cache.keys import digest_value, sha256_file
+from cache.keys import digest_value
+from cache.store import sha256_file
 from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
 from pipeline.formats.videolists import draw_per_class, read_video_list, resolve_videos
 from stages.artifacts import clip_intact, read_classes, registered_clips

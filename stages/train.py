@@ -13,7 +13,7 @@ from typing import Any
 
 from cache.catalog import insert_rows
 from cache.errors import UserError
-from cache.keys import sha256_file
+from cache.store import sha256_file
 from pipeline.engine.stage import Context, Output, Request, Resolved, Stage, artifact_of
 from pipeline.formats.plots import plot_curves
 from stages.artifacts import read_class_embeddings, read_classes, read_frame_index
@@ -27,12 +27,12 @@ class TrainStage(Stage):
         tag = {"few-shot": f"k{p['shots']}", "base2novel": f"s{p['split_seed']}"}.get(p["protocol"], "")
         return f"train:{p['method']}:{p['dataset']}:{p['protocol']}{':' + tag if tag else ''}"
 
-    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
+    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output | None:
         import torch
 
+        from msta.fileio import safetensors_digest
         from msta.method.adapters import AdapterConfig
         from msta.method.backbone import BackboneError, load_backbone
-        from msta.method.fileio import safetensors_digest
         from msta.method.model import MSTA, full_finetune
         from msta.method.runtime import init_distributed, resolve_device, seed_everything, set_deterministic
         from msta.train import Recipe, RecipeError, Targets, Trainer, snapshot_epochs
@@ -83,7 +83,7 @@ class TrainStage(Stage):
                           resume=not ctx.forced, on_epoch=on_epoch, echo=ctx.echo,
                           progress=ctx.option("progress", True), desc=f"train {p['dataset']}")
         if fit is None:  # a non-zero rank under torchrun: rank 0 writes and registers
-            return None  # type: ignore[return-value]
+            return None
 
         def described(path: Path) -> dict[str, str]:
             # Relative to the home, so that a copied or moved home reads its own files.

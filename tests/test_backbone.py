@@ -190,8 +190,8 @@ def test_pretrained_tag_loads_from_the_local_hf_cache(
 
 
 def test_shipped_weights_by_short_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: Backbone) -> None:
-    assert backbone_module.SHIPPED_WEIGHTS["synthetic-world"] == ("msta-world", "synthetic-world.safetensors")
-    monkeypatch.setitem(backbone_module.SHIPPED_WEIGHTS, "tiny-demo", ("msta-tiny", "tiny-demo.safetensors"))
+    assert backbone_module.SHIPPED["synthetic-world"] == ("msta-world", "synthetic-world.safetensors")
+    monkeypatch.setitem(backbone_module.SHIPPED, "tiny-demo", ("msta-tiny", "tiny-demo.safetensors"))
     monkeypatch.setattr(backbone_module, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(BackboneError, match="'tiny-demo' are not in this installation"):
         load_backbone("msta-tiny", "tiny-demo")

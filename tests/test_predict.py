@@ -121,7 +121,7 @@ def test_predict_refuses_other_backbone_weights_and_bad_input(trained: Path, exp
     other.write_bytes(b"not the weights it was trained on")
     r = run_cli("predict", clip, "--model", out, "--pretrained", other, "--home", trained, "--no-progress")
     assert r.returncode == 2 and "random-init:seed0" in r.stderr, r.stderr
-    from cache.keys import sha256_file
+    from cache.store import sha256_file
 
     assert sha256_file(other) in r.stderr and len(r.stderr.strip().splitlines()) == 1
     (out / "adapters.safetensors").unlink()

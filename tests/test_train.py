@@ -47,6 +47,23 @@ def prepared_home(home: Path, world: Path, datasets: tuple[str, ...] = ("world",
 
 
 
+def test_a_new_train_option_enters_the_key_without_being_copied(home: Path, world: Path) -> None:
+    from dataclasses import field, make_dataclass, replace
+
+    extended = make_dataclass("Extended", [("label_smoothing", float, field(default=0.0))], bases=(TrainOptions,),
+                              frozen=True)
+    runner = Runner(home, stage_for, {"progress": False}, echo=lambda s: None)
+    config = Config(world / "msta.toml")
+    opts = extended(protocol="few-shot", shots=2, draw=True, alpha=0.0, backbone="msta-tiny")
+    a = train_request(runner, config, config.dataset("world"), opts)
+    b = train_request(runner, config, config.dataset("world"), replace(opts, label_smoothing=0.1))
+    assert a.params["label_smoothing"] == 0.0 and runner.key_of(a, {}) != runner.key_of(b, {})
+    # Locators and the fields that only choose inputs stay out of the params.
+    faster = train_request(runner, config, config.dataset("world"), replace(opts, workers=7, frame_workers=3))
+    assert runner.key_of(faster, {}) == runner.key_of(a, {}) and faster.locators["workers"] == 7
+    assert not {"workers", "frame_workers", "draw", "heldout_per_class", "hflip"} & set(a.params)
+
+
 def test_training_never_runs_the_frozen_description_branch(home: Path, world: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import open_clip.model

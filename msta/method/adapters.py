@@ -316,14 +316,6 @@ class AttachedAdapters:
         finally:
             self.state.num_frames = previous
 
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        previous, self.state.enabled = self.state.enabled, False
-        try:
-            yield
-        finally:
-            self.state.enabled = previous
-
 
 def vision_transformer(model: nn.Module) -> nn.Module:
     visual = getattr(model, "visual", None)

@@ -3,7 +3,7 @@
 Weights come from (in the order `load_backbone` tries them):
 - nothing (random init: parameter counting, benchmarks);
 - `local-dir:PATH`, open_clip's folder form (open_clip_config.json + one weights file);
-- a short name of weights shipped in this package (`SHIPPED_WEIGHTS`);
+- a short name of weights shipped in this package (`SHIPPED`);
 - a local checkpoint file (.safetensors, or .pt/.pth/.bin readable with torch.load(weights_only=True));
 - an open_clip pretrained tag, only when its file is already in the local HF or open_clip cache:
   nothing is ever downloaded (the machines this project is built on have no internet, and a
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msta.fileio import sha256_file
 from msta.method import viclip
 from msta.method.adapters import AdapterConfig, adapters_disabled, text_transformer, vision_transformer
 from msta.method.registry import (
@@ -48,8 +48,6 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # msta/: configs/ and weights
 CONFIG_DIR = PACKAGE_DIR / "configs"
 RANDOM_INIT_SEED = 0
 RANDOM_INIT = f"random-init:seed{RANDOM_INIT_SEED}"
-# Short name -> (model config, file in msta/weights/).
-SHIPPED_WEIGHTS = SHIPPED  # short name -> (model config, file under msta/weights)
 # Entries in OpenAI's TorchScript checkpoints that are not parameters (open_clip drops them too).
 # They survive `torch.jit.load(f).state_dict()`, so they also mark OpenAI weights converted to
 # safetensors: those were trained with QuickGELU, which open_clip enables only through its
@@ -73,14 +71,6 @@ class BackboneIdentity:
 
 def known_models() -> list[str]:
     return open_clip.list_models() + list(viclip.CONFIGS)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Backbone:
@@ -303,8 +293,8 @@ class _Plan:
 
 
 def _plan(name: str, pretrained: str) -> _Plan:
-    if not name and pretrained in SHIPPED_WEIGHTS:
-        name = SHIPPED_WEIGHTS[pretrained][0]  # shipped weights name their architecture
+    if not name and pretrained in SHIPPED:
+        name = SHIPPED[pretrained][0]  # shipped weights name their architecture
     name, pretrained = canonical_backbone(name, pretrained)
     if name.startswith(LOCAL_DIR):
         folder = Path(name.removeprefix(LOCAL_DIR))
@@ -314,8 +304,8 @@ def _plan(name: str, pretrained: str) -> _Plan:
         raise _unknown_model(name)
     if not pretrained:
         return _Plan(name, name, "", None, {})
-    if pretrained in SHIPPED_WEIGHTS:
-        config, filename = SHIPPED_WEIGHTS[pretrained]
+    if pretrained in SHIPPED:
+        config, filename = SHIPPED[pretrained]
         if name != config:
             raise BackboneError(f"pretrained {pretrained!r} is for model {config!r}, not {name!r}")
         path = WEIGHTS_DIR / filename
@@ -339,7 +329,7 @@ def _plan_tag(name: str, tag: str) -> _Plan:
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise BackboneError(
             f"{tag!r} is neither a file nor a pretrained tag of {name!r}. "
-            f"Tags of {name!r}: {', '.join(tags) or 'none'}; shipped weights: {', '.join(SHIPPED_WEIGHTS)}."
+            f"Tags of {name!r}: {', '.join(tags) or 'none'}; shipped weights: {', '.join(SHIPPED)}."
         )
     cached = _cached_tag_file(tag_cfg)
     if cached is None:
@@ -436,7 +426,7 @@ def _load_viclip(name: str, pretrained: str, device: torch.device) -> Backbone:
     digest = RANDOM_INIT
     if path is not None:
         viclip.load_released(model, state, str(path), name)
-        digest = file_sha256(path)
+        digest = sha256_file(path)
     model.to(device)
     tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)  # OpenAI's BPE, as InternVid's
     identity = BackboneIdentity(name=name, pretrained=pretrained, weights_digest=digest,
@@ -472,7 +462,7 @@ def load_backbone(
         _load_weights(model, state, plan.checkpoint, plan.identity_name)
         if activation_warning:
             warnings.warn(activation_warning, ActivationWarning, stacklevel=2)
-        digest = file_sha256(plan.checkpoint)
+        digest = sha256_file(plan.checkpoint)
         model.to(device)
     tokenizer = open_clip.get_tokenizer(plan.model_name)
     identity = BackboneIdentity(

@@ -7,10 +7,8 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msta.fileio import atomic_write_bytes
 from msta.method.adapters import AdapterConfig, attach_adapters
 from msta.method.backbone import Backbone, BackboneError
-from msta.method.fileio import atomic_write_bytes
 
 DEFAULT_TEMPLATE = "a video of {}."
 ADAPTER_FORMAT = "msta-adapters/1"
@@ -138,12 +136,6 @@ class MSTA(VideoCLIP):
     def encode_frames(self, frames: torch.Tensor, num_frames: int) -> torch.Tensor:
         with self.adapters.frames(num_frames):
             return self.clip.encode_image(frames)
-
-    @contextlib.contextmanager
-    def adapters_disabled(self) -> Iterator[None]:
-        """The frozen CLIP on the same object (e.g. the frame-mean zero-shot baseline)."""
-        with self.adapters.disabled():
-            yield
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.adapters.parameters()

@@ -1,4 +1,4 @@
-"""Device, precision, distributed and seeding helpers for the training stage."""
+"""Device, precision, distributed and seeding helpers for training and inference."""
 from __future__ import annotations
 
 import contextlib
@@ -65,20 +65,9 @@ def init_distributed() -> tuple[int, int, int]:
     return ctx.rank, ctx.world_size, ctx.local_rank
 
 
-def is_main_process() -> bool:
-    if dist.is_initialized():
-        return dist.get_rank() == 0
-    return DistributedContext.from_env().rank == 0
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from msta.method.fileio import atomic_write_bytes
+from msta.fileio import atomic_write_bytes
 
 FORMATS = ("raw", "jpeg")
 # Measured by benchmarks/frames_loader.py (T=8, M=2, short side 256): a jpeg clip is ~14x

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from msta.video import augment
 from msta.video.clipstore import clip_shape, load_clip
 from msta.video.decode import train_indices
 from msta.video.transforms import CLIP_MEAN, CLIP_STD, test_views, train_transform
@@ -42,12 +43,12 @@ class ClipDataset(Dataset):
         mode: str,
         size: int,
         seed: int = 0,
-        hflip: float = 0.5,
+        hflip: float = augment.HFLIP,
         crops: int = 3,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
-        color_jitter: float = 0.8,
-        grayscale: float = 0.2,
+        color_jitter: float = augment.COLOR_JITTER,
+        grayscale: float = augment.GRAYSCALE,
         frames: int | None = None,
     ) -> None:
         if mode not in MODES:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 
+from msta.video import augment
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SCALES = (1.0, 0.875, 0.75, 0.66)
@@ -51,10 +53,10 @@ def sample_train_params(
     width: int,
     size: int,
     generator: torch.Generator,
-    hflip: float = 0.5,
+    hflip: float = augment.HFLIP,
     scales: Sequence[float] = SCALES,
-    color_jitter_p: float = 0.8,
-    grayscale_p: float = 0.2,
+    color_jitter_p: float = augment.COLOR_JITTER,
+    grayscale_p: float = augment.GRAYSCALE,
 ) -> TrainParams:
     """Draw the parameters for a (height, width) clip. Every draw is made whatever the
     probabilities, so changing one probability does not change the other choices."""
@@ -94,10 +96,10 @@ def train_transform(
     clip_uint8: Clip,
     size: int,
     generator: torch.Generator,
-    hflip: float = 0.5,
+    hflip: float = augment.HFLIP,
     scales: Sequence[float] = SCALES,
-    color_jitter_p: float = 0.8,
-    grayscale_p: float = 0.2,
+    color_jitter_p: float = augment.COLOR_JITTER,
+    grayscale_p: float = augment.GRAYSCALE,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
 ) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from tqdm import tqdm
 
+from msta.fileio import atomic_write_bytes
 from msta.world import generate as world
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -300,25 +301,11 @@ def pretrain(config_name: str = DEFAULT_CONFIG, steps: int = 1000, batch_size: i
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the destination folder, fsync, rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path,
                     metadata: dict[str, str] | None = None) -> None:
     """Store as float16 safetensors: the 49408-row token embedding dominates the size."""
     tensors = {k: v.to(torch.float16).contiguous() for k, v in state_dict.items()}
-    _atomic_write(Path(path), save(tensors, metadata=metadata))
+    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
 
 
 def load_world_clip(path: str | Path = DEFAULT_WEIGHTS, config_name: str = DEFAULT_CONFIG,
@@ -438,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     evaluation = _evaluate_file(out, args.config, args.seed, args.eval_images,
                                 args.zero_shot_videos)
     record = _record(args, metrics, out, evaluation, load_before)
-    _atomic_write(out.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
     summary = ("wall_seconds", "retrieval_top1", "retrieval_chance", "file_bytes")
     print(json.dumps({k: record[k] for k in summary}))
     zero_shot = evaluation["frame_mean_zero_shot"]

@@ -11,7 +11,7 @@ very same request the user made.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -151,14 +151,22 @@ def frames_request(runner: Any, ds: Dataset, list_name: str, mode: str, selectio
 PROTOCOLS = ("few-shot", "base2novel", "zero-shot", "fully-supervised")
 
 
+# How a TrainOptions field enters the key when not as itself.
+THROUGH_INPUTS = {"key": "inputs"}  # it chooses an input (a list, a draw), whose own key holds it
+RESOLVED = {"key": "resolved"}      # `train_request` keys its resolved value under another name
+LOCATOR = {"key": "locator"}        # how fast to go, never what comes out
+
+
 @dataclass(frozen=True)
 class TrainOptions:
-    """Every flag of `train --stage adapter|full`; all but the locators enter the stage key."""
+    """Every flag of `train`. Each field enters the train stage's key as it is (see `key_params`)
+    unless its metadata says how it enters otherwise: through an input's key, a resolved value, or
+    not at all (a locator). A new field therefore changes the key without anyone copying it."""
     protocol: str
     method: str = "adapter"
     shots: int | None = None
     split_seed: int = 1          # base2novel: official split N (list train_sN); drawn lists: the draw
-    draw: bool = False           # draw the shots when the protocol's official list is missing
+    draw: bool = field(default=False, metadata=THROUGH_INPUTS)  # draw the shots when the official list is missing
     seed: int = 2048             # training seed (the authors' 2048), independent of the split
     epochs: int = 50
     lr: float = 1e-3
@@ -177,12 +185,12 @@ class TrainOptions:
     pretrained: str | None = None
     device: str = "cpu"
     precision: str = "fp32"
-    hflip: float | None = None
-    heldout_per_class: int = 2
+    hflip: float | None = field(default=None, metadata=RESOLVED)  # None: the dataset's; keyed in `augment`
+    heldout_per_class: int = field(default=2, metadata=THROUGH_INPUTS)
     deterministic: bool = False
     template: str = "a video of {}."
-    workers: int = 2
-    frame_workers: int = 2
+    workers: int = field(default=2, metadata=LOCATOR)
+    frame_workers: int = field(default=2, metadata=LOCATOR)
 
 
 @dataclass(frozen=True)
@@ -240,17 +248,10 @@ def train_data(config: Any, ds: Dataset, o: TrainOptions) -> TrainData:
 def train_request(runner: Any, config: Any, ds: Dataset, o: TrainOptions) -> Request:
     data = train_data(config, ds, o)
     d = data.dataset
-    hflip = d.video.hflip if o.hflip is None else o.hflip
-    augment = {"hflip": hflip, "color_jitter": d.video.color_jitter, "grayscale": d.video.grayscale}
-    params = {"method": o.method, "protocol": o.protocol, "dataset": d.name, "shots": o.shots,
-              "split_seed": o.split_seed, "seed": o.seed, "epochs": o.epochs, "lr": o.lr,
-              "temporal_lr_mult": o.temporal_lr_mult,
-              "weight_decay": o.weight_decay, "warmup_epochs": o.warmup_epochs, "min_lr_ratio": o.min_lr_ratio,
-              "batch_size": o.batch_size, "micro_batch": o.micro_batch, "adapter": dict(o.adapter),
-              "alpha": o.alpha, "n_descriptions": o.n_descriptions, "backbone": o.backbone,
-              "pretrained": o.pretrained or "", "device": o.device, "precision": o.precision, "augment": augment,
-              "deterministic": o.deterministic, "template": o.template, "frames": o.frames or d.video.frames,
-              "frame_pool": d.video.pool if o.frame_pool is None else o.frame_pool}
+    params = key_params(o)
+    params.update(dataset=d.name, adapter=dict(o.adapter), pretrained=o.pretrained or "",
+                  augment={"hflip": d.video.hflip if o.hflip is None else o.hflip, "color_jitter": d.video.color_jitter, "grayscale": d.video.grayscale},
+                  frames=o.frames or d.video.frames, frame_pool=d.video.pool if o.frame_pool is None else o.frame_pool)
     inputs: dict[str, Request | FileInput] = {
         "classes": labels_request(runner, d),
         "frames_train": frames_request(runner, d, data.list_name, "train", data.selection,
@@ -270,6 +271,11 @@ def train_request(runner: Any, config: Any, ds: Dataset, o: TrainOptions) -> Req
     if weights is not None:
         inputs["weights"] = weights
     return Request("train", params, inputs, {"workers": o.workers})
+
+
+def key_params(o: TrainOptions) -> dict[str, Any]:
+    """The fields of `o` that enter the train key as themselves: all but those marked otherwise."""
+    return {f.name: getattr(o, f.name) for f in fields(o) if "key" not in f.metadata}
 
 
 @dataclass(frozen=True)

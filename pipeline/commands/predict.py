@@ -74,7 +74,7 @@ def from_export(folder: Path, cfg: dict[str, Any], backbone: str | None, pretrai
                 device: Any) -> Classifier:
     """An exported folder (`cfg`: its config.json, see read_export) on backbone weights whose sha256 must
     be the one it was trained on."""
-    from cache.keys import sha256_file
+    from cache.store import sha256_file
     from msta.method.backbone import RANDOM_INIT
     from msta.method.registry import BackboneError, canonical_backbone, weights_file
     from stages.artifacts import adapted_model

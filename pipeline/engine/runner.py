@@ -17,9 +17,9 @@ from typing import Any
 
 from cache.catalog import Catalog, insert_rows, rows_as_dicts, utcnow
 from cache.errors import UserError, error_line, one_line
-from cache.keys import canonical_json, digest_value, sha256_bytes, sha256_file
+from cache.keys import canonical_json, digest_value, sha256_bytes
 from cache.lock import HomeLock
-from cache.store import Store, atomic_write_bytes, table_digest, write_parquet
+from cache.store import Store, atomic_write_bytes, sha256_file, table_digest, write_parquet
 from pipeline.engine.stage import (
     Artifact,
     Context,
@@ -103,26 +103,41 @@ class Runner:
         return digest_value({"stage": req.stage, "code_version": stage.code_version,
                              "params": dict(req.params), "inputs": dict(input_digests)})
 
+    def resolve_inputs(self, req: Request, upstream: Callable[[Request], Artifact | str],
+                       missing_file_blocks: bool = False) -> tuple[dict[str, Resolved], dict[str, str], str]:
+        """(resolved inputs, their digests by name, why one is not there yet or ""): a file by its
+        content digest, an upstream request by `upstream` (its artifact, or why there is none). A
+        missing file raises, or with `missing_file_blocks` only blocks."""
+        resolved: dict[str, Resolved] = {}
+        digests: dict[str, str] = {}
+        blocked = ""
+        for name, inp in req.inputs.items():
+            if isinstance(inp, FileInput):
+                if missing_file_blocks and not inp.path.exists():
+                    blocked = blocked or f"input {name} ({inp.path}) is missing"
+                    continue
+                digests[name] = self.file_digest(inp.path)
+                resolved[name] = FileDigest(inp.path, digests[name])
+            else:
+                art = upstream(inp)
+                if isinstance(art, str):
+                    blocked = blocked or art
+                    continue
+                resolved[name], digests[name] = art, art.digest
+        return resolved, digests, blocked
+
     # -- freshness ---------------------------------------------------------------------
     def freshness(self, req: Request) -> Freshness:
         stage = self.stage(req.stage)
         target = self.target(req)
         upstream: list[Freshness] = []
-        digests: dict[str, str] = {}
-        blocked = ""
-        for name, inp in req.inputs.items():
-            if isinstance(inp, FileInput):
-                if not inp.path.exists():
-                    blocked = blocked or f"input {name} ({inp.path}) is missing"
-                    continue
-                digests[name] = self.file_digest(inp.path)
-            else:
-                ev = self.freshness(inp)
-                upstream.append(ev)
-                if ev.state != "fresh":
-                    blocked = blocked or f"upstream {ev.target} is {ev.state}"
-                else:
-                    digests[name] = ev.artifact.digest  # type: ignore[union-attr]
+
+        def fresh_upstream(inp: Request) -> Artifact | str:
+            ev = self.freshness(inp)
+            upstream.append(ev)
+            return ev.artifact if ev.state == "fresh" and ev.artifact else f"upstream {ev.target} is {ev.state}"
+
+        _, digests, blocked = self.resolve_inputs(req, fresh_upstream, missing_file_blocks=True)
         if blocked:
             return Freshness(req, target, "stale", blocked, upstream=upstream)
         key = self.key_of(req, digests)
@@ -183,21 +198,8 @@ class Runner:
         """
         stage = self.stage(req.stage)
         target = self.target(req)
-        resolved: dict[str, Resolved] = {}
-        digests: dict[str, str] = {}
-        pending = False
-        for name, inp in req.inputs.items():
-            if isinstance(inp, FileInput):
-                digest = self.file_digest(inp.path)
-                resolved[name] = FileDigest(inp.path, digest)
-                digests[name] = digest
-            else:
-                art = self.materialise(inp, dry_run=dry_run)
-                if art is None:
-                    pending = True
-                    continue
-                resolved[name] = art
-                digests[name] = art.digest
+        resolved, digests, pending = self.resolve_inputs(
+            req, lambda inp: self.materialise(inp, dry_run=dry_run) or "pending")
         ctx = Context(self.home, self.catalog, self.store, self.options, self.echo,
                       target=target, upstream=self.upstream_targets(req))
         if pending:
@@ -234,17 +236,14 @@ class Runner:
         ev = self.freshness(req)
         if ev.state == "fresh" and not force:
             return ev.artifact
-        resolved: dict[str, Resolved] = {}
-        digests: dict[str, str] = {}
-        for name, inp in req.inputs.items():
-            if isinstance(inp, FileInput):
-                resolved[name] = FileDigest(inp.path, self.file_digest(inp.path))
-            else:
-                up = self.freshness(inp)
-                if up.artifact is None:
-                    raise UserError(f"rank 0 did not materialise {up.target} ({up.reason})", 1)
-                resolved[name] = up.artifact
-            digests[name] = resolved[name].digest if isinstance(resolved[name], Artifact) else resolved[name].sha256  # type: ignore[union-attr]
+
+        def from_rank0(inp: Request) -> Artifact:
+            up = self.freshness(inp)
+            if up.artifact is None:
+                raise UserError(f"rank 0 did not materialise {up.target} ({up.reason})", 1)
+            return up.artifact
+
+        resolved, digests, _ = self.resolve_inputs(req, from_rank0)
         key = self.key_of(req, digests)
         ctx = Context(self.home, self.catalog, self.store, self.options, lambda s: None, run_id="", key=key,
                       forced=force, target=ev.target, upstream=self.upstream_targets(req))
@@ -267,6 +266,8 @@ class Runner:
         self.echo(f"run    {target}")
         try:
             output = stage.run(req, resolved, ctx)
+            if output is None:
+                raise RuntimeError(f"stage {req.stage} returned no artifact on rank 0")
             return self._register(run_id, output, key, req, status="done", error=None,
                                   seconds=time.perf_counter() - started)
         except StageFailed as exc:

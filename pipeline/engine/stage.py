@@ -138,7 +138,9 @@ class Stage:
         `upstream` gives the targets of the request's upstream requests by input name."""
         raise NotImplementedError
 
-    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
+    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output | None:
+        """Produce the artifact. None only on a non-zero rank of a torchrun launch (`Runner.follow`),
+        whose share of the work rank 0 registers."""
         raise NotImplementedError
 
     def check(self, artifact: Artifact, home: Path) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cache.errors import UserError
+from msta.video import augment
 from pipeline.formats.textfiles import read_text
 
 if sys.version_info >= (3, 11):
@@ -42,9 +43,9 @@ class VideoSettings:
     crop_size: int = 224
     test_clips: int = 1
     test_crops: int = 3
-    hflip: float = 0.5
-    color_jitter: float = 0.8  # probability of the colour jitter (MSTA.md section 3)
-    grayscale: float = 0.2
+    hflip: float = augment.HFLIP
+    color_jitter: float = augment.COLOR_JITTER
+    grayscale: float = augment.GRAYSCALE
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,6 @@ class Config:
     @property
     def source(self) -> str:
         return str(self.path) if self.path else "msta.toml (none found; pass --config)"
-
-    def names(self) -> list[str]:
-        return sorted(set(self._declared) | set(BUILTINS))
 
     def dataset(self, name: str, labels: Path | None = None) -> Dataset:
         """A dataset by name; with `labels`, an undeclared name is fine (a class list is all describe needs)."""

@@ -16,14 +16,16 @@ def _figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Any, Any]:
 
 
 def _save(fig: Any, path: Path) -> None:
-    """Render beside the target, then rename: a reader never sees half a PNG."""
+    """Written whole or not at all: a reader never sees half a PNG."""
     import matplotlib.pyplot as plt
 
+    from msta.fileio import atomic_write
+
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    finally:
+        plt.close(fig)
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, p: Mapping[str, Any]) -> None:
