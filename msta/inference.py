@@ -1,4 +1,4 @@
-"""How a video is scored and embedded at test time, in one place (MSTA.md section 3).
+"""How a video is scored and embedded at test time, in one place (msta/METHOD.md §3).
 
 A video is seen as clips x crops views; the model's `encode_video` embeds each view (frame-mean
 CLIP, MSTA, or a video CLIP that attends over the T frames jointly); the class scores are the

@@ -12,7 +12,7 @@
 Every random choice is a function of (seed, epoch, index), so a resumed run ends with the same
 numbers as an uninterrupted one. The loop knows files, not the catalog: the caller hands it the
 model, the datasets and the description means, and learns of each epoch through `on_epoch`.
-The recipe is the authors' (msta/METHOD.md, "Recipe"): AdamW betas (0.9, 0.98), cosine over all
+The recipe is the authors' (msta/METHOD.md §3): AdamW betas (0.9, 0.98), cosine over all
 steps with linear warm-up, each process dropping its last partial batch.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from prompts import frame_pattern
+from prompts import sentence_pattern
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 _NUMBERING = re.compile(r"^\s*(?:\(?\d+[\.\):]|[-*\u2022])\s+")
@@ -94,7 +94,7 @@ def parse_answer(content: str | None, n: int) -> tuple[list[str] | None, list[st
     return items, []
 
 
-def validate_phrases(items: Sequence[str], n: int, class_name: str, frame: str,
+def validate_phrases(items: Sequence[str], n: int, class_name: str, sentence_frame: str,
                      count_tokens: TokenCounter, context_length: int) -> Verdict:
     """An LLM answer's phrases against the rules; wraps clean ones in the sentence frame."""
     fatal: list[str] = []
@@ -112,7 +112,7 @@ def validate_phrases(items: Sequence[str], n: int, class_name: str, frame: str,
         if p and p.casefold() in seen:
             fatal.append(f"phrases {seen[p.casefold()] + 1} and {i + 1} are the same")
         seen.setdefault(p.casefold(), i)
-    texts = [frame.format(phrase=p, class_name=class_name) for p in phrases]
+    texts = [sentence_frame.format(phrase=p, class_name=class_name) for p in phrases]
     tokens = count_tokens(texts) if texts else []
     for i, t in enumerate(tokens):
         if t > context_length:
@@ -122,7 +122,7 @@ def validate_phrases(items: Sequence[str], n: int, class_name: str, frame: str,
     return Verdict(descriptions, fatal)
 
 
-def validate_sentences(sentences: Sequence[object], n: int, class_name: str, frame: str,
+def validate_sentences(sentences: Sequence[object], n: int, class_name: str, sentence_frame: str,
                        count_tokens: TokenCounter, context_length: int) -> Verdict:
     """Imported full sentences (e.g. the MSTA authors' files): text kept verbatim, defects noted."""
     if not all(isinstance(s, str) for s in sentences):
@@ -138,7 +138,7 @@ def validate_sentences(sentences: Sequence[object], n: int, class_name: str, fra
     empty = [i + 1 for i, s in enumerate(strings) if not s]
     if empty:
         return Verdict([], [f"description {i} is empty" for i in empty])
-    pattern = frame_pattern(frame)
+    pattern = sentence_pattern(sentence_frame)
     tokens = count_tokens(strings)
     out: list[Description] = []
     for i, (s, k) in enumerate(zip(strings, tokens)):
@@ -149,7 +149,7 @@ def validate_sentences(sentences: Sequence[object], n: int, class_name: str, fra
             problems.append("typo 'A videos'")
         if m is None:
             phrase = s.rstrip(".")
-            problems.append(f"does not follow the frame {frame!r}")
+            problems.append(f"does not follow the frame {sentence_frame!r}")
         else:
             phrase = m.group("phrase")
             named = m.groupdict().get("class_name")

@@ -30,7 +30,7 @@ from pipeline.engine.stage import (
     path_of,
 )
 from pipeline.formats.textfiles import is_int, parse_json, read_text
-from prompts import load_frames
+from prompts import load_sentence_frames
 from prompts.answers import Description, parse_answer, validate_phrases, validate_sentences
 from prompts.llm import (
     LLMClient,
@@ -88,18 +88,18 @@ class DescribeStage(Stage):
         refuse_shared_names(rows)
         classes = [(cid, name) for cid, _raw, name in rows]
         try:
-            frame = load_frames(path_of(inputs["template:frames"]))[p["kind"]]
+            sentence_frame = load_sentence_frames(path_of(inputs["template:frames"]))[p["kind"]]
         except ValueError as exc:
             raise UserError(str(exc), 2) from None
         counter = TokenCounter()
         if p["source"] == "file":
-            results, notes = self._import(req, path_of(inputs["file"]), classes, frame, counter, ctx)
+            results, notes = self._import(req, path_of(inputs["file"]), classes, sentence_frame, counter, ctx)
         else:
-            results, notes = self._ask(req, inputs, classes, frame, counter, ctx)
+            results, notes = self._ask(req, inputs, classes, sentence_frame, counter, ctx)
         return self._finish(req, results, notes, ctx)
 
     # -- LLM -----------------------------------------------------------------------------
-    def _ask(self, req: Request, inputs: Mapping[str, Resolved], classes: list[tuple[int, str]], frame: str,
+    def _ask(self, req: Request, inputs: Mapping[str, Resolved], classes: list[tuple[int, str]], sentence_frame: str,
              counter: TokenCounter, ctx: Context) -> tuple[list[ItemResult], dict[str, Any]]:
         from tqdm import tqdm
 
@@ -126,7 +126,7 @@ class DescribeStage(Stage):
         recorder = Recorder(ctx.catalog, journal)
         client = LLMClient(p["endpoint"], p["model"], api_key, sampling, recorder,
                            timeout=req.locators.get("timeout", 60.0))
-        conv = _Conversation(req, inputs, frame, counter, client, cache)
+        conv = _Conversation(req, inputs, sentence_frame, counter, client, cache)
         results: list[ItemResult] = []
         try:
             todo = list(classes)
@@ -163,7 +163,7 @@ class DescribeStage(Stage):
         return results, notes
 
     # -- import ----------------------------------------------------------------------------
-    def _import(self, req: Request, path: Path, classes: list[tuple[int, str]], frame: str,
+    def _import(self, req: Request, path: Path, classes: list[tuple[int, str]], sentence_frame: str,
                 counter: TokenCounter, ctx: Context) -> tuple[list[ItemResult], dict[str, Any]]:
         mapping = read_description_file(path, classes)
         counts = Counter(len(v) for v in mapping.values() if isinstance(v, list))
@@ -174,7 +174,7 @@ class DescribeStage(Stage):
             if entries is None:
                 results.append(ItemResult(cid, name, failure=f"no entry for this class in {path.name}"))
                 continue
-            verdict = validate_sentences(entries if isinstance(entries, list) else [entries], n, name, frame,
+            verdict = validate_sentences(entries if isinstance(entries, list) else [entries], n, name, sentence_frame,
                                          counter, req.params["context_length"])
             results.append(ItemResult(cid, name, verdict.descriptions, failure="; ".join(verdict.fatal)))
         first_use: dict[str, int] = {}
@@ -245,7 +245,7 @@ class DescribeStage(Stage):
 class _Conversation:
     """The exchange for one (class, kind): ask, validate, tell the model what was wrong, repeat."""
 
-    def __init__(self, req: Request, inputs: Mapping[str, Resolved], frame: str, counter: TokenCounter,
+    def __init__(self, req: Request, inputs: Mapping[str, Resolved], sentence_frame: str, counter: TokenCounter,
                  client: LLMClient | None, cache: dict[str, tuple[str, str | None]]) -> None:
         from jinja2 import Environment, StrictUndefined
 
@@ -255,7 +255,7 @@ class _Conversation:
         variables = {"n": 2, "kind": kind, "class_name": "x", "problems": "x"}  # what the renders below pass
         self.system, self.user, self.reask = (_template(env, path_of(inputs[name]), variables)
                                               for name in ("template:system", f"template:{kind}", "template:reask"))
-        self.frame, self.counter, self.client, self.cache = frame, counter, client, cache
+        self.sentence_frame, self.counter, self.client, self.cache = sentence_frame, counter, client, cache
         self.sampling = LLMSampling(self.p["temperature"], self.p["max_tokens"], self.p["seed"])
 
     def _first_messages(self, name: str) -> list[dict[str, str]]:
@@ -302,7 +302,7 @@ class _Conversation:
             if finish == "length":
                 problems.append("the answer was cut off at max_tokens")
             if items is not None:
-                verdict = validate_phrases(items, n, name, self.frame, self.counter, self.p["context_length"])
+                verdict = validate_phrases(items, n, name, self.sentence_frame, self.counter, self.p["context_length"])
                 problems += verdict.fatal
                 if not problems:
                     result.descriptions, result.request_key = verdict.descriptions, key

@@ -1,7 +1,7 @@
 """evaluate: multi-view testing of a trained run (or of the frozen CLIP) on one list.
 
 Each video is seen as clips x crops views; per-view softmax probabilities are summed and the
-class with the largest sum wins (MSTA.md section 3). Writes top-1/top-5 rows to `results`,
+class with the largest sum wins (msta/METHOD.md §3). Writes top-1/top-5 rows to `results`,
 per-class accuracy to `class_accuracy`, the predictions as Parquet (with each video's embedding,
 which `report` matches against the class descriptions), and a confusion-matrix PNG.
 """

@@ -1,4 +1,4 @@
-"""Trainable-parameter counts of MSTA.md section 4, counted on the built modules."""
+"""Trainable-parameter counts of msta/METHOD.md §4, counted on the built modules."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""MSTA adapters (MSTA.md section 1), attached by wrapping an open_clip model's transformer blocks.
+"""MSTA adapters (msta/METHOD.md §1), attached by wrapping an open_clip model's transformer blocks.
 
 For each adapted block j of a tower m (vision or text), with x the block's input:
 

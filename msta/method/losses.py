@@ -1,4 +1,4 @@
-"""MSTA's training objective (MSTA.md section 2): cross-entropy + alpha · description consistency."""
+"""MSTA's training objective (msta/METHOD.md §2): cross-entropy + alpha · description consistency."""
 from __future__ import annotations
 
 import torch

@@ -118,7 +118,7 @@ def read_adapter_info(path: str | os.PathLike[str]) -> AdapterFileInfo:
 
 
 class MSTA(VideoCLIP):
-    """Frozen CLIP + MSTA adapters in both towers (MSTA.md section 1). Only the adapters train."""
+    """Frozen CLIP + MSTA adapters in both towers (msta/METHOD.md §1). Only the adapters train."""
 
     def __init__(self, backbone: Backbone, cfg: AdapterConfig, template: str = DEFAULT_TEMPLATE):
         super().__init__(backbone, template)

@@ -1,4 +1,4 @@
-"""Trainable-parameter table of MSTA adapters (MSTA.md section 4), counted on the built modules."""
+"""Trainable-parameter table of MSTA adapters (msta/METHOD.md §4), counted on the built modules."""
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -1,4 +1,4 @@
-"""The training augmentation's probabilities, the authors' recipe (msta/METHOD.md, "Recipe").
+"""The training augmentation's probabilities, the authors' recipe (msta/METHOD.md §3).
 
 One place for the defaults of the transforms, the clip dataset and a dataset's settings in
 msta.toml; free of torch, so that reading a config does not import it.

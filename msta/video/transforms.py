@@ -1,4 +1,4 @@
-"""Clip-level augmentation and test views, the ViFi-CLIP / X-CLIP recipe (MSTA.md section 3).
+"""Clip-level augmentation and test views, the ViFi-CLIP / X-CLIP recipe (msta/METHOD.md §3).
 
 Each function takes a whole clip and draws ONE set of random parameters for all its frames,
 so that the frames stay consistent in space and colour (as a video is, and as the temporal

@@ -28,9 +28,9 @@ BACKBONE, PRETRAINED = "msta-world", "synthetic-world"
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """The demo's recipe differs from the paper's real-data defaults (MSTA.md section 1, "Measured
-    here"): on an image CLIP the temporal branch sits on a plateau at the order-invariant cap
-    before it learns motion direction. Its depthwise filters act only at weights of order one, so
+    """The demo's recipe differs from the paper's real-data defaults (msta/METHOD.md §5): on an
+    image CLIP the temporal branch sits on a plateau at the order-invariant cap before it learns
+    motion direction. Its depthwise filters act only at weights of order one, so
     they get 30 times the learning rate (--temporal-lr-mult); with the paper's single rate the
     spatial path memorises the training clips first. More clips per class, a larger lambda and lr
     were chosen with benchmarks/temporal_lr_probe.py (README). The numbers are printed as measured."""

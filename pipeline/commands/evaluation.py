@@ -31,7 +31,7 @@ def targets_for(config: Any, dataset: str, list_name: str | None, protocol: str 
                 EvalTarget(config.dataset(f"{parent}-novel"), "val", "novel")]
     ds = config.dataset(dataset)
     if protocol not in (None, "zero-shot"):
-        return [EvalTarget(ds, "test", "top1")]  # few-shot and supervised: split 1 (MSTA.md section 3)
+        return [EvalTarget(ds, "test", "top1")]  # few-shot and supervised: split 1 (msta/METHOD.md §3)
     # zero-shot targets are reported as mean and std over their test splits (HMDB-51, UCF-101: three)
     splits = [name for name in ("test", "test_2", "test_3") if name in ds.lists] or ["test"]
     return [EvalTarget(ds, name, "top1") for name in splits]

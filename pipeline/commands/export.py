@@ -26,7 +26,7 @@ FILES = ("config.json", "adapters.safetensors", "class_embeddings.safetensors", 
 
 
 def dataset_views(config: Any, dataset: str, frames: int) -> dict[str, int]:
-    """The test views a dataset's evaluation uses (MSTA.md section 3), with the run's T."""
+    """The test views a dataset's evaluation uses (msta/METHOD.md §3), with the run's T."""
     video = config.dataset(dataset).video
     return {"frames": frames, "test_clips": video.test_clips, "test_crops": video.test_crops,
             "test_short_side": video.test_short_side}

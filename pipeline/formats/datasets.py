@@ -1,7 +1,7 @@
 """Datasets: built-in names with the paper's settings, user datasets from `msta.toml`.
 
 A dataset has a class list, a video root, named video lists and video settings. Built-ins
-know their test views (MSTA.md section 3) and the ViFi-CLIP file names, so a user only points
+know their test views (msta/METHOD.md §3) and the ViFi-CLIP file names, so a user only points
 at the files they have; nothing is shipped or downloaded.
 
     [datasets.hmdb51]
