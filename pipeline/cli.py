@@ -423,7 +423,7 @@ def train(
         req = train_request(runner, cfg, cfg.dataset(dataset), replace(opts, seed=one_seed))
         if dry_run:
             _print_resolved(req, recipe)
-        art = _train_materialise(runner, home, req, force, dry_run)
+        art = _launch_materialise(runner, home, req, force, dry_run)
         if art is not None and int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"adapters: {art.path}" if method == "adapter" else f"weights: {art.path}")
             if art.meta.get("best_epoch"):
@@ -465,11 +465,16 @@ def _print_resolved(req: Any, recipe: str | None) -> None:
                + (f" (drawn: {json.dumps(train_list['select'])})" if train_list.get("select") else ""))
 
 
-def _train_materialise(runner: Any, home: Path | None, req: Any, force: bool, dry_run: bool) -> Any:
+def _launched() -> bool:
+    """Whether this process is one rank of a torchrun launch of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _launch_materialise(runner: Any, home: Path | None, req: Any, force: bool, dry_run: bool) -> Any:
     """Single process, or one rank of a torchrun launch: rank 0 runs upstream stages and registers
-    the result; the other ranks wait, then train alongside it without touching the catalog."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or dry_run:
+    the result; the other ranks wait, then work alongside it without touching the catalog, and
+    get None (rank 0 alone reports)."""
+    if not _launched() or dry_run:
         return _materialise(runner, home, [req], force, dry_run)[0]
     from msta.method.runtime import barrier, init_distributed
 
@@ -484,7 +489,8 @@ def _train_materialise(runner: Any, home: Path | None, req: Any, force: bool, dr
         with writing(home):
             art = runner.materialise(req, force=force)
     else:
-        art = runner.follow(req, force=force)
+        runner.follow(req, force=force)
+        art = None
     barrier()
     return art
 
@@ -541,22 +547,31 @@ def evaluate(
 
     Results go to the `results` table (metrics top1, top5; base, novel and hm for base-to-novel), with the
     run key, views, checkpoint digest and selection rule (`last`, or `best-heldout`: the epoch chosen on
-    held-out training videos; the test list never selects anything).
+    held-out training videos; the test list never selects anything). Over GPUs:
+    `torchrun --nproc_per_node N -m pipeline evaluate ...` gives each process every N-th video of a list;
+    rank 0 gathers the scores and writes the same rows one process would.
     """
     from pipeline.commands.evaluation import run_evaluation
 
     if selection not in ("last", "best-heldout", "both", "test-max"):
         raise UserError("--selection must be last, best-heldout, both or test-max", 2)
+    launched = _launched() and not dry_run
+    if launched and selection == "test-max":
+        raise UserError("--selection test-max picks an epoch between evaluations: run it in one process, "
+                        "without torchrun", 2)
     device, precision = _resolve_device(device, precision)
     runner = make_runner(home, progress=not no_progress)
     if seeds is not None and (run is not None or frozen):
         raise UserError("--seeds picks runs by their seed: do not combine it with --run or --frozen", 2)
     rows: list[Any] = []
-    with (writing(home) if not dry_run else contextlib.nullcontext()):
+    # Under torchrun every rank scores its share of each list; rank 0 takes the writer lock per stage.
+    materialise = (lambda req, force, dry_run: _launch_materialise(runner, home, req, force, dry_run)) \
+        if launched else runner.materialise
+    with (writing(home) if not dry_run and not launched else contextlib.nullcontext()):
         for seed in (_seed_list(seeds, 0) if seeds is not None else [None]):
             rows += run_evaluation(runner, load_config(config), dataset, list_name, run, frozen, selection,
                                    *_backbone(backbone, pretrained), device, precision, workers, force, dry_run,
-                                   seed)
+                                   seed, materialise)
     if rows:
         _print_rows(["dataset", "split", "selection", "metric", "value"], rows, "table")
 

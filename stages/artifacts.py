@@ -122,9 +122,9 @@ def model_on_device(p: Mapping[str, Any], model_input: Resolved | None, template
     """What a stage request names (params backbone, pretrained, device, selection; its `model`
     input, if any) loaded and in eval mode: (model, backbone, device, run key, checkpoint, protocol)."""
     from msta.method.backbone import BackboneError, load_backbone
-    from msta.method.runtime import resolve_device
+    from msta.method.runtime import rank_device
 
-    device = resolve_device(p["device"])
+    device = rank_device(p["device"])
     try:
         backbone = load_backbone(p["backbone"], p["pretrained"] or None, device=device)
     except BackboneError as exc:

@@ -26,14 +26,15 @@ class EvaluateStage(Stage):
         owner = upstream.get("model") or f"frozen:{p['backbone']}"
         return f"evaluate:{owner}:{p['dataset']}:{p['list']}:{p['selection']}"
 
-    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
+    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output | None:
         import torch
 
         from msta.inference import embed_views, video_embedding, view_scores
-        from msta.method.runtime import autocast
+        from msta.method.runtime import all_gathered, autocast, init_distributed
         from msta.video.dataset import ClipDataset, make_loader
 
         p = req.params
+        rank, world, _ = init_distributed()  # under torchrun each process scores every world-th video
         model, backbone, device, run_key, checkpoint, protocol = model_on_device(p, inputs.get("model"),
                                                                                  p["template"], ctx.home)
         classes = read_classes(artifact_of(inputs["classes"]))
@@ -41,18 +42,22 @@ class EvaluateStage(Stage):
         items = read_frame_index(artifact_of(inputs["frames"]).path, ctx.home)
         dataset = ClipDataset(items, "test", backbone.image_size, crops=p["crops"], mean=backbone.mean, std=backbone.std)
         loader = make_loader(dataset, batch_size=4, shuffle=False, seed=0, epoch=0,
-                             workers=int(req.locators.get("workers", 0)))
+                             workers=int(req.locators.get("workers", 0)), rank=rank, world_size=world)
         from tqdm import tqdm
 
         scores, embeddings = [], []
         with torch.no_grad(), autocast(device, p["precision"]):
             class_emb = model.encode_classes(names)
             for batch, _labels in tqdm(loader, desc=f"evaluate {p['dataset']}:{p['list']}", unit="batch",
-                                       disable=not ctx.option("progress", True)):
+                                       disable=rank != 0 or not ctx.option("progress", True)):
                 view_emb = embed_views(model, batch.to(device))
-                scores.append(view_scores(model, view_emb, class_emb).cpu())
-                embeddings.append(video_embedding(view_emb).cpu())
+                scores.append(view_scores(model, view_emb, class_emb).float().cpu())
+                embeddings.append(video_embedding(view_emb).float().cpu())
         score, embedding = torch.cat(scores), torch.cat(embeddings)
+        if world > 1:  # rank 0 alone writes: it gathers the shards back into list order
+            score, embedding = (all_gathered(t, len(items), world, device) for t in (score, embedding))
+            if rank != 0:
+                return None
         labels = torch.tensor([label for _, label in items])
         top5 = score.topk(min(5, len(names)), dim=-1).indices
         pred = top5[:, 0]

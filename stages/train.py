@@ -28,21 +28,18 @@ class TrainStage(Stage):
         return f"train:{p['method']}:{p['dataset']}:{p['protocol']}{':' + tag if tag else ''}"
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output | None:
-        import torch
 
         from msta.fileio import safetensors_digest
         from msta.method.adapters import AdapterConfig
         from msta.method.backbone import BackboneError, load_backbone
         from msta.method.model import MSTA, full_finetune
-        from msta.method.runtime import init_distributed, resolve_device, seed_everything, set_deterministic
+        from msta.method.runtime import init_distributed, rank_device, seed_everything, set_deterministic
         from msta.train import Recipe, RecipeError, Targets, Trainer, snapshot_epochs
         from msta.video.dataset import ClipDataset
 
         p = req.params
-        rank, world, local_rank = init_distributed()
-        device = resolve_device(p["device"])
-        if device.type == "cuda" and world > 1:
-            device = torch.device("cuda", local_rank)
+        rank, world, _ = init_distributed()
+        device = rank_device(p["device"])
         seed_everything(p["seed"])
         set_deterministic(p["deterministic"])
         try:

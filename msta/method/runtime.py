@@ -70,6 +70,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank_device(spec: str) -> torch.device:
+    """`resolve_device`, moved to this process's own GPU (LOCAL_RANK) under a torchrun launch."""
+    device = resolve_device(spec)
+    ctx = DistributedContext.from_env()
+    return torch.device("cuda", ctx.local_rank) if device.type == "cuda" and ctx.is_distributed else device
+
+
+def all_gathered(x: torch.Tensor, n: int, world: int, device: torch.device) -> torch.Tensor:
+    """The rows of every rank's shard of an unshuffled `ShardSampler` order, back in item order:
+    rank r held items r, r + world, ...; each shard has the same length (the order was padded
+    with its own first items), so the shards interleave and the first n rows are items 0..n-1."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x, device=device) for _ in range(world)]
+    dist.all_gather(parts, x.to(device))
+    return torch.stack([p.cpu() for p in parts], dim=1).reshape(-1, *x.shape[1:])[:n]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -3,6 +3,7 @@ base-to-novel harmonic mean that combines two evaluations."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from cache.errors import UserError
@@ -39,7 +40,11 @@ def targets_for(config: Any, dataset: str, list_name: str | None, protocol: str 
 
 def run_evaluation(runner: Any, config: Any, dataset: str, list_name: str | None, run: str | None, frozen: bool,
                    selection: str, backbone: str, pretrained: str | None, device: str, precision: str,
-                   workers: int, force: bool, dry_run: bool, seed: int | None = None) -> list[tuple[Any, ...]]:
+                   workers: int, force: bool, dry_run: bool, seed: int | None = None,
+                   materialise: Callable[..., Any] | None = None) -> list[tuple[Any, ...]]:
+    """The evaluations a command asks for, run through `materialise` (the runner's, or one rank's
+    share of a torchrun launch, which gives None on the other ranks); rows to print."""
+    materialise = materialise or runner.materialise
     model = None if frozen else find_run(runner, dataset, run, seed)
     protocol = None if model is None else model.params["protocol"]
     if model is not None:
@@ -64,7 +69,7 @@ def run_evaluation(runner: Any, config: Any, dataset: str, list_name: str | None
         for target in targets_for(config, dataset, list_name, protocol):
             req = evaluate_request(runner, target, model, sel, backbone, pretrained, template, device, precision,
                                    workers)
-            art = runner.materialise(req, force=force, dry_run=dry_run)
+            art = materialise(req, force=force, dry_run=dry_run)
             if art is None:
                 continue
             for name in ("top1", "top5"):
