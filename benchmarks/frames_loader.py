@@ -41,18 +41,12 @@ EXTRACT = Sampling("train", frames=8, samplings=2, short_side=256, seed=0)
 POOL = Sampling("train", frames=8, pool=512, short_side=256)  # the authors' recipe: every frame
 
 
-class DecodingDataset(Dataset):
-    """The baseline: decode a new TSN sample of the video for every item, then augment exactly
-    as ClipDataset does. Randomness from (seed, epoch, index), like ClipDataset."""
+class DecodingDataset(ClipDataset):
+    """The baseline: the clip dataset, except that every item decodes a new TSN sample of the video
+    instead of reading the cache, then augments exactly as ClipDataset does."""
 
     def __init__(self, items: list[tuple[str, int]], seed: int = 0) -> None:
-        self.items, self.seed, self.epoch = items, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.items)
+        super().__init__(items, "train", SIZE, seed=seed)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
