@@ -28,7 +28,6 @@ class TrainStage(Stage):
         return f"train:{p['method']}:{p['dataset']}:{p['protocol']}{':' + tag if tag else ''}"
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output | None:
-
         from msta.fileio import safetensors_digest
         from msta.method.adapters import AdapterConfig
         from msta.method.backbone import BackboneError, load_backbone
