@@ -7,6 +7,7 @@ import select
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -304,6 +305,10 @@ def test_standalone_serves_writes_stats_and_exits_when_stdin_closes(tmp_path: Pa
             stats = json.loads(stats_file.read_text())
             assert stats["requests_total"] == 2
             assert stats["by_class"]["Run"]["temporal"]["after_accepted"] == 1
+            # The same counters over HTTP, and asking for them is not counted as a request
+            over_http = json.loads(urllib.request.urlopen(url.removesuffix("/v1") + "/_stats", timeout=10).read())
+            assert over_http == stats
+            assert json.loads(urllib.request.urlopen(url.removesuffix("/v1") + "/_stats", timeout=10).read()) == stats
             process.stdin.close()
             assert process.wait(timeout=5) == 0
         finally:
