@@ -6,7 +6,6 @@ request, itself cached), so a rerun replays the whole exchange without sending a
 """
 from __future__ import annotations
 
-import gc
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -33,6 +32,7 @@ from pipeline.engine.stage import (
 from pipeline.formats.textfiles import is_int, parse_json, read_text
 from prompts import load_sentence_frames
 from prompts.answers import Description, parse_answer, validate_phrases, validate_sentences
+from prompts.tokens import ClipTokenCounter, clip_token_counter
 from prompts.llm import (
     LLMClient,
     LLMError,
@@ -50,24 +50,6 @@ from stages.artifacts import read_classes
 SCHEMA = pa.schema([("dataset", pa.string()), ("class_id", pa.int32()), ("class_name", pa.string()),
                     ("kind", pa.string()), ("idx", pa.int32()), ("phrase", pa.string()), ("text", pa.string()),
                     ("n_tokens", pa.int32()), ("request_key", pa.string()), ("problems", pa.list_(pa.string()))])
-
-
-class TokenCounter:
-    """CLIP's BPE token count (start and end tokens included). The tokenizer is built on first
-    use (it imports torch) and once per process (its vocabulary takes a moment to load)."""
-
-    _tok: Any = None
-
-    def __call__(self, texts: Sequence[str]) -> list[int]:
-        if TokenCounter._tok is None:
-            from open_clip.tokenizer import SimpleTokenizer
-
-            TokenCounter._tok = SimpleTokenizer()
-            # open_clip brings torch: some 400,000 objects that live as long as the process. Every
-            # full collection after this would walk them all (0.1-0.3 s each, holding the GIL while
-            # the request threads wait); frozen, they are left out of every collection.
-            gc.freeze()
-        return [len(TokenCounter._tok.encode(t)) + 2 for t in texts]
 
 
 @dataclass
@@ -96,7 +78,7 @@ class DescribeStage(Stage):
             sentence_frame = load_sentence_frames(path_of(inputs["template:frames"]))[p["kind"]]
         except ValueError as exc:
             raise UserError(str(exc), 2) from None
-        counter = TokenCounter()
+        counter = clip_token_counter()
         if p["source"] == "file":
             results, notes = self._import(req, path_of(inputs["file"]), classes, sentence_frame, counter, ctx)
         else:
@@ -105,7 +87,7 @@ class DescribeStage(Stage):
 
     # -- LLM -----------------------------------------------------------------------------
     def _ask(self, req: Request, inputs: Mapping[str, Resolved], classes: list[tuple[int, str]], sentence_frame: str,
-             counter: TokenCounter, ctx: Context) -> tuple[list[ItemResult], dict[str, Any]]:
+             counter: ClipTokenCounter, ctx: Context) -> tuple[list[ItemResult], dict[str, Any]]:
         from tqdm import tqdm
 
         p = req.params
@@ -169,7 +151,7 @@ class DescribeStage(Stage):
 
     # -- import ----------------------------------------------------------------------------
     def _import(self, req: Request, path: Path, classes: list[tuple[int, str]], sentence_frame: str,
-                counter: TokenCounter, ctx: Context) -> tuple[list[ItemResult], dict[str, Any]]:
+                counter: ClipTokenCounter, ctx: Context) -> tuple[list[ItemResult], dict[str, Any]]:
         mapping = read_description_file(path, classes)
         counts = Counter(len(v) for v in mapping.values() if isinstance(v, list))
         n = req.params["n"] or (counts.most_common(1)[0][0] if counts else 0)
@@ -239,7 +221,7 @@ class DescribeStage(Stage):
                 cached = {k for (k,) in con.execute(
                     "SELECT DISTINCT request_key FROM llm_requests WHERE status = 'ok'").fetchall()}
         templates = {k: FileDigest(v.path, "") for k, v in req.inputs.items() if k.startswith("template:")}
-        conv = _Conversation(req, templates, "", TokenCounter(), None, {})
+        conv = _Conversation(req, templates, "", clip_token_counter(), None, {})
         keys = [conv.first_key(name, "json_schema") for _, name in classes]
         keys_plain = [conv.first_key(name, "json_object") for _, name in classes]
         hits = sum(a in cached or b in cached for a, b in zip(keys, keys_plain))
@@ -250,7 +232,7 @@ class DescribeStage(Stage):
 class _Conversation:
     """The exchange for one (class, kind): ask, validate, tell the model what was wrong, repeat."""
 
-    def __init__(self, req: Request, inputs: Mapping[str, Resolved], sentence_frame: str, counter: TokenCounter,
+    def __init__(self, req: Request, inputs: Mapping[str, Resolved], sentence_frame: str, counter: ClipTokenCounter,
                  client: LLMClient | None, cache: dict[str, tuple[str, str | None]]) -> None:
         from jinja2 import Environment, StrictUndefined
 
