@@ -33,6 +33,7 @@ from torch import nn
 
 from msta.fileio import sha256_file
 from msta.method import viclip
+from msta.method.attention import pack_self_attention
 from msta.method.adapters import AdapterConfig, adapters_disabled, text_transformer, vision_transformer
 from msta.method.registry import (
     CHECKPOINT_SUFFIXES,
@@ -78,6 +79,7 @@ class Backbone:
 
     def __init__(self, model: nn.Module, tokenizer: Any, identity: BackboneIdentity, embed_dim: int):
         self.model = model.eval()
+        pack_self_attention(self.model)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
