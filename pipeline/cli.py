@@ -669,7 +669,7 @@ def demo(
     no_progress: NoProgress = False,
     home: Home = None,
 ) -> None:
-    """The whole pipeline on the embedded default: no API key, no download, a CPU, about ten minutes.
+    """The whole pipeline on the embedded default: no API key, no download, a CPU, about eleven minutes.
 
     Writes the synthetic world, imports its descriptions, embeds them with the shipped tiny CLIP,
     caches frames, trains MSTA, MSTA without L_CC and MSTA without the temporal branch (few-shot and

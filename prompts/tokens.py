@@ -16,6 +16,7 @@ import importlib.util
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 # CLIP's vocabulary: 256 byte symbols, the same with the end-of-word mark, 48,894 merges, 2 specials.
@@ -51,7 +52,8 @@ class ClipTokenCounter:
     def __init__(self, vocabulary: Path | None = None) -> None:
         import regex
 
-        lines = gzip.open(vocabulary or _vocabulary_file()).read().decode("utf-8").split("\n")[1:_MERGES + 1]
+        with gzip.open(vocabulary or _vocabulary_file()) as f:
+            lines = f.read().decode("utf-8").split("\n")[1:_MERGES + 1]
         self._rank = {tuple(line.split()): rank for rank, line in enumerate(lines)}
         self._alphabet = _byte_alphabet()
         specials = "|".join(_SPECIALS)  # matched as one token each, as open_clip's pattern does
@@ -76,7 +78,7 @@ class ClipTokenCounter:
         symbols[-1] += _END
         unranked = len(self._rank)
         while len(symbols) > 1:
-            first, second = min(zip(symbols, symbols[1:]), key=lambda pair: self._rank.get(pair, unranked))
+            first, second = min(pairwise(symbols), key=lambda pair: self._rank.get(pair, unranked))
             if (first, second) not in self._rank:
                 break
             merged: list[str] = []

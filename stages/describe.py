@@ -32,7 +32,6 @@ from pipeline.engine.stage import (
 from pipeline.formats.textfiles import is_int, parse_json, read_text
 from prompts import load_sentence_frames
 from prompts.answers import Description, parse_answer, validate_phrases, validate_sentences
-from prompts.tokens import ClipTokenCounter, clip_token_counter
 from prompts.llm import (
     LLMClient,
     LLMError,
@@ -45,6 +44,7 @@ from prompts.llm import (
     resolve_api_key,
     response_format,
 )
+from prompts.tokens import ClipTokenCounter, clip_token_counter
 from stages.artifacts import read_classes
 
 SCHEMA = pa.schema([("dataset", pa.string()), ("class_id", pa.int32()), ("class_name", pa.string()),
