@@ -15,18 +15,17 @@ self-attention (msta/method/attention.py), the one lever that paid on this CPU.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from gpu_throughput import with_lever
 from torch.utils.flop_counter import FlopCounterMode
+from train_step import interleaved_medians
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msta.method.adapters import AdapterConfig, parse_layers  # noqa: E402
-from msta.method.attention import PackedSelfAttention  # noqa: E402
 from msta.method.backbone import load_backbone  # noqa: E402
 from msta.method.model import MSTA  # noqa: E402
 from msta.train import Recipe, Targets, Trainer  # noqa: E402
@@ -41,28 +40,18 @@ def demo_steps(recipe: DemoRecipe) -> int:
     return 3 * few_shot + 2 * b2n
 
 
-def median_seconds(fn: object, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        fn()  # type: ignore[operator]
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def demo_trainer(recipe: DemoRecipe, names: list[str], packed: bool) -> Trainer:
     """The demo's model and optimiser; `packed=False` puts torch's nn.MultiheadAttention back."""
     torch.manual_seed(0)
     backbone = load_backbone(BACKBONE, PRETRAINED, device=torch.device("cpu"))
-    if not packed:
-        for module in backbone.model.modules():
-            if type(module) is PackedSelfAttention:
-                module.__class__ = torch.nn.MultiheadAttention
     model = MSTA(backbone, AdapterConfig(dim=recipe.dim, layers=parse_layers(recipe.layers), scale=recipe.scale))
     d_s, d_t = (torch.nn.functional.normalize(torch.randn(len(names), backbone.embed_dim), dim=-1) for _ in range(2))
-    return Trainer(model.train(), Recipe(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
-                                         temporal_lr_mult=recipe.temporal_lr_mult),
-                   Targets(names, d_s, d_t), train_set=list(range(recipe.batch_size)))
+    trainer = Trainer(model.train(), Recipe(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
+                                            temporal_lr_mult=recipe.temporal_lr_mult),
+                      Targets(names, d_s, d_t), train_set=list(range(recipe.batch_size)))
+    if not packed:
+        with_lever(trainer, "torch-attention")
+    return trainer
 
 
 def main() -> None:
@@ -79,18 +68,14 @@ def main() -> None:
     size = backbone.image_size
     frames = torch.randn(recipe.batch_size, 8, 3, size, size)
     labels = torch.randint(0, len(names), (recipe.batch_size,))
-    steps_of = {packed: (lambda t=t: t.step(frames, labels)) for packed, t in trainers.items()}
-    for fn in steps_of.values():
-        for _ in range(3):
-            fn()
+    steps_of = {name: (lambda t=trainers[packed]: t.step(frames, labels))
+                for name, packed in (("packed", True), ("torch", False))}
     with FlopCounterMode(display=False) as counter:
-        steps_of[True]()
+        steps_of["packed"]()
     flops = counter.get_total_flops()
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(args.reps):  # interleaved, so that a noisy neighbour slows both alike
-        for packed, fn in steps_of.items():
-            times[packed].append(median_seconds(fn, 1))
-    seconds, unpacked = statistics.median(times[True]), statistics.median(times[False])
+    # interleaved, so that a noisy neighbour slows both alike
+    times = interleaved_medians(steps_of, args.reps, torch.device("cpu"), warmup=3)
+    seconds, unpacked = times["packed"], times["torch"]
 
     # The step's largest products: the MLP of every vision block over B*T*(tokens) rows.
     grid = backbone.model.visual.grid_size
@@ -98,7 +83,7 @@ def main() -> None:
     width = backbone.vision_width
     a, w_up, w_down = torch.randn(rows, width), torch.randn(width, 4 * width), torch.randn(4 * width, width)
     mm = lambda: a @ w_up @ w_down  # noqa: E731
-    mm_seconds = median_seconds(mm, args.reps * 5)
+    mm_seconds = interleaved_medians({"mm": mm}, args.reps * 5, torch.device("cpu"))["mm"]
     mm_rate = 2 * 2 * rows * width * 4 * width / mm_seconds
 
     steps = demo_steps(recipe)

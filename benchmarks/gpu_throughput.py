@@ -24,7 +24,6 @@ A100/H100/H200). Finally the largest batch that fits (doubling until out of memo
 from __future__ import annotations
 
 import argparse
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -37,7 +36,6 @@ from train_step import (
     interleaved_medians,
     make_workload,
     mib,
-    sync,
 )
 
 from msta.method.adapters import FrozenBlock, text_transformer, vision_transformer
@@ -152,22 +150,26 @@ def main() -> None:
         batch, fits = args.batch, args.batch
         while batch * 2 <= args.max_batch:
             batch *= 2
-            args.batch = batch
-            try:
-                big = make_workload(msta.backbone, args, device, encode_descriptions=False)
-                trainer = trainer_for(msta, big, precision, 1.0, device)
-                seconds = interleaved_medians({"s": lambda t=trainer, b=big: t.step(b.frames, b.labels)}, 3, device)["s"]
-                fits = batch
-                print(f"  batch {batch}: {batch / seconds:8.1f} clips/s ({precision})")
-            except torch.cuda.OutOfMemoryError:
+            rate = clips_per_second(msta, args, batch, precision, device)
+            if rate is None:
                 break
-            finally:
-                with contextlib.suppress(NameError):
-                    del big
-                torch.cuda.empty_cache()
+            fits = batch
+            print(f"  batch {batch}: {rate:8.1f} clips/s ({precision})")
         print(f"largest batch that fits ({precision}): {fits}")
-    sync(device)
 
+
+def clips_per_second(model: VideoCLIP, args: argparse.Namespace, batch: int, precision: str,
+                     device: torch.device) -> float | None:
+    """Training clips/s at `batch`, or None when it does not fit (its tensors are freed on return)."""
+    try:
+        wl = make_workload(model.backbone, argparse.Namespace(**{**vars(args), "batch": batch}), device,
+                           encode_descriptions=False)
+        trainer = trainer_for(model, wl, precision, 1.0, device)
+        return batch / interleaved_medians({"s": lambda: trainer.step(wl.frames, wl.labels)}, 3, device)["s"]
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        torch.cuda.empty_cache()
 
 if __name__ == "__main__":
     main()

@@ -13,9 +13,8 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
-import threading
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from itertools import pairwise
 from pathlib import Path
 
@@ -101,15 +100,8 @@ def _clean(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-_lock = threading.Lock()
-
-
-@lru_cache(maxsize=1)
-def _shared() -> ClipTokenCounter:
-    return ClipTokenCounter()
-
-
+@cache
 def clip_token_counter() -> ClipTokenCounter:
-    """One counter per process: reading the merge list takes a moment."""
-    with _lock:
-        return _shared()
+    """One counter per process: reading the merge list takes a moment. Built by the stage before
+    its request threads start, then shared by them."""
+    return ClipTokenCounter()
