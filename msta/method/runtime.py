@@ -81,8 +81,6 @@ def all_gathered(x: torch.Tensor, n: int, world: int, device: torch.device) -> t
     """The rows of every rank's shard of an unshuffled `ShardSampler` order, back in item order:
     rank r held items r, r + world, ...; each shard has the same length (the order was padded
     with its own first items), so the shards interleave and the first n rows are items 0..n-1."""
-    import torch.distributed as dist
-
     parts = [torch.empty_like(x, device=device) for _ in range(world)]
     dist.all_gather(parts, x.to(device))
     return torch.stack([p.cpu() for p in parts], dim=1).reshape(-1, *x.shape[1:])[:n]
