@@ -2,12 +2,15 @@
 
 DuckDB lets one process write and then refuses every other process, readers included, so
 connections live only as long as one transaction: a long stage never blocks `msta-pipe sql`.
+Opening one costs ~20 ms (DuckDB builds its function catalog anew), so inside a `kept_open`
+scope the transactions that follow each other share one instance, closed after a short idle.
 """
 from __future__ import annotations
 
 import re
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +23,53 @@ from cache.lock import lock_wait_seconds
 from cache.schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS, SCHEMA_VERSION
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
+IDLE_SECONDS = 0.2  # a kept instance outlives its last use by this long: others' waits stay short
+
+
+class _Kept:
+    """One read-write DuckDB instance of a catalog file, shared by every Catalog of this process
+    on that file while a `kept_open` scope lasts (DuckDB refuses a second, read-only instance of a
+    file in the process that has it open). All state is guarded by _KEPT_LOCK."""
+
+    def __init__(self) -> None:
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.users = 0
+        self.scopes = 0
+        self.last_used = 0.0
+
+    def cursor(self, open_instance: Callable[[], duckdb.DuckDBPyConnection]) -> duckdb.DuckDBPyConnection:
+        if self.con is None:
+            self.con = open_instance()
+            threading.Thread(target=self._close_when_idle, args=(self.con,), daemon=True).start()
+        self.users += 1
+        return self.con.cursor()
+
+    def release(self) -> None:
+        self.users -= 1
+        self.last_used = time.monotonic()
+        if self.users == 0 and self.scopes == 0:
+            self.close()
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()  # DuckDB checkpoints its write-ahead log here
+            self.con = None
+
+    def _close_when_idle(self, con: duckdb.DuckDBPyConnection) -> None:
+        while True:
+            with _KEPT_LOCK:
+                if self.con is not con:  # closed already (the scope ended)
+                    return
+                idle = time.monotonic() - self.last_used
+                if self.users == 0 and idle >= IDLE_SECONDS:
+                    self.close()
+                    return
+            time.sleep(IDLE_SECONDS - idle if self.users == 0 else IDLE_SECONDS)
+
+
+_KEPT: dict[Path, _Kept] = {}
+_KEPT_LOCK = threading.RLock()
+_MIGRATE_LOCK = threading.Lock()
 
 
 class Catalog:
@@ -51,13 +101,49 @@ class Catalog:
                 delay = min(delay * 2, 0.25)
 
     @contextmanager
+    def kept_open(self) -> Iterator[None]:
+        """Within this scope (one writer's command: it holds the home's lock), transactions and reads
+        that follow each other share one read-write instance; it closes IDLE_SECONDS after its last
+        use, so a long stage still leaves the file to other processes, and when the scope ends."""
+        key = self.path.resolve()
+        with _KEPT_LOCK:
+            kept = _KEPT.setdefault(key, _Kept())
+            kept.scopes += 1
+        try:
+            yield
+        finally:
+            with _KEPT_LOCK:
+                kept.scopes -= 1
+                if kept.scopes == 0:
+                    del _KEPT[key]
+                    if kept.users == 0:  # else the last user, a thread still in a transaction, closes it
+                        kept.close()
+
+    @contextmanager
+    def _connection(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor on the kept instance inside a `kept_open` scope, else a connection of its own."""
+        with _KEPT_LOCK:
+            kept = _KEPT.get(self.path.resolve())
+            if kept is not None:
+                con = kept.cursor(lambda: self._open(read_only=False))
+        if kept is None:
+            con = self._open(read_only)
+        try:
+            yield con
+        finally:
+            con.close()
+            if kept is not None:
+                with _KEPT_LOCK:
+                    kept.release()
+
+    @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write connection for one transaction: committed on success, else rolled back."""
         self.home.mkdir(parents=True, exist_ok=True)
-        con = self._open(read_only=False)
-        try:
+        with self._connection(read_only=False) as con:
             if not self._migrated:
-                self._migrate(con)
+                with _MIGRATE_LOCK:  # threads of one process that find a new catalog create it once
+                    self._migrate(con)
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
@@ -70,19 +156,21 @@ class Catalog:
                 if isinstance(exc, (duckdb.IOException, duckdb.TransactionException)):  # a full disk, ...
                     raise UserError(f"cannot write the catalog {self.path}: {exc}", 1) from None
                 raise
-        finally:
-            con.close()
 
     @contextmanager
     def reader(self, config: Mapping[str, Any] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         if not self.exists():
             raise UserError(f"no catalog at {self.path}: run a stage first "
                             "(e.g. `msta-pipe describe`), or pass the right --home", 2)
-        con = self._open(read_only=True, config=config)
-        try:
+        if config is not None:  # settings of its own: never the kept instance
+            con = self._open(read_only=True, config=config)
+            try:
+                yield con
+            finally:
+                con.close()
+            return
+        with self._connection(read_only=True) as con:
             yield con
-        finally:
-            con.close()
 
     @contextmanager
     def sandboxed_reader(self, file_views: Sequence[str] = ()) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -196,10 +196,16 @@ class Runner:
 
         With dry_run, prints what would run and returns None for anything not already fresh.
         """
+        if dry_run:  # reads only, maybe of a home this process may not write
+            return self._materialise(req, force, dry_run)
+        with self.catalog.kept_open():  # the many short transactions between stages share one instance
+            return self._materialise(req, force, dry_run)
+
+    def _materialise(self, req: Request, force: bool, dry_run: bool) -> Artifact | None:
         stage = self.stage(req.stage)
         target = self.target(req)
         resolved, digests, pending = self.resolve_inputs(
-            req, lambda inp: self.materialise(inp, dry_run=dry_run) or "pending")
+            req, lambda inp: self._materialise(inp, False, dry_run) or "pending")
         ctx = Context(self.home, self.catalog, self.store, self.options, self.echo,
                       target=target, upstream=self.upstream_targets(req))
         if pending:

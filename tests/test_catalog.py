@@ -1,0 +1,136 @@
+"""The catalog's kept instance: transactions in a `kept_open` scope share one DuckDB instance,
+which still leaves the file to other processes after a short idle and at the scope's end."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+import cache.catalog as catalog_module
+from cache.catalog import Catalog
+from pipeline.engine.runner import Runner
+
+from .conftest import ROOT
+from .test_engine import requests, toy_stage
+
+
+@pytest.fixture
+def opens(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The read_only flag of every DuckDB instance the catalog opens."""
+    seen: list[bool] = []
+    real = Catalog._open
+
+    def counting(self: Catalog, read_only: bool, config=None):  # type: ignore[no-untyped-def]
+        seen.append(read_only)
+        return real(self, read_only, config)
+
+    monkeypatch.setattr(Catalog, "_open", counting)
+    return seen
+
+
+def insert(catalog: Catalog, key: str) -> None:
+    with catalog.transaction() as con:
+        con.execute("INSERT INTO meta (key, value) VALUES (?, 'x')", [key])
+
+
+def keys(path: Path) -> set[str]:
+    """The meta keys as another process sees them (it can open the file only once this one let go)."""
+    code = ("import duckdb, sys\ncon = duckdb.connect(sys.argv[1], read_only=True)\n"
+            "print(','.join(k for (k,) in con.execute(\"SELECT key FROM meta WHERE key LIKE 'k%'\").fetchall()))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT, check=True)
+    return set(filter(None, out.stdout.strip().split(",")))
+
+
+def test_without_a_scope_every_transaction_opens_and_closes(home: Path, opens: list[bool]) -> None:
+    catalog = Catalog(home)
+    for i in range(3):
+        insert(catalog, f"k{i}")
+    assert len(opens) == 3
+    assert keys(catalog.path) == {"k0", "k1", "k2"}  # nothing held open
+
+
+def test_a_scope_shares_one_instance_between_transactions_and_readers(home: Path, opens: list[bool]) -> None:
+    catalog = Catalog(home)
+    insert(catalog, "k0")
+    opens.clear()
+    with catalog.kept_open():
+        insert(catalog, "k1")
+        # another Catalog of the same file, named by another path, inside the scope: a stage's own reader
+        other = Catalog(Path(str(home) + "/../" + home.name))
+        with other.reader() as con:
+            assert con.execute("SELECT count(*) FROM meta WHERE key LIKE 'k%'").fetchone()[0] == 2
+        insert(other, "k2")
+        assert opens == [False]
+    assert keys(catalog.path) == {"k0", "k1", "k2"}  # the scope's end closed it: another process reads
+
+
+def test_a_kept_instance_closes_after_its_idle_time_inside_the_scope(home: Path, opens: list[bool]) -> None:
+    catalog = Catalog(home)
+    with catalog.kept_open():
+        insert(catalog, "k1")
+        deadline = time.monotonic() + 10
+        while catalog_module._KEPT[catalog.path.resolve()].con is not None:  # a long stage runs here
+            assert time.monotonic() < deadline, "the kept instance was never closed"
+            time.sleep(0.05)
+        assert keys(catalog.path) == {"k1"}  # another process can open the file meanwhile
+        insert(catalog, "k2")  # and the next transaction opens it again
+        assert opens == [False, False]
+    assert keys(catalog.path) == {"k1", "k2"}
+
+
+def test_a_thread_still_in_a_transaction_at_the_scope_end_closes_it(home: Path) -> None:
+    catalog = Catalog(home)
+    inside, leave = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        with catalog.transaction() as con:
+            con.execute("INSERT INTO meta (key, value) VALUES ('k1', 'x')")
+            inside.set()
+            leave.wait(10)
+
+    with catalog.kept_open():
+        worker = threading.Thread(target=slow)
+        worker.start()
+        assert inside.wait(10)
+    assert not catalog_module._KEPT  # the scope is gone; its instance is in use by the worker
+    leave.set()
+    worker.join(10)
+    assert keys(catalog.path) == {"k1"}
+
+
+def test_concurrent_transactions_in_a_scope_all_commit(home: Path) -> None:
+    catalog = Catalog(home)
+    with catalog.kept_open():
+        threads = [threading.Thread(target=lambda i=i: [insert(catalog, f"k{i}-{j}") for j in range(20)])
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(keys(catalog.path)) == 80
+
+
+def test_a_failed_transaction_in_a_scope_rolls_back_and_the_instance_stays_usable(home: Path) -> None:
+    catalog = Catalog(home)
+    with catalog.kept_open():
+        with pytest.raises(duckdb.Error), catalog.transaction() as con:
+            con.execute("INSERT INTO meta (key, value) VALUES ('k-rolled-back', 'x')")
+            con.execute("SELECT * FROM no_such_table")
+        insert(catalog, "k1")
+    assert keys(catalog.path) == {"k1"}
+
+
+def test_materialise_opens_the_catalog_once_for_a_chain_of_quick_stages(home: Path, tmp_path: Path,
+                                                                         opens: list[bool]) -> None:
+    src = tmp_path / "src.txt"
+    src.write_text("a b c")
+    runner = Runner(home, toy_stage, echo=lambda s: None)
+    _, count = requests(src)
+    runner.materialise(count)  # two stages: ~8 catalog transactions and reads
+    assert len(opens) <= 2  # one, or two should the machine pause past the idle time
+    assert keys(home / "catalog.duckdb") == set()  # and the file is free once materialise returns
