@@ -64,7 +64,8 @@ class _Kept:
                 if self.users == 0 and idle >= IDLE_SECONDS:
                     self.close()
                     return
-            time.sleep(IDLE_SECONDS - idle if self.users == 0 else IDLE_SECONDS)
+                wait = IDLE_SECONDS - idle if self.users == 0 else IDLE_SECONDS
+            time.sleep(wait)
 
 
 _KEPT: dict[Path, _Kept] = {}

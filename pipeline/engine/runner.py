@@ -205,7 +205,7 @@ class Runner:
         stage = self.stage(req.stage)
         target = self.target(req)
         resolved, digests, pending = self.resolve_inputs(
-            req, lambda inp: self._materialise(inp, False, dry_run) or "pending")
+            req, lambda inp: self._materialise(inp, force=False, dry_run=dry_run) or "pending")
         ctx = Context(self.home, self.catalog, self.store, self.options, self.echo,
                       target=target, upstream=self.upstream_targets(req))
         if pending:
