@@ -24,6 +24,7 @@ from cache.schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS, SCHEMA_VERSION
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
 IDLE_SECONDS = 0.2  # a kept instance outlives its last use by this long: others' waits stay short
+HOLD_SECONDS = 1.0  # and is let go between transactions once open this long, however often they come
 
 
 class _Kept:
@@ -36,10 +37,12 @@ class _Kept:
         self.users = 0
         self.scopes = 0
         self.last_used = 0.0
+        self.opened = 0.0
 
     def cursor(self, open_instance: Callable[[], duckdb.DuckDBPyConnection]) -> duckdb.DuckDBPyConnection:
         if self.con is None:
             self.con = open_instance()
+            self.opened = time.monotonic()
             threading.Thread(target=self._close_when_idle, args=(self.con,), daemon=True).start()
         self.users += 1
         return self.con.cursor()
@@ -47,7 +50,8 @@ class _Kept:
     def release(self) -> None:
         self.users -= 1
         self.last_used = time.monotonic()
-        if self.users == 0 and self.scopes == 0:
+        # A stage writing more often than the idle time would otherwise keep `msta-pipe sql` out.
+        if self.users == 0 and (self.scopes == 0 or self.last_used - self.opened >= HOLD_SECONDS):
             self.close()
 
     def close(self) -> None:
@@ -104,8 +108,9 @@ class Catalog:
     @contextmanager
     def kept_open(self) -> Iterator[None]:
         """Within this scope (one writer's command: it holds the home's lock), transactions and reads
-        that follow each other share one read-write instance; it closes IDLE_SECONDS after its last
-        use, so a long stage still leaves the file to other processes, and when the scope ends."""
+        that follow each other share one read-write instance. It closes IDLE_SECONDS after its last
+        use, between two uses once open HOLD_SECONDS, and when the scope ends: a long stage still
+        leaves the file to other processes."""
         key = self.path.resolve()
         with _KEPT_LOCK:
             kept = _KEPT.setdefault(key, _Kept())

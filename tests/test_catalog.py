@@ -85,6 +85,18 @@ def test_a_kept_instance_closes_after_its_idle_time_inside_the_scope(home: Path,
     assert keys(catalog.path) == {"k1", "k2"}
 
 
+def test_a_kept_instance_is_let_go_between_frequent_transactions(home: Path, opens: list[bool]) -> None:
+    catalog = Catalog(home)
+    with catalog.kept_open():
+        started = time.monotonic()
+        i = 0
+        while time.monotonic() - started < 2.5 * catalog_module.HOLD_SECONDS:  # never idle long enough
+            insert(catalog, f"k{i}")
+            i += 1
+            time.sleep(catalog_module.IDLE_SECONDS / 4)
+    assert 3 <= len(opens) < i  # the file was free between some transactions, yet most shared one opening
+
+
 def test_a_thread_still_in_a_transaction_at_the_scope_end_closes_it(home: Path) -> None:
     catalog = Catalog(home)
     inside, leave = threading.Event(), threading.Event()
