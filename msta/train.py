@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from msta.fileio import atomic_write_bytes, safetensors_digest
 from msta.inference import embed_views, view_scores
@@ -35,7 +35,7 @@ from msta.method.losses import msta_loss
 from msta.method.model import MSTA, VideoCLIP
 from msta.method.runtime import autocast
 from msta.method.schedule import applied_factor
-from msta.video.dataset import epoch_steps, make_loader
+from msta.video.dataset import epoch_steps, make_loader, set_loader_epoch
 
 SNAPSHOT_EVERY = 5  # the authors' SAVE_FREQ: they tested after epochs 1, 6, ..., 46 and the last
 
@@ -92,6 +92,8 @@ class Trainer:
         self.d_temporal = targets.d_temporal.to(device) if targets.d_temporal is not None else None
         self.train_set, self.heldout_set = train_set, heldout_set
         self.rank, self.world, self.workers = rank, world, workers
+        self._train_loader: DataLoader | None = None
+        self._heldout_loader: DataLoader | None = None
 
         # Batch geometry: each process's share of the batch, accumulated over micro-batches.
         self.micro = recipe.micro_batch or recipe.batch_size // world
@@ -146,9 +148,13 @@ class Trainer:
     # -- one epoch -----------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float | None]:
         self.model.train()
-        loader = make_loader(self.train_set, self.micro, shuffle=True, seed=self.recipe.seed, epoch=epoch,
-                             workers=self.workers, rank=self.rank, world_size=self.world,
-                             steps=self.steps_per_epoch * self.accum)
+        if self._train_loader is None:  # one loader for the run: its workers start once, not every epoch
+            self._train_loader = make_loader(
+                self.train_set, self.micro, shuffle=True, seed=self.recipe.seed, epoch=epoch, workers=self.workers,
+                rank=self.rank, world_size=self.world, steps=self.steps_per_epoch * self.accum, persistent=True,
+                pin_memory=self.device.type == "cuda")
+        loader = self._train_loader
+        set_loader_epoch(loader, epoch)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         seen = 0
         self.optimizer.zero_grad(set_to_none=True)
@@ -167,13 +173,16 @@ class Trainer:
         """Top-1 on a held-out set (the views of each clip scored as the evaluate stage scores them);
         every process scores its shard."""
         self.model.eval()
-        loader = make_loader(dataset, self.micro, shuffle=False, seed=0, epoch=0, workers=self.workers,
-                             rank=self.rank, world_size=self.world)
+        loader = self._heldout_loader
+        if loader is None or loader.dataset is not dataset:
+            loader = self._heldout_loader = make_loader(
+                dataset, self.micro, shuffle=False, seed=0, epoch=0, workers=self.workers, rank=self.rank,
+                world_size=self.world, persistent=True, pin_memory=self.device.type == "cuda")
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         with torch.no_grad(), autocast(self.device, self.recipe.precision):
             class_emb = self.model.encode_classes(self.class_names)
             for views, labels in loader:
-                views, labels = views.to(self.device), labels.to(self.device)
+                views, labels = views.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
                 pred = view_scores(self.model, embed_views(self.model, views), class_emb).argmax(-1)
                 totals += torch.stack([(pred == labels).sum().double(), torch.tensor(float(labels.shape[0]),
                                                                                      dtype=torch.float64,

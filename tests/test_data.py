@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from msta.video.clipstore import FORMATS, ClipStoreError, clip_shape, load_clip, save_clip
-from msta.video.dataset import ClipDataset, ShardSampler, make_loader
+from msta.video.dataset import ClipDataset, ShardSampler, make_loader, set_loader_epoch
 
 S, T, H, W = 2, 4, 48, 64
 SIZE = 32
@@ -158,6 +158,24 @@ def test_loader_is_deterministic_per_epoch_and_independent_of_workers(items: lis
     assert sorted(y for _, ys in serial for y in ys.tolist()) == list(range(10))
     assert epoch_labels(make_loader(ds, 4, True, 5, epoch=3)) != epoch_labels(make_loader(ds, 4, True, 5, epoch=2))
     assert epoch_labels(make_loader(ds, 4, False, 5, epoch=3)) == list(range(10))
+
+
+def test_a_loader_with_persistent_workers_draws_every_epochs_own_items(items: list[tuple[str, int]]) -> None:
+    """Workers that live across epochs see the order and augmentations a fresh loader of that epoch
+    gives, with `steps` cutting each epoch alike (the training loop keeps one loader per run)."""
+    kept = make_loader(ClipDataset(items, "train", SIZE, seed=5), 4, shuffle=True, seed=5, epoch=0, workers=2,
+                       steps=2, persistent=True)
+    epochs = []
+    for epoch in (0, 1, 2, 1):
+        set_loader_epoch(kept, epoch)
+        got = list(kept)
+        fresh = list(make_loader(ClipDataset(items, "train", SIZE, seed=5), 4, shuffle=True, seed=5, epoch=epoch,
+                                 workers=0, steps=2))
+        assert len(got) == len(fresh) == 2
+        for (xa, ya), (xb, yb) in zip(got, fresh, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        epochs.append(torch.cat([x for x, _ in got]))
+    assert not torch.equal(epochs[0], epochs[1]) and torch.equal(epochs[1], epochs[3])
 
 
 def test_loader_leaves_the_global_rng_alone(items: list[tuple[str, int]]) -> None:

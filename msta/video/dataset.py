@@ -59,10 +59,15 @@ class ClipDataset(Dataset):
         self.color_jitter, self.grayscale = color_jitter, grayscale
         self.mean, self.std = tuple(mean), tuple(std)
         self.frames = frames  # T; needed only to draw from frame pools
-        self.epoch = 0
+        # In shared memory: a loader's persistent workers see the epoch the training process sets.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,12 +76,13 @@ class ClipDataset(Dataset):
         path, label = self.items[i]
         if self.mode == "test":
             return test_views(load_clip(path), self.size, self.crops, self.mean, self.std), label
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
+        epoch = self.epoch
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, i))
         stored, length = clip_shape(path)[:2]
         if self.frames is not None and length != self.frames:  # a frame pool: new TSN offsets
             if stored != 1:
                 raise ValueError(f"{path}: {stored} clips of {length} frames, neither T={self.frames} nor one pool")
-            rng = np.random.default_rng(derive_seed(self.seed, self.epoch, i, 1))
+            rng = np.random.default_rng(derive_seed(self.seed, epoch, i, 1))
             clip = load_clip(path, 0, train_indices(length, self.frames, rng))  # only those T are decoded
         else:
             pick = int(torch.randint(stored, (), generator=generator))
@@ -100,18 +106,27 @@ class ShardSampler(Sampler[int]):
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-        if shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.limit: int | None = None  # keep only the first `limit` items of every epoch's shard
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """This rank's order of `epoch`. A loader's sampler lives in the training process, so this
+        reorders a loader whose workers persist."""
+        n, world_size = self.n, self.world_size
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
         else:
             order = torch.arange(n)
-        if drop_last:
+        if self.drop_last:
             total = n - n % world_size
             order = order[:total]
         else:
             total = math.ceil(n / world_size) * world_size
             if n:  # repeat() also covers world_size > n
                 order = order.repeat(math.ceil(total / n))[:total]
-        self.indices: list[int] = order[rank:total:world_size].tolist()
+        self.indices: list[int] = order[self.rank:total:world_size].tolist()[:self.limit]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -139,24 +154,39 @@ def make_loader(
     world_size: int = 1,
     drop_last: bool = False,
     steps: int | None = None,
+    persistent: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader over this rank's shard of epoch `epoch`; batches (B, T, 3, H, W) in train
     mode, (B, V, T, 3, H, W) in test mode, labels (B,) int64. `steps` cuts every rank's shard to
-    that many full batches (see `epoch_steps`)."""
+    that many full batches (see `epoch_steps`). `persistent` keeps the worker processes between
+    epochs (move the loader on with `set_loader_epoch`); `pin_memory` for copies to a GPU that
+    overlap the step."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     sampler = ShardSampler(len(dataset), shuffle, seed, epoch, rank, world_size, drop_last)  # type: ignore[arg-type]
     if steps is not None:
         if len(sampler.indices) < steps * batch_size:
             raise ValueError(f"cannot cut a shard of {len(sampler.indices)} items to {steps} batches of {batch_size}")
-        sampler.indices = sampler.indices[:steps * batch_size]
+        sampler.limit = steps * batch_size
+        sampler.indices = sampler.indices[:sampler.limit]
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         drop_last=drop_last,
+        persistent_workers=persistent and workers > 0,
+        pin_memory=pin_memory,
         # Worker seeds are drawn from this generator, not from torch's global RNG, so building a
         # loader does not advance the training process's random state.
         generator=torch.Generator().manual_seed(derive_seed(seed, epoch)),
     )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Move a loader from `make_loader` on to `epoch`, between two passes over it: its order, and
+    its dataset's augmentations (the epoch is in shared memory, so persistent workers see it)."""
+    loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
