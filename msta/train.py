@@ -227,6 +227,7 @@ class Trainer:
                             heldout="-" if heldout is None else f"{heldout:.2f}")
             bar.update(1)
         bar.close()
+        self._train_loader = self._heldout_loader = None  # their worker processes end with the run
         if self.rank != 0:
             return None
         last = run_dir / "last.safetensors"

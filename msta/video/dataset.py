@@ -169,7 +169,7 @@ def make_loader(
         if len(sampler.indices) < steps * batch_size:
             raise ValueError(f"cannot cut a shard of {len(sampler.indices)} items to {steps} batches of {batch_size}")
         sampler.limit = steps * batch_size
-        sampler.indices = sampler.indices[:sampler.limit]
+        sampler.set_epoch(epoch)
     return DataLoader(
         dataset,
         batch_size=batch_size,
