@@ -993,7 +993,9 @@ def features(
 
     The views and embeddings are the ones `evaluate` scores (the same cached test clips and crops).
     Query them as the `video_embeddings` view, `embedding` cast to FLOAT[D], e.g. joined with
-    `text_embeddings` (see README). Cached like every stage: a rerun computes nothing.
+    `text_embeddings` (see README). Cached like every stage: a rerun computes nothing. Over GPUs:
+    `torchrun --nproc_per_node N -m pipeline features ...` gives each process every N-th video;
+    rank 0 gathers them and writes what one process would.
     """
     from pipeline.commands.dag import features_request
     from pipeline.commands.evaluation import find_run
@@ -1017,7 +1019,7 @@ def features(
         backbone, pretrained = _backbone(backbone, pretrained)
     req = features_request(runner, load_config(config).dataset(dataset), list_name, model,
                            "none" if frozen else selection, backbone, pretrained, device, precision, workers)
-    art = _materialise(runner, home, [req], force, dry_run)[0]
+    art = _launch_materialise(runner, home, req, force, dry_run)  # rank 0 of a torchrun launch, or the one process
     if art is not None:
         typer.echo(f"video embeddings: {art.path} ({art.meta['dim']}-d, {art.meta['views']} views a video); "
                    "query them as the view video_embeddings")

@@ -30,14 +30,15 @@ class FeaturesStage(Stage):
         p = req.params
         return f"features:{model_name(req, upstream)}:{p['dataset']}:{p['list']}:{p['selection']}"
 
-    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output:
+    def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output | None:
         import torch
 
         from msta.inference import embed_views, video_embedding
-        from msta.method.runtime import autocast
+        from msta.method.runtime import all_gathered, autocast, init_distributed
         from msta.video.dataset import ClipDataset, make_loader
 
         p = req.params
+        rank, world, _ = init_distributed()  # under torchrun each process embeds every world-th video
         model, backbone, device, run_key, _, _ = model_on_device(p, inputs.get("model"), "{}", ctx.home)
         names = {cid: name for cid, _, name in read_classes(artifact_of(inputs["classes"]))}
         frames = artifact_of(inputs["frames"])
@@ -45,15 +46,20 @@ class FeaturesStage(Stage):
         videos = pq.read_table(frames.path, columns=["video"])["video"].to_pylist()
         loader = make_loader(ClipDataset(items, "test", backbone.image_size, crops=p["crops"], mean=backbone.mean,
                                          std=backbone.std),
-                             batch_size=4, shuffle=False, seed=0, epoch=0, workers=int(req.locators.get("workers", 0)))
+                             batch_size=4, shuffle=False, seed=0, epoch=0, workers=int(req.locators.get("workers", 0)),
+                             rank=rank, world_size=world)
         from tqdm import tqdm
 
         chunks = []
         with torch.no_grad(), autocast(device, p["precision"]):
             for batch, _labels in tqdm(loader, desc=f"features {p['dataset']}:{p['list']}", unit="batch",
-                                       disable=not ctx.option("progress", True)):
+                                       disable=rank != 0 or not ctx.option("progress", True)):
                 chunks.append(embed_views(model, batch.to(device)).float().cpu())
         views = torch.cat(chunks)  # (N, V, D)
+        if world > 1:  # rank 0 alone writes: it gathers the shards back into list order
+            views = all_gathered(views, len(items), world, device)
+            if rank != 0:
+                return None
         per_video = video_embedding(views)
         n, v, dim = views.shape
         owner = model_name(req, ctx.upstream)
