@@ -126,14 +126,16 @@ class Catalog:
                         kept.close()
 
     @contextmanager
-    def _connection(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A cursor on the kept instance inside a `kept_open` scope, else a connection of its own."""
+    def _connection(self, read_only: bool, config: Mapping[str, Any] | None = None
+                    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor on the kept instance inside a `kept_open` scope, else (or with settings of its own)
+        a connection of its own."""
         with _KEPT_LOCK:
-            kept = _KEPT.get(self.path.resolve())
+            kept = _KEPT.get(self.path.resolve()) if config is None else None
             if kept is not None:
                 con = kept.cursor(lambda: self._open(read_only=False))
         if kept is None:
-            con = self._open(read_only)
+            con = self._open(read_only, config)
         try:
             yield con
         finally:
@@ -168,14 +170,7 @@ class Catalog:
         if not self.exists():
             raise UserError(f"no catalog at {self.path}: run a stage first "
                             "(e.g. `msta-pipe describe`), or pass the right --home", 2)
-        if config is not None:  # settings of its own: never the kept instance
-            con = self._open(read_only=True, config=config)
-            try:
-                yield con
-            finally:
-                con.close()
-            return
-        with self._connection(read_only=True) as con:
+        with self._connection(read_only=True, config=config) as con:
             yield con
 
     @contextmanager
