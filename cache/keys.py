@@ -31,6 +31,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(_normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def plain_json(value: Any) -> str:
+    """The catalog's readable form of keyed params: sorted keys, numbers as JSON numbers (SQL reads
+    `params->>'alpha'` as 0.0, not as the key's float marker)."""
+    _normalise(value)  # refuses what a key refuses (NaN, objects)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

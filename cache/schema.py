@@ -91,6 +91,13 @@ MIGRATIONS: list[str] = [
            NULL::INTEGER AS clip, NULL::INTEGER AS crop, NULL::FLOAT[] AS embedding
     WHERE false;
     """,
+    # 6: params as plain JSON (numbers as numbers, for params->>'alpha' in SQL; keys keep their own
+    #    canonical encoding), and each run's configuration: what report groups by and what
+    #    `gc --superseded` compares (NULL: a run from before, never treated as superseded)
+    r"""
+    UPDATE runs SET params = regexp_replace(params::VARCHAR, '\{"__float__":"([^"]*)"\}', '\1', 'g')::JSON;
+    ALTER TABLE runs ADD COLUMN configuration VARCHAR;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from click.core import ParameterSource
 
 from cache.errors import UserError, error_line, one_line, scrub
+from pipeline.commands.configs import TrainOptions
+from pipeline.commands.options import with_options
 
 app = typer.Typer(
     name="msta-pipe",
@@ -266,94 +267,30 @@ def frames(
 
 
 def _backbone(backbone: str | None, pretrained: str | None) -> tuple[str, str | None]:
-    """The one spelling of --backbone/--pretrained that keys and loading use (msta.method.registry)."""
-    from msta.method.registry import BackboneError, canonical_backbone
+    """The one spelling of --backbone/--pretrained that keys and loading use."""
+    from pipeline.commands.configs import canonical_backbone
 
-    try:
-        name, weights = canonical_backbone(backbone, pretrained)
-    except BackboneError as exc:
-        raise UserError(str(exc), 2) from None
+    name, weights = canonical_backbone(backbone, pretrained)
     return name, weights or None
 
 
 def _resolve_device(device: str, precision: str) -> tuple[str, str]:
-    """'auto' becomes what this machine has, so that the stage key says where a run really ran."""
-    if device == "auto" or precision == "auto":
-        import torch
+    from pipeline.commands.configs import resolve_device
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if precision == "auto":
-            precision = "bf16" if device.startswith("cuda") else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise UserError("--precision must be auto, fp32, bf16 or fp16", 2)
-    return device, precision
+    return resolve_device(device, precision)
 
 
 @app.command()
+@with_options(TrainOptions)
 def train(
-    ctx: typer.Context,
-    method: Annotated[str, typer.Option("--method", "--stage", help="What to train: adapter (MSTA), full (the full "
-                                        "fine-tuning baseline) or pretrain (contrastive pre-training of a tiny CLIP "
-                                        "on the synthetic world). --stage is the same flag")] = "adapter",
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Training dataset (source dataset "
-                       "for zero-shot; the parent name, e.g. ssv2, for base2novel)", show_default=False)] = None,
-    protocol: Annotated[str, typer.Option(help="few-shot, base2novel, zero-shot or fully-supervised")] = "few-shot",
-    shots: Annotated[Optional[int], typer.Option(help="K videos per class (few-shot; base2novel with "
-                     "--draw-shots: per base class, default 16)", show_default=False)] = None,
-    recipe: Annotated[Optional[str], typer.Option(help="authors: every flag the MSTA authors' logs fix for this "
-                      "protocol and dataset (DES_N, L_CC on/off, lr, schedule, batch, adapters, seed, template); "
-                      "flags given explicitly still win. --dry-run prints the resolved config",
+    given: dict[str, Any],
+    recipe: Annotated[Optional[str], typer.Option(help="A preset of flags: authors (every flag the MSTA authors' "
+                      "logs fix for this protocol and dataset: backbone ViCLIP-B-16, DES_N, L_CC on/off, lr, schedule, "
+                      "batch, adapters, seed, template, precision) or demo (the tiny world's recipe, see README). "
+                      "Flags given explicitly always win; --dry-run prints where each value came from",
                       show_default=False)] = None,
-    split: Annotated[int, typer.Option(help="base2novel: the official split N (list train_sN, N = 1, 2, 3); "
-                                       "with --draw-shots: the draw")] = 1,
-    draw_shots: Annotated[bool, typer.Option("--draw-shots", help="Draw --shots videos per class from the "
-                          "`train` list when the protocol's official list is missing (never done silently)")] = False,
-    seed: Annotated[int, typer.Option(help="Training seed (initialisation, order, augmentation); the authors' "
-                                      "2048. Independent of --split")] = 2048,
     seeds: Annotated[Optional[str], typer.Option(help="Several training seeds, e.g. 2048,1,2: one cached run each "
                      "(instead of --seed); `report` shows mean ± std over them", show_default=False)] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs")] = 50,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
-    temporal_lr_mult: Annotated[float, typer.Option(help="Learning rate of the temporal branches as a multiple "
-                                "of --lr (ours; 1 is the paper's single rate; the demo uses 30, see README)")] = 1.0,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-3,
-    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs (per step, from 0) before the cosine")] = 5,
-    batch_size: Annotated[Optional[int], typer.Option(help="Clips per optimiser step, over all processes "
-                          "[default 32; pretrain: images per step, 128]", show_default=False)] = None,
-    micro_batch: Annotated[Optional[int], typer.Option(help="Clips per forward pass; the rest is gradient "
-                           "accumulation [default: the whole batch]", show_default=False)] = None,
-    frames: Annotated[Optional[int], typer.Option(help="Frames T per clip [default: the dataset's, 8]",
-                      show_default=False)] = None,
-    frame_pool: Annotated[Optional[int], typer.Option(help="Cache up to N evenly spaced frames of each training "
-                          "video (all of a shorter one) and draw new TSN offsets from them every epoch, as the "
-                          "authors did; 0: the dataset's `samplings` fixed TSN draws [default: the dataset's `pool`, 0]",
-                          show_default=False)] = None,
-    adapter_scale: Annotated[float, typer.Option(help="lambda, the adapter scale")] = 0.005,
-    adapter_dim: Annotated[int, typer.Option(help="Bottleneck width r")] = 128,
-    adapter_layers: Annotated[str, typer.Option(help="Adapted blocks, 1-based inclusive, e.g. 8-12")] = "8-12",
-    temporal_branch: Annotated[str, typer.Option(help="paper (depthwise temporal conv on the up-projection) or "
-                               "bottleneck (on the down-projected features; ours)")] = "paper",
-    alpha: Annotated[float, typer.Option(help="Weight of the consistency loss L_CC")] = 1.0,
-    template: Annotated[str, typer.Option(help="Class prompt, {} = class name (the authors' logs: 'a photo of a "
-                                          "{}.')")] = "a video of {}.",
-    n_descriptions: Annotated[int, typer.Option(help="Descriptions per class and kind the embeddings must hold")] = 2,
-    no_consistency: Annotated[bool, typer.Option("--no-consistency", help="Ablation: no L_CC (alpha 0)")] = False,
-    no_temporal: Annotated[bool, typer.Option("--no-temporal", help="Ablation: no temporal branch")] = False,
-    no_shared: Annotated[bool, typer.Option("--no-shared", help="Ablation: each tower its own r->r projection")] = False,
-    only: Annotated[Optional[str], typer.Option(help="Ablation: adapters in the vision or text tower only",
-                    show_default=False)] = None,
-    backbone: Backbone = None,
-    pretrained: Pretrained = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun: one GPU per process)")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16")] = "auto",
-    hflip: Annotated[Optional[float], typer.Option(help="Horizontal flip probability [default: the dataset's]",
-                     show_default=False)] = None,
-    heldout_per_class: Annotated[int, typer.Option(help="Held-out videos per class, drawn from the dataset's "
-                                 "`train` list outside the training videos, that select the best epoch")] = 2,
-    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-identical "
-                             "reruns and resumes on the CPU)")] = False,
-    workers: Workers = 2,
     steps: Annotated[int, typer.Option(help="pretrain: optimiser steps")] = 1000,
     out: Annotated[Optional[Path], typer.Option(help="pretrain: also copy the weights here", show_default=False)] = None,
     force: Force = False,
@@ -365,67 +302,35 @@ def train(
     """Train MSTA adapters (or a baseline) against the cached artifacts, running stale upstream stages first.
 
     Defaults follow the authors' recipe; `--recipe authors` also sets what their logs fix per protocol and
-    dataset (description count, L_CC, template, fp32). A checkpoint is written every epoch; rerunning a
-    killed training resumes from it. Multi-GPU: `torchrun --nproc_per_node N -m pipeline train ...`
-    (rank 0 alone writes the catalog and artifacts).
+    dataset. A run is one configuration (every option but the seed and split) and one repeat (seed, split):
+    `report` aggregates repeats of a configuration and never two configurations. A checkpoint is written
+    every epoch; rerunning a killed training resumes from it. Multi-GPU:
+    `torchrun --nproc_per_node N -m pipeline train ...` (rank 0 alone writes the catalog and artifacts).
     """
-    from pipeline.commands.dag import TrainOptions, train_request
-
-    if recipe is not None:
-        v = _recipe_flags(ctx, recipe, protocol, dataset)
-        (epochs, lr, weight_decay, warmup_epochs, batch_size, frames, adapter_dim, adapter_layers, adapter_scale,
-         temporal_lr_mult, seed, template, n_descriptions, alpha, precision, shots, frame_pool) = (
-            v[k] for k in ("epochs", "lr", "weight_decay", "warmup_epochs", "batch_size", "frames", "adapter_dim",
-                           "adapter_layers", "adapter_scale", "temporal_lr_mult", "seed", "template",
-                           "n_descriptions", "alpha", "precision", "shots", "frame_pool"))
-    from pipeline.commands.flags import TRAIN_LIMITS, check_flags
-
-    check_flags(dict(shots=shots, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, frames=frames,
-                     steps=steps, adapter_dim=adapter_dim, n_descriptions=n_descriptions, warmup_epochs=warmup_epochs,
-                     heldout_per_class=heldout_per_class, frame_pool=frame_pool, workers=workers, lr=lr,
-                     temporal_lr_mult=temporal_lr_mult, weight_decay=weight_decay, alpha=alpha,
-                     adapter_scale=adapter_scale, hflip=hflip), TRAIN_LIMITS)
-    if method == "pretrain":
-        _pretrain(backbone, steps, batch_size or 128, lr, seed, device, out, force, dry_run, no_progress, home)
-        return
-    if method not in ("adapter", "full"):
-        raise UserError("--method must be adapter, full or pretrain", 2)
-    if dataset is None:
-        raise UserError("--dataset is required for --method adapter/full", 2)
-    from msta.method.backbone import BackboneError, check_adapter_fit
-
-    backbone, pretrained = _backbone(backbone, pretrained)
-    if "{}" not in template:
-        raise UserError(f"--template {template!r} needs a {{}} where the class name goes", 2)
-    adapter = _adapter_config(adapter_dim, adapter_layers, temporal_branch, no_temporal, no_shared, only,
-                              adapter_scale)
-    if method == "adapter":
-        try:
-            check_adapter_fit(backbone, adapter)
-        except (ValueError, BackboneError) as exc:
-            raise UserError(str(exc), 2) from None
-    device, precision = _resolve_device(device, precision)
-    opts = TrainOptions(protocol=protocol, method=method, shots=shots, split_seed=split, draw=draw_shots, seed=seed,
-                        epochs=epochs,
-                        lr=lr, temporal_lr_mult=temporal_lr_mult, weight_decay=weight_decay,
-                        warmup_epochs=warmup_epochs, batch_size=batch_size or 32,
-                        micro_batch=micro_batch, frames=frames, frame_pool=frame_pool,
-                        adapter=tuple(sorted(adapter.to_dict().items())) if method == "adapter" else (),
-                        alpha=0.0 if no_consistency else alpha, n_descriptions=n_descriptions, backbone=backbone,
-                        pretrained=pretrained, device=device, precision=precision, hflip=hflip,
-                        heldout_per_class=heldout_per_class, deterministic=deterministic, template=template,
-                        workers=workers)
-    runner = make_runner(home, progress=not no_progress)
-    cfg = load_config(config)
     from dataclasses import replace
 
-    for one_seed in _seed_list(seeds, seed):
-        req = train_request(runner, cfg, cfg.dataset(dataset), replace(opts, seed=one_seed))
+    from pipeline.commands.dag import train_request
+    from pipeline.commands.options import resolve
+    from pipeline.commands.presets import preset
+
+    cfg = load_config(config)
+    values = preset(recipe, given, cfg) if recipe else {}
+    opts = resolve(TrainOptions, given, values)
+    opts.check()
+    if opts.method == "pretrain":
+        _pretrain(opts.backbone, steps, given.get("batch_size", 128), opts.lr, opts.seed, opts.device, out, force,
+                  dry_run, no_progress, home)
+        return
+    runner = make_runner(home, progress=not no_progress)
+    for one_seed in _seed_list(seeds, opts.seed):
+        req = train_request(runner, cfg, replace(opts, seed=one_seed))
         if dry_run:
-            _print_resolved(req, recipe)
+            _print_resolved(req, opts, given, values, recipe)
         art = _launch_materialise(runner, home, req, force, dry_run)
         if art is not None and int(os.environ.get("RANK", "0")) == 0:
-            typer.echo(f"adapters: {art.path}" if method == "adapter" else f"weights: {art.path}")
+            stage = runner.stage("train")
+            typer.echo(f"{runner.target(req)}: {stage.configuration(req, {})}")
+            typer.echo(f"adapters: {art.path}" if opts.method == "adapter" else f"weights: {art.path}")
             if art.meta.get("best_epoch"):
                 typer.echo(f"best held-out epoch {art.meta['best_epoch']} (accuracy {art.meta['best_heldout_acc']:.3f})")
 
@@ -442,22 +347,17 @@ def _seed_list(seeds: str | None, seed: int) -> list[int]:
     return values
 
 
-def _recipe_flags(ctx: typer.Context, recipe: str, protocol: str, dataset: str | None) -> dict[str, Any]:
-    """The command's flags with a recipe's values where the user gave none on the command line."""
-    from pipeline.commands.authors import RECIPES, authors_recipe
-
-    if recipe not in RECIPES:
-        raise UserError(f"--recipe must be one of {', '.join(RECIPES)}", 2)
-    given = {name for name in ctx.params if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE}
-    preset = authors_recipe(protocol, (dataset or "").removesuffix("-base"))
-    return {**ctx.params, **{k: v for k, v in preset.items() if k not in given}}
-
-
-def _print_resolved(req: Any, recipe: str | None) -> None:
-    """The fully resolved training config, like the dump at the top of each of the authors' logs."""
+def _print_resolved(req: Any, opts: Any, given: dict[str, Any], values: dict[str, Any], recipe: str | None) -> None:
+    """The fully resolved training config, like the dump at the top of each of the authors' logs, with
+    where each option's value came from (flag, recipe or default)."""
     import json
+    from dataclasses import fields
 
-    typer.echo(f"resolved config ({'recipe ' + recipe if recipe else 'flags and defaults'}):")
+    typer.echo("options (where each value came from):")
+    for f in fields(opts):
+        source = "flag" if f.name in given else f"recipe {recipe}" if f.name in values else "default"
+        typer.echo(f"  {f.name}: {json.dumps(getattr(opts, f.name))}  ({source})")
+    typer.echo("resolved run params (the key):")
     for key, value in sorted(req.params.items()):
         typer.echo(f"  {key}: {json.dumps(value, sort_keys=True)}")
     train_list = req.inputs["frames_train"].params

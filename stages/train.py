@@ -13,19 +13,61 @@ from typing import Any
 
 from cache.catalog import insert_rows
 from cache.errors import UserError
+from cache.keys import digest_value
 from cache.store import sha256_file
 from pipeline.engine.stage import Context, Output, Request, Resolved, Stage, artifact_of
 from pipeline.formats.plots import plot_curves
 from stages.artifacts import read_class_embeddings, read_classes, read_frame_index
 
 
+# What varies between repeats of one configuration (report aggregates over these and nothing else),
+# and where a configuration is trained (the cells of a report's table, not part of the configuration).
+REPEATS = ("seed", "split_seed")
+PLACE = ("dataset", "protocol", "shots")
+
+
+def configuration_id(params: Mapping[str, Any]) -> str:
+    """8 hex digits naming every keyed parameter but the repeat and the place."""
+    return digest_value({k: v for k, v in params.items() if k not in REPEATS + PLACE})[:8]
+
+
+def variant(params: Mapping[str, Any]) -> str:
+    """A readable name for what a run trained, from its parameters."""
+    if params["method"] == "full":
+        return "full fine-tuning"
+    a = params["adapter"]
+    parts = []
+    if params["alpha"] == 0:
+        parts.append("w/o L_CC")
+    if not a["temporal"]:
+        parts.append("w/o temporal")
+    if not a["shared"]:
+        parts.append("w/o shared")
+    if a["towers"] != "both":
+        parts.append(f"{a['towers']} only")
+    if a["temporal"] and a["temporal_branch"] != "paper":
+        parts.append(f"{a['temporal_branch']} TConv")
+    return "MSTA" + (" " + ", ".join(parts) if parts else "")
+
+
+def configuration_name(params: Mapping[str, Any]) -> str:
+    """The configuration as people read it: its variant and its id, e.g. `MSTA w/o L_CC #1f0c9a2e`."""
+    return f"{variant(params)} #{configuration_id(params)}"
+
+
 class TrainStage(Stage):
     code_version = "2"  # 2: the authors' schedule (cosine over all steps), AdamW betas, dropped partial batch
 
     def target(self, req: Request, upstream: Mapping[str, str]) -> str:
+        """One slot per configuration and repeat: a later run of the same target replaces an earlier
+        one (new code or new input contents), never a run of another configuration or seed."""
         p = req.params
-        tag = {"few-shot": f"k{p['shots']}", "base2novel": f"s{p['split_seed']}"}.get(p["protocol"], "")
-        return f"train:{p['method']}:{p['dataset']}:{p['protocol']}{':' + tag if tag else ''}"
+        tag = f":k{p['shots']}" if p["protocol"] == "few-shot" else ""
+        return (f"train:{p['method']}:{p['dataset']}:{p['protocol']}{tag}:{configuration_id(p)}"
+                f":seed{p['seed']}:split{p['split_seed']}")
+
+    def configuration(self, req: Request, upstream: Mapping[str, str]) -> str:
+        return configuration_name(req.params)
 
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output | None:
         from msta.fileio import safetensors_digest

@@ -47,21 +47,55 @@ def prepared_home(home: Path, world: Path, datasets: tuple[str, ...] = ("world",
 
 
 
-def test_a_new_train_option_enters_the_key_without_being_copied(home: Path, world: Path) -> None:
-    from dataclasses import field, make_dataclass, replace
+def test_a_new_train_option_is_one_declaration(home: Path, world: Path) -> None:
+    """A field added to TrainOptions is a CLI flag with its help, is checked against its limit, enters
+    the key and the catalog's params: nothing else is edited."""
+    import json
+    from dataclasses import make_dataclass, replace
 
-    extended = make_dataclass("Extended", [("label_smoothing", float, field(default=0.0))], bases=(TrainOptions,),
-                              frozen=True)
+    import typer
+    from typer.testing import CliRunner
+
+    from cache.keys import plain_json
+    from pipeline.commands.flags import PROBABILITY
+    from pipeline.commands.options import opt, resolve, with_options
+
+    extended = make_dataclass("Extended", [("label_smoothing", float, opt(0.0, "Label smoothing of the CE loss",
+                                                                           limit=PROBABILITY))],
+                              bases=(TrainOptions,), frozen=True)
+    seen: list[object] = []
+    app = typer.Typer()
+
+    @app.command()
+    @with_options(extended)
+    def train(given: dict) -> None:
+        opts = resolve(extended, given)
+        opts.check()
+        seen.append(opts)
+
+    cli = CliRunner()
+    assert "--label-smoothing" in cli.invoke(app, ["--help"]).output
+    refused = cli.invoke(app, ["--dataset", "world", "--label-smoothing", "2"])
+    assert "--label-smoothing must be between 0 and 1, not 2" in str(refused.exception)
+    assert refused.exception.exit_code == 2
+    ok = cli.invoke(app, ["--dataset", "world", "--label-smoothing", "0.1", "--backbone", "msta-tiny",
+                          "--pretrained", "random", "--adapter-layers", "2-4", "--shots", "2", "--draw-shots",
+                          "--no-consistency"])
+    assert ok.exit_code == 0, ok.output
+    opts = seen[-1]
+    assert opts.label_smoothing == 0.1 and opts.alpha == 1.0 and not opts.consistency
     runner = Runner(home, stage_for, {"progress": False}, echo=lambda s: None)
     config = Config(world / "msta.toml")
-    opts = extended(protocol="few-shot", shots=2, draw=True, alpha=0.0, backbone="msta-tiny")
-    a = train_request(runner, config, config.dataset("world"), opts)
-    b = train_request(runner, config, config.dataset("world"), replace(opts, label_smoothing=0.1))
-    assert a.params["label_smoothing"] == 0.0 and runner.key_of(a, {}) != runner.key_of(b, {})
+    a = train_request(runner, config, opts)
+    b = train_request(runner, config, replace(opts, label_smoothing=0.0))
+    assert a.params["label_smoothing"] == 0.1 and runner.key_of(a, {}) != runner.key_of(b, {})
+    assert json.loads(plain_json(dict(a.params)))["label_smoothing"] == 0.1  # the catalog's params: a number
+    assert a.params["alpha"] == 0.0  # --no-consistency resolves to alpha 0 in the key
     # Locators and the fields that only choose inputs stay out of the params.
-    faster = train_request(runner, config, config.dataset("world"), replace(opts, workers=7, frame_workers=3))
+    faster = train_request(runner, config, replace(opts, workers=7, frame_workers=3))
     assert runner.key_of(faster, {}) == runner.key_of(a, {}) and faster.locators["workers"] == 7
-    assert not {"workers", "frame_workers", "draw", "heldout_per_class", "hflip"} & set(a.params)
+    assert not {"workers", "frame_workers", "draw", "heldout_per_class", "hflip", "consistency", "adapter_dim",
+                "only"} & set(a.params)
 
 
 def test_training_never_runs_the_frozen_description_branch(home: Path, world: Path,
@@ -84,11 +118,11 @@ def test_training_never_runs_the_frozen_description_branch(home: Path, world: Pa
     monkeypatch.setattr(Backbone, "encode_text_frozen", refuse)
     monkeypatch.setattr(open_clip.model.CLIP, "encode_text", counting)
     config = Config(world / "msta.toml")
-    opts = TrainOptions(protocol="few-shot", shots=2, epochs=1, batch_size=8, backbone="msta-tiny",
-                        adapter=(("dim", 8), ("layers", (2, 4)), ("scale", 0.005), ("shared", True),
-                                 ("temporal", True), ("temporal_branch", "paper"), ("towers", "both")),
-                        warmup_epochs=0, workers=0, frame_workers=1, heldout_per_class=1)
-    art = runner.materialise(train_request(runner, config, config.dataset("world"), opts))
+    opts = TrainOptions(protocol="few-shot", dataset="world", shots=2, epochs=1, batch_size=8, backbone="msta-tiny",
+                        pretrained="random",
+                        adapter_dim=8, adapter_layers="2-4", warmup_epochs=0, workers=0, frame_workers=1,
+                        heldout_per_class=1)
+    art = runner.materialise(train_request(runner, config, opts))
     assert art.kind == "adapters" and art.meta["best_epoch"] == 1
     # the text tower only ever saw the 12 class prompts (each step, and once per held-out pass)
     assert calls and set(calls) == {12}
@@ -111,7 +145,9 @@ def test_base_to_novel_evaluation_and_report(home: Path, world: Path) -> None:
     assert catalog_rows(home, "SELECT DISTINCT views FROM results") == [("2x1",)]
     assert len(catalog_rows(home, "SELECT * FROM class_accuracy WHERE dataset = 'world-novel'")) == 6
     report = run_cli("report", "--home", home)
-    assert "## Base-to-novel" in report.stdout and "| world | MSTA | last | 1 |" in report.stdout
+    name = catalog_rows(home, "SELECT configuration FROM runs WHERE stage = 'train'")[0][0]
+    assert name.startswith("MSTA #") and len(name) == len("MSTA #") + 8
+    assert "## Base-to-novel" in report.stdout and f"| world | {name} | last | {100 * base:.1f} (n=1) |" in report.stdout
     assert (home / "runs").glob("*/confusion.png")
 
 

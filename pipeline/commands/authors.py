@@ -17,19 +17,24 @@ from cache.errors import UserError
 RECIPES = ("authors",)
 GPUS = 8  # the authors' runs: BATCH_SIZE 4 per GPU on 8 GPUs
 
+LOGGED = {"few-shot": ("hmdb51", "ucf101", "ssv2"), "base2novel": ("hmdb51", "ucf101", "ssv2", "k400")}
 # Which description files the runs used (DES_N): 8 for UCF-101 and SSv2 few-shot, else 2.
 _DES_N_8 = {("few-shot", "ucf101"), ("few-shot", "ssv2")}
 
 
 def authors_recipe(protocol: str, dataset: str) -> dict[str, Any]:
-    """Every training flag the authors' logs fix for (protocol, dataset), by `train` flag name.
+    """Every training option the authors' logs fix for (protocol, paper dataset), by TrainOptions field.
 
     Test views are not here: the built-in datasets carry the logged clips x crops (NUM_CLIP,
     NUM_CROP), which `evaluate` uses for any recipe.
     """
     if protocol not in ("few-shot", "base2novel"):
         raise UserError(f"--recipe authors covers the logged protocols few-shot and base2novel, not {protocol!r}", 2)
+    if dataset not in LOGGED[protocol]:
+        raise UserError(f"--recipe authors: the authors logged {protocol} runs on {', '.join(LOGGED[protocol])}, "
+                        f"not on {dataset!r}", 2)
     return {
+        "backbone": "ViCLIP-B-16",  # MODEL.ARCH ViCLIP-B in every log; the weights come from --pretrained
         "epochs": 50, "lr": 1e-3, "weight_decay": 1e-3, "warmup_epochs": 5, "batch_size": 4 * GPUS,
         "frames": 8, "adapter_dim": 128, "adapter_layers": "8-12", "adapter_scale": 0.005,
         "temporal_lr_mult": 1.0, "seed": 2048, "template": "a photo of a {}.",  # CTX_INIT "a photo of a"

@@ -11,11 +11,13 @@ very same request the user made.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cache.errors import UserError
+from pipeline.commands.configs import PROTOCOLS, TrainOptions
+from pipeline.commands.options import keyed
 from pipeline.engine.stage import FileInput, Request, Stage
 from pipeline.formats.datasets import Dataset
 from prompts import PROMPT_DIR, template_files
@@ -148,51 +150,6 @@ def frames_request(runner: Any, ds: Dataset, list_name: str, mode: str, selectio
                    {"video_root": str(ds.require_video_root()), "workers": workers, "strict": strict})
 
 
-PROTOCOLS = ("few-shot", "base2novel", "zero-shot", "fully-supervised")
-
-
-# How a TrainOptions field enters the key when not as itself.
-THROUGH_INPUTS = {"key": "inputs"}  # it chooses an input (a list, a draw), whose own key holds it
-RESOLVED = {"key": "resolved"}      # `train_request` keys its resolved value under another name
-LOCATOR = {"key": "locator"}        # how fast to go, never what comes out
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Every flag of `train`. Each field enters the train stage's key as it is (see `key_params`)
-    unless its metadata says how it enters otherwise: through an input's key, a resolved value, or
-    not at all (a locator). A new field therefore changes the key without anyone copying it."""
-    protocol: str
-    method: str = "adapter"
-    shots: int | None = None
-    split_seed: int = 1          # base2novel: official split N (list train_sN); drawn lists: the draw
-    draw: bool = field(default=False, metadata=THROUGH_INPUTS)  # draw the shots when the official list is missing
-    seed: int = 2048             # training seed (the authors' 2048), independent of the split
-    epochs: int = 50
-    lr: float = 1e-3
-    temporal_lr_mult: float = 1.0
-    weight_decay: float = 1e-3
-    warmup_epochs: int = 5
-    min_lr_ratio: float = 0.01
-    batch_size: int = 32
-    micro_batch: int | None = None
-    frames: int | None = None
-    frame_pool: int | None = None  # None: the dataset's setting; 0: S fixed draws; N: a pool of N frames
-    adapter: tuple[tuple[str, Any], ...] = ()
-    alpha: float = 1.0
-    n_descriptions: int = 2
-    backbone: str = "ViT-B-16"
-    pretrained: str | None = None
-    device: str = "cpu"
-    precision: str = "fp32"
-    hflip: float | None = field(default=None, metadata=RESOLVED)  # None: the dataset's; keyed in `augment`
-    heldout_per_class: int = field(default=2, metadata=THROUGH_INPUTS)
-    deterministic: bool = False
-    template: str = "a video of {}."
-    workers: int = field(default=2, metadata=LOCATOR)
-    frame_workers: int = field(default=2, metadata=LOCATOR)
-
-
 @dataclass(frozen=True)
 class TrainData:
     """Where a protocol's training videos and held-out videos come from."""
@@ -245,12 +202,19 @@ def train_data(config: Any, ds: Dataset, o: TrainOptions) -> TrainData:
     raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}", 2)
 
 
-def train_request(runner: Any, config: Any, ds: Dataset, o: TrainOptions) -> Request:
-    data = train_data(config, ds, o)
+def train_request(runner: Any, config: Any, o: TrainOptions) -> Request:
+    """The train stage's request: the keyed fields of `o` as themselves, the resolved ones by value
+    (dataset, adapter config, alpha, augmentation, T, frame pool), the rest through its inputs."""
+    o = o.resolved()
+    if not o.dataset:
+        raise UserError("--dataset is required to train", 2)
+    data = train_data(config, config.dataset(o.dataset), o)
     d = data.dataset
-    params = key_params(o)
-    params.update(dataset=d.name, adapter=dict(o.adapter), pretrained=o.pretrained or "",
-                  augment={"hflip": d.video.hflip if o.hflip is None else o.hflip, "color_jitter": d.video.color_jitter, "grayscale": d.video.grayscale},
+    params = keyed(o)
+    params.update(dataset=d.name, pretrained=o.pretrained or "", alpha=o.effective_alpha,
+                  adapter=o.adapter_config().to_dict() if o.method == "adapter" else {},
+                  augment={"hflip": d.video.hflip if o.hflip is None else o.hflip,
+                           "color_jitter": d.video.color_jitter, "grayscale": d.video.grayscale},
                   frames=o.frames or d.video.frames, frame_pool=d.video.pool if o.frame_pool is None else o.frame_pool)
     inputs: dict[str, Request | FileInput] = {
         "classes": labels_request(runner, d),
@@ -260,7 +224,7 @@ def train_request(runner: Any, config: Any, ds: Dataset, o: TrainOptions) -> Req
         inputs["frames_heldout"] = frames_request(runner, d, "train" if "heldout" not in d.lists else "heldout",
                                                   "test", data.heldout, workers=o.frame_workers, frames=o.frames,
                                                   clips=1)
-    if o.alpha > 0:
+    if o.effective_alpha > 0:
         inputs["embed"] = embed_request(runner, d, o.backbone, o.pretrained)
         for kind in ("spatial", "temporal"):
             n = inputs["embed"].inputs[kind].params.get("n")  # type: ignore[union-attr]
@@ -270,12 +234,14 @@ def train_request(runner: Any, config: Any, ds: Dataset, o: TrainOptions) -> Req
     weights = weights_input(o.backbone, o.pretrained)
     if weights is not None:
         inputs["weights"] = weights
-    return Request("train", params, inputs, {"workers": o.workers})
+    return Request("train", params, inputs, {"workers": o.workers, "test_views": views_of(d)})
 
 
-def key_params(o: TrainOptions) -> dict[str, Any]:
-    """The fields of `o` that enter the train key as themselves: all but those marked otherwise."""
-    return {f.name: getattr(o, f.name) for f in fields(o) if "key" not in f.metadata}
+def views_of(ds: Dataset) -> dict[str, int]:
+    """The dataset's test views, kept in a training run's request so that the run alone says how to
+    test it (`predict --run KEY` and `export` need no config)."""
+    v = ds.video
+    return {"test_clips": v.test_clips, "test_crops": v.test_crops, "test_short_side": v.test_short_side}
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from msta.method.metrics import harmonic_mean
+from pipeline.commands.configs import TrainOptions
 from pipeline.commands.dag import (
     EvalTarget,
-    TrainOptions,
     describe_import_request,
     embed_request,
     evaluate_request,
     train_request,
 )
+from pipeline.commands.options import resolve
 from pipeline.formats.datasets import Config
 
 BACKBONE, PRETRAINED = "msta-world", "synthetic-world"
@@ -53,11 +54,13 @@ class DemoRecipe:
         return 2 * self.epochs
 
 
-def _adapter(recipe: DemoRecipe, **changes: Any) -> tuple[tuple[str, Any], ...]:
-    from msta.method.adapters import AdapterConfig, parse_layers
-
-    cfg = AdapterConfig(dim=recipe.dim, layers=parse_layers(recipe.layers), scale=recipe.scale)
-    return tuple(sorted(replace(cfg, **changes).to_dict().items()))
+def demo_options(protocol: str = "few-shot", recipe: DemoRecipe = DemoRecipe()) -> dict[str, Any]:
+    """The demo's recipe as `train` options (`train --recipe demo`): what the demo itself trains."""
+    return {"shots": recipe.shots, "draw": True, "epochs": recipe.b2n_epochs if protocol == "base2novel" else
+            recipe.epochs, "lr": recipe.lr, "temporal_lr_mult": recipe.temporal_lr_mult,
+            "warmup_epochs": recipe.warmup_epochs, "batch_size": recipe.batch_size, "adapter_dim": recipe.dim,
+            "adapter_layers": recipe.layers, "adapter_scale": recipe.scale, "backbone": BACKBONE,
+            "pretrained": PRETRAINED, "seed": recipe.seed, "split_seed": recipe.seed}
 
 
 def write_world(out: Path, recipe: DemoRecipe, echo: Callable[[str], None]) -> Path:
@@ -108,30 +111,28 @@ def run_demo(runner: Any, out: Path, recipe: DemoRecipe, echo: Callable[[str], N
     for i in range(seeds):
         seed = recipe.seed + i
         # The world has no official shot lists: the shots are drawn from its `train` list.
-        base = TrainOptions(protocol="few-shot", shots=recipe.shots, split_seed=seed, draw=True, seed=seed,
-                            epochs=recipe.epochs, lr=recipe.lr,
-                            temporal_lr_mult=recipe.temporal_lr_mult, warmup_epochs=recipe.warmup_epochs,
-                            batch_size=recipe.batch_size, adapter=_adapter(recipe), backbone=BACKBONE,
-                            pretrained=PRETRAINED, device="cpu", precision="fp32", workers=0, frame_workers=1)
+        base = resolve(TrainOptions, {"dataset": "world", "split_seed": seed, "seed": seed, "device": "cpu",
+                                      "precision": "fp32", "workers": 0, "frame_workers": 1},
+                       demo_options("few-shot", recipe))
         variants = {
             "MSTA w/o L_CC": replace(base, alpha=0.0),
             "MSTA": base,
-            "MSTA w/o temporal": replace(base, adapter=_adapter(recipe, temporal=False)),
+            "MSTA w/o temporal": replace(base, temporal=False),
         }
         for name, opts in variants.items():
-            arts = {"few-shot": evaluate(runner_train(runner, config, world, opts), EvalTarget(world, "test", "top1"))}
+            arts = {"few-shot": evaluate(runner_train(runner, config, opts), EvalTarget(world, "test", "top1"))}
             if name != "MSTA w/o temporal":
-                b2n = runner_train(runner, config, world, replace(opts, protocol="base2novel", split_seed=1 + i % 3,
-                                                                  epochs=recipe.b2n_epochs))
+                b2n = runner_train(runner, config, replace(opts, protocol="base2novel", split_seed=1 + i % 3,
+                                                           epochs=recipe.b2n_epochs))
                 arts["base"] = evaluate(b2n, EvalTarget(config.dataset("world-base"), "val", "base"))
                 arts["novel"] = evaluate(b2n, EvalTarget(config.dataset("world-novel"), "val", "novel"))
             tables.setdefault(name, []).append(_row(arts, pairs, set(APPEARANCE_CLASSES)))
     return _format(tables, recipe, seeds)
 
 
-def runner_train(runner: Any, config: Config, ds: Any, opts: TrainOptions) -> Any:
+def runner_train(runner: Any, config: Config, opts: TrainOptions) -> Any:
     """The training request (materialised as the evaluation's upstream)."""
-    req = train_request(runner, config, ds, opts)
+    req = train_request(runner, config, opts)
     runner.materialise(req)
     return req
 

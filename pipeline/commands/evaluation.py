@@ -13,14 +13,31 @@ from pipeline.engine.stage import Request
 
 
 def find_run(runner: Any, dataset: str, run: str | None, seed: int | None = None) -> Request:
-    """The training run to evaluate: by key prefix, else the latest completed one on `dataset`
-    (with training seed `seed`, when given)."""
+    """One training run: by key prefix, else the latest completed one on `dataset` (with training seed
+    `seed`, when given), refused when the dataset's runs are of several configurations."""
     from pipeline.commands.runs import run_row
 
     if not runner.catalog.exists():
         raise UserError("no catalog yet: train a run first (msta-pipe train ...)", 2)
     with runner.catalog.reader() as con:
         return Request.from_json(json.loads(run_row(con, dataset, run, seed)["request"]))
+
+
+def runs_to_evaluate(runner: Any, dataset: str, run: str | None, seed: int | None) -> list[Request]:
+    """The runs `evaluate` tests: the one with key `run`, else the latest completed run of every
+    configuration, seed and split trained on `dataset`, so that no configuration's run is left out."""
+    from pipeline.commands.runs import latest_per_target
+
+    if run is not None:
+        return [find_run(runner, dataset, run)]
+    if not runner.catalog.exists():
+        raise UserError("no catalog yet: train a run first (msta-pipe train ...)", 2)
+    with runner.catalog.reader() as con:
+        rows = latest_per_target(con, dataset, seed)
+    if not rows:
+        raise UserError(f"no completed training run on dataset {dataset!r}"
+                        + ("" if seed is None else f" with seed {seed}") + ": train one, pass --run KEY, or use --frozen", 2)
+    return [Request.from_json(json.loads(r["request"])) for r in rows]
 
 
 def targets_for(config: Any, dataset: str, list_name: str | None, protocol: str | None) -> list[EvalTarget]:
@@ -43,9 +60,30 @@ def run_evaluation(runner: Any, config: Any, dataset: str, list_name: str | None
                    workers: int, force: bool, dry_run: bool, seed: int | None = None,
                    materialise: Callable[..., Any] | None = None) -> list[tuple[Any, ...]]:
     """The evaluations a command asks for, run through `materialise` (the runner's, or one rank's
-    share of a torchrun launch, which gives None on the other ranks); rows to print."""
-    materialise = materialise or runner.materialise
-    model = None if frozen else find_run(runner, dataset, run, seed)
+    share of a torchrun launch, which gives None on the other ranks); rows to print, each naming the
+    run (key and configuration) it measures."""
+    models: list[Request | None] = [None] if frozen else runs_to_evaluate(runner, dataset, run, seed)
+    out: list[tuple[Any, ...]] = []
+    for model in models:
+        label = _run_label(runner, model)
+        if model is not None:
+            runner.echo(f"evaluate {label}")
+        for row in _evaluate_one(runner, config, dataset, list_name, model, selection, backbone, pretrained, device,
+                                 precision, workers, force, dry_run, materialise or runner.materialise):
+            out.append((row[0], row[1], label, *row[2:]))
+    return out
+
+
+def _run_label(runner: Any, model: Request | None) -> str:
+    if model is None:
+        return "frozen"
+    p = model.params
+    return f"{runner.stage('train').configuration(model, {})} seed {p['seed']} split {p['split_seed']}"
+
+
+def _evaluate_one(runner: Any, config: Any, dataset: str, list_name: str | None, model: Request | None,
+                  selection: str, backbone: str, pretrained: str | None, device: str, precision: str, workers: int,
+                  force: bool, dry_run: bool, materialise: Callable[..., Any]) -> list[tuple[Any, ...]]:
     protocol = None if model is None else model.params["protocol"]
     if model is not None:
         backbone, pretrained = model.params["backbone"], model.params["pretrained"] or None

@@ -25,11 +25,15 @@ FILES = ("config.json", "adapters.safetensors", "class_embeddings.safetensors", 
          "README.md")
 
 
-def dataset_views(config: Any, dataset: str, frames: int) -> dict[str, int]:
-    """The test views a dataset's evaluation uses (msta/METHOD.md §3), with the run's T."""
-    video = config.dataset(dataset).video
-    return {"frames": frames, "test_clips": video.test_clips, "test_crops": video.test_crops,
-            "test_short_side": video.test_short_side}
+def run_views(config: Any, tr: TrainedRun) -> dict[str, int]:
+    """The test views of the run's dataset (msta/METHOD.md §3) with the run's T: as recorded with the
+    run, so that its key alone is enough; a run from before that record reads its dataset's config."""
+    views = tr.views
+    if views is None:
+        video = config.dataset(tr.params["dataset"]).video
+        views = {"test_clips": video.test_clips, "test_crops": video.test_crops,
+                 "test_short_side": video.test_short_side}
+    return {"frames": tr.params["frames"], **views}
 
 
 def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Path, device: Any) -> dict[str, Any]:
@@ -46,7 +50,7 @@ def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Pa
         raise UserError(f"run {tr.key[:16]} is a {p['method']} fine-tune: its weights are a whole CLIP "
                         f"({tr.artifact.path}), not adapters; export packs adapter runs", 2)
     weights, checkpoint = selected_weights(tr.artifact, selection, runner.home)
-    views = dataset_views(config, p["dataset"], p["frames"])
+    views = run_views(config, tr)
     try:
         backbone = load_backbone(p["backbone"], p["pretrained"] or None, device=device)
     except BackboneError as exc:
@@ -60,7 +64,8 @@ def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Pa
                                      "FROM results WHERE run_key = ? ORDER BY dataset, split, selection, metric",
                                 [tr.key])
     identity = backbone.identity
-    cfg = {"format": EXPORT_FORMAT, "run_key": tr.key, "dataset": p["dataset"], "protocol": p["protocol"],
+    cfg = {"format": EXPORT_FORMAT, "run_key": tr.key, "configuration": tr.configuration,
+           "seed": p["seed"], "split": p["split_seed"], "dataset": p["dataset"], "protocol": p["protocol"],
            "selection": selection, "epoch": extra.get("epoch"), "checkpoint_digest": checkpoint,
            "backbone": {"model": p["backbone"], "pretrained": p["pretrained"], "identity": identity.name,
                         "weights_sha256": identity.weights_digest, "tokenizer": identity.tokenizer},
@@ -114,7 +119,7 @@ _NEEDED_BACKBONE = ("model", "pretrained", "identity", "weights_sha256")
 
 
 def model_card(cfg: dict[str, Any], p: dict[str, Any], results: list[dict[str, Any]], parameters: int) -> str:
-    from pipeline.commands.report import variant
+    from stages.train import configuration_name
 
     b = cfg["backbone"]
     names = ", ".join(c["name"] for c in cfg["classes"][:12]) + (", ..." if len(cfg["classes"]) > 12 else "")
@@ -124,7 +129,7 @@ def model_card(cfg: dict[str, Any], p: dict[str, Any], results: list[dict[str, A
     rows = [f"| {r['dataset']} | {r['split']} | {r['metric']} | {r['selection']} | {r['views']} | "
             f"{100 * r['value']:.1f} |" for r in results]
     return "\n".join([
-        f"# {variant(p)} on {cfg['dataset']} ({cfg['protocol']})", "",
+        f"# {configuration_name(p)} on {cfg['dataset']} ({cfg['protocol']})", "",
         f"MSTA adapters ({parameters:,} trainable parameters, adapter config `{json.dumps(cfg['adapter'])}`) for "
         f"the frozen CLIP `{b['identity']}` (weights `{b['pretrained'] or 'random init'}`, sha256 "
         f"`{b['weights_sha256']}`). They classify a video into the {len(cfg['classes'])} classes of "

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cache.errors import UserError
-from pipeline.commands.export import dataset_views
+from pipeline.commands.export import run_views
 from pipeline.commands.runs import TrainedRun
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ogv")
@@ -29,6 +29,7 @@ class Classifier:
     class_names: list[str]
     views: dict[str, int]  # frames, test_clips, test_crops, test_short_side
     name: str  # the model's identity in the output and in `predictions`: run key, folder or frozen:BACKBONE
+    configuration: str  # what the model is, e.g. `MSTA w/o L_CC #1f0c9a2e (seed 1, split 1, last weights)`
 
     def with_labels(self, path: Path) -> Classifier:
         """Open vocabulary: the class names of a label file, encoded by this model's text branch."""
@@ -63,11 +64,11 @@ def from_run(home: Path, config: Any, tr: TrainedRun, selection: str, device: An
     from stages.artifacts import load_model
 
     p = tr.params
-    views = dataset_views(config, p["dataset"], p["frames"])
+    views = run_views(config, tr)
     backbone = _backbone(p["backbone"], p["pretrained"], device)
     model, _, _, _ = load_model(backbone, tr.artifact, selection, p["template"], home, p["backbone"])
     return Classifier(model.to(device).eval(), backbone, [c for c, _, _ in tr.classes],
-                      [name for _, _, name in tr.classes], views, f"{tr.key}:{selection}")
+                      [name for _, _, name in tr.classes], views, f"{tr.key}:{selection}", tr.describe(selection))
 
 
 def from_export(folder: Path, cfg: dict[str, Any], backbone: str | None, pretrained: str | None,
@@ -97,8 +98,10 @@ def from_export(folder: Path, cfg: dict[str, Any], backbone: str | None, pretrai
         raise UserError(str(exc), 2) from None
     views = {k: int(cfg[k]) for k in ("frames", "test_clips", "test_crops", "test_short_side")}
     classes = cfg["classes"]
+    what = f"{cfg.get('configuration', 'exported run')}, run {str(cfg.get('run_key', '?'))[:16]}, " \
+           f"{cfg.get('selection', '?')} weights"
     return Classifier(model.to(device).eval(), loaded, [c["id"] for c in classes], [c["name"] for c in classes],
-                      views, str(folder))
+                      views, str(folder), what)
 
 
 def _same_weights(folder: Path, b: dict[str, Any], got: str, given: str) -> None:
@@ -120,7 +123,7 @@ def frozen(backbone: str, pretrained: str | None, config: Any, dataset: str | No
     views = {"frames": video.frames, "test_clips": video.test_clips, "test_crops": video.test_crops,
              "test_short_side": video.test_short_side}
     return Classifier(VideoCLIP(loaded, DEFAULT_TEMPLATE).to(device).eval(), loaded, [c.class_id for c in classes],
-                      [c.name for c in classes], views, f"frozen:{backbone}")
+                      [c.name for c in classes], views, f"frozen:{backbone}", f"frozen CLIP (frame mean) {backbone}")
 
 
 def find_videos(paths: Iterable[Path]) -> list[Path]:
@@ -188,25 +191,28 @@ def _message(path: Path, exc: Exception) -> str:
     return f"{path}: {type(exc).__name__}: {exc}"
 
 
-def rows(predictions: list[Prediction], fmt: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Column names and rows for `table` (one row per video) or `csv` (one row per video and rank)."""
+def rows(clf: Classifier, predictions: list[Prediction], fmt: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Column names and rows for `table` (one row per video; the model is said above it) or `csv` (one
+    row per video and rank, each naming the model)."""
     if fmt == "csv":
         out: list[tuple[Any, ...]] = []
         for p in predictions:
-            out += [(p.video, r + 1, cid, name, round(prob, 6), "") for r, (cid, name, prob) in enumerate(p.top)]
-            out += [(p.video, None, None, None, None, p.error)] if p.error else []
-        return ["video", "rank", "class_id", "class", "prob", "error"], out
+            out += [(p.video, r + 1, cid, name, round(prob, 6), "", clf.name, clf.configuration)
+                    for r, (cid, name, prob) in enumerate(p.top)]
+            out += [(p.video, None, None, None, None, p.error, clf.name, clf.configuration)] if p.error else []
+        return ["video", "rank", "class_id", "class", "prob", "error", "model", "configuration"], out
     return (["video", "class", "prob", "next", "error"],
             [("..." + p.video[-57:] if len(p.video) > 60 else p.video,  # the table cuts cells at 60: keep the name
               p.top[0][1] if p.top else "", f"{p.top[0][2]:.4f}" if p.top else "",
               ", ".join(f"{name} {prob:.3f}" for _, name, prob in p.top[1:]), p.error) for p in predictions])
 
 
-def jsonl(predictions: list[Prediction]) -> Iterable[str]:
+def jsonl(clf: Classifier, predictions: list[Prediction]) -> Iterable[str]:
+    model = {"model": clf.name, "configuration": clf.configuration}
     for p in predictions:
-        yield json.dumps({"video": p.video, "error": p.error} if p.error else
+        yield json.dumps({"video": p.video, "error": p.error, **model} if p.error else
                          {"video": p.video, "top": [{"class_id": cid, "class": name, "prob": round(prob, 6)}
-                                                    for cid, name, prob in p.top]})
+                                                    for cid, name, prob in p.top], **model})
 
 
 def save(catalog: Any, clf: Classifier, predictions: list[Prediction], echo: Callable[[str], None]) -> None:

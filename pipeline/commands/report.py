@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from msta.method.metrics import harmonic_mean
+from stages.train import PLACE, REPEATS, configuration_name
 
 PAPER_FEW_SHOT = {"hmdb51": (61.2, 62.3, 67.1, 70.4), "ucf101": (86.1, 90.2, 92.7, 94.8), "ssv2": (9.1, 10.4, 13.3, 17.5)}
 PAPER_B2N = {"k400": (77.2, 65.9, 72.0), "hmdb51": (77.5, 57.0, 66.3), "ucf101": (96.0, 73.0, 82.9),
@@ -23,32 +25,12 @@ PAPER_FULL = {"k400": (82.2, 96.2)}
 SHOTS = (2, 4, 8, 16)
 
 
-def variant(params: dict[str, Any] | None) -> str:
-    """A readable name for what a run trained, from its parameters."""
-    if params is None:
-        return "frozen CLIP (frame mean)"
-    if params["method"] == "full":
-        return "full fine-tuning"
-    a = params["adapter"]
-    parts = []
-    if params["alpha"] == 0:
-        parts.append("w/o L_CC")
-    if not a["temporal"]:
-        parts.append("w/o temporal")
-    if not a["shared"]:
-        parts.append("w/o shared")
-    if a["towers"] != "both":
-        parts.append(f"{a['towers']} only")
-    if a["temporal"] and a["temporal_branch"] != "paper":
-        parts.append(f"{a['temporal_branch']} TConv")
-    return "MSTA" + (" " + ", ".join(parts) if parts else "")
-
-
 def _pct(values: list[float]) -> str:
+    """mean ± std in percent, and always n: a cell never hides how many runs it holds."""
     if not values:
         return ""
     if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
+        return f"{100 * values[0]:.1f} (n=1)"
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f} (n={len(values)})"
 
 
@@ -80,70 +62,152 @@ def authors_section(logs: list[Any]) -> list[str]:
     return out + [""]
 
 
+@dataclass(frozen=True)
+class Result:
+    run_key: str
+    protocol: str
+    dataset: str
+    split: str
+    metric: str
+    value: float
+    selection: str
+    configuration: str            # what the run trained, e.g. `MSTA w/o L_CC #1f0c9a2e`; frozen: the backbone
+    params: dict[str, Any] | None  # the training run's (None: the frozen CLIP)
+
+
+def results(catalog: Any) -> list[Result]:
+    """Every result once, with the configuration of the run it measures."""
+    with catalog.reader() as con:
+        rows = con.execute("""
+            SELECT DISTINCT ON (r.run_key, r.dataset, r.split, r.metric, r.selection)
+                   r.run_key, r.protocol, r.dataset, r.split, r.metric, r.value, r.selection,
+                   t.configuration, t.params
+            FROM results r LEFT JOIN runs t ON t.key = r.run_key AND t.stage = 'train' AND t.status = 'done'
+            ORDER BY r.run_key, r.dataset, r.split, r.metric, r.selection, t.finished_at DESC""").fetchall()
+    out = []
+    for key, protocol, dataset, split, metric, value, sel, conf, params_json in rows:
+        params = json.loads(params_json) if params_json else None
+        if params is None:
+            conf = f"frozen CLIP (frame mean) {key.removeprefix('frozen:')}"
+        elif conf is None:  # a run registered before configurations were recorded
+            conf = configuration_name(params)
+        out.append(Result(key, protocol, dataset, split, metric, value, sel, conf, params))
+    return sorted(out, key=lambda r: (r.dataset, r.split, r.configuration, r.selection, r.run_key))
+
+
+def _parent(dataset: str) -> str:
+    return dataset.rsplit("-", 1)[0] if dataset.endswith(("-base", "-novel")) else dataset
+
+
 def render(catalog: Any, fmt: str = "markdown", authors_logs: list[Any] | None = None) -> str:
     authors = authors_section(authors_logs) if authors_logs else []
     if not catalog.exists():
         return "\n".join(authors) if authors else "no results yet"
-    with catalog.reader() as con:
-        rows = con.execute("""SELECT r.run_key, r.protocol, r.dataset, r.split, r.metric, r.value, r.selection,
-                                     t.params FROM results r LEFT JOIN runs t ON t.key = r.run_key AND t.status = 'done'
-                              ORDER BY r.dataset, r.split""").fetchall()
+    found = results(catalog)
     if fmt == "csv":
-        lines = ["run_key,protocol,dataset,split,metric,value,selection,variant"]
-        lines += [f"{k},{p},{d},{s},{m},{v:.4f},{sel},{variant(json.loads(par) if par else None)}"
-                  for k, p, d, s, m, v, sel, par in rows]
-        return "\n".join(lines)
-    few: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["run_key", "configuration", "protocol", "dataset", "split", "metric", "value", "selection"])
+        writer.writerows([r.run_key, r.configuration, r.protocol, r.dataset, r.split, r.metric, f"{r.value:.4f}",
+                          r.selection] for r in found)
+        return buffer.getvalue().rstrip("\n")
+    # Each table groups by configuration (and where it was tested); a group aggregates only its
+    # repeats (seeds, splits): two configurations never share a row.
+    few: dict[tuple[str, str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     b2n: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     other: dict[tuple[str, str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    seen: set[tuple[str, ...]] = set()
-    for key, protocol, dataset, split, metric, value, sel, params_json in rows:
-        if (key, dataset, split, metric, sel) in seen:
-            continue
-        seen.add((key, dataset, split, metric, sel))
-        params = json.loads(params_json) if params_json else None
-        name = variant(params)
-        if protocol == "few-shot" and metric == "top1" and params is not None:
-            few[(dataset, name, sel)][params["shots"]].append(value)
-        elif protocol == "base2novel" and metric in ("base", "novel", "hm"):
-            parent = dataset.rsplit("-", 1)[0] if dataset.endswith(("-base", "-novel")) else dataset
-            b2n[(parent, name, sel)][metric].append(value)
-        elif metric in ("top1", "top5") and protocol in ("zero-shot", "fully-supervised"):
-            target = dataset.split("-zs")[0]  # K600's three zero-shot splits are one target
-            other[(protocol, target, name, sel)][metric].append(value)
+    rest: dict[tuple[str, str, str, str, str, str], list[float]] = defaultdict(list)
+    shown: dict[str, dict[str, Any] | None] = {}
+    for r in found:
+        if r.protocol == "few-shot" and r.metric == "top1" and r.params is not None:
+            few[(r.dataset, r.split, r.configuration, r.selection)][r.params["shots"]].append(r.value)
+        elif r.protocol == "base2novel" and r.metric in ("base", "novel", "hm"):
+            b2n[(_parent(r.dataset), r.configuration, r.selection)][r.metric].append(r.value)
+        elif r.metric in ("top1", "top5") and r.protocol in ("zero-shot", "fully-supervised"):
+            target = r.dataset.split("-zs")[0]  # K600's three zero-shot splits are one target
+            other[(r.protocol, target, r.configuration, r.selection)][r.metric].append(r.value)
+        elif r.protocol == "few-shot" and r.metric == "top5":
+            continue  # few-shot is compared on top-1, as in the paper; top-5 stays in `results`
+        else:
+            rest[(r.protocol, r.dataset, r.split, r.configuration, r.selection, r.metric)].append(r.value)
+        shown.setdefault(r.configuration, r.params)
     out: list[str] = []
     if few:
-        out += ["## Few-shot (top-1 %)", "", "| dataset | model | selection | K=2 | K=4 | K=8 | K=16 |",
-                "|---|---|---|---|---|---|---|"]
-        for (dataset, name, sel), by_k in sorted(few.items()):
-            out.append(f"| {dataset} | {name} | {sel} | " + " | ".join(_pct(by_k.get(k, [])) for k in SHOTS) + " |")
-        for dataset in sorted({d for d, _, _ in few} & set(PAPER_FEW_SHOT)):
-            out.append(f"| {dataset} | MSTA, paper (ViCLIP-B, test-selected) | max | "
-                       + " | ".join(f"{v:.1f}" for v in PAPER_FEW_SHOT[dataset]) + " |")
+        shots = {k for by_k in few.values() for k in by_k}  # the columns come from the data
+        if any(d in PAPER_FEW_SHOT for d, *_ in few):
+            shots |= set(SHOTS)  # and the paper's, where its row is shown
+        shots = sorted(shots)
+        out += ["## Few-shot (top-1 %, mean ± std over seeds and draws, n runs)", "",
+                "| dataset | test list | configuration | selection | " + " | ".join(f"K={k}" for k in shots) + " |",
+                "|---|---|---|---|" + "---|" * len(shots)]
+        for (dataset, split, conf, sel), by_k in sorted(few.items()):
+            out.append(f"| {dataset} | {split} | {conf} | {sel} | "
+                       + " | ".join(_pct(by_k.get(k, [])) for k in shots) + " |")
+        for dataset in sorted({d for d, *_ in few} & set(PAPER_FEW_SHOT)):
+            paper = dict(zip(SHOTS, PAPER_FEW_SHOT[dataset]))
+            out.append(f"| {dataset} | test | MSTA, paper (ViCLIP-B, test-selected) | max | "
+                       + " | ".join(f"{paper[k]:.1f}" if k in paper else "" for k in shots) + " |")
         out.append("")
     if b2n:
-        out += ["## Base-to-novel (top-1 %, mean ± std over seeds; HM of the mean base and mean novel, as the "
-                "authors average)", "",
-                "| dataset | model | selection | seeds | base | novel | HM |", "|---|---|---|---|---|---|---|"]
-        for (dataset, name, sel), m in sorted(b2n.items()):
-            out.append(f"| {dataset} | {name} | {sel} | {len(m.get('hm', m.get('base', [])))} | "
-                       f"{_pct(m.get('base', []))} | {_pct(m.get('novel', []))} | "
+        out += ["## Base-to-novel (top-1 %, mean ± std over seeds and splits, n runs; HM of the mean base and mean "
+                "novel, as the authors average)", "",
+                "| dataset | configuration | selection | base | novel | HM |", "|---|---|---|---|---|---|"]
+        for (dataset, conf, sel), m in sorted(b2n.items()):
+            out.append(f"| {dataset} | {conf} | {sel} | {_pct(m.get('base', []))} | {_pct(m.get('novel', []))} | "
                        f"{_hm_of_means(m.get('base', []), m.get('novel', []))} |")
         for dataset in sorted({d for d, _, _ in b2n} & set(PAPER_B2N)):
             b, n, h = PAPER_B2N[dataset]
-            out.append(f"| {dataset} | MSTA, paper (ViCLIP-B, test-selected) | max | 3 | {b:.1f} | {n:.1f} | {h:.1f} |")
+            out.append(f"| {dataset} | MSTA, paper (ViCLIP-B, test-selected) | max | {b:.1f} (n=3) | {n:.1f} (n=3) | "
+                       f"{h:.1f} |")
         out.append("")
     if other:
-        out += ["## Zero-shot and fully supervised (top-1 / top-5 %, mean ± std over splits)", "",
-                "| protocol | dataset | model | selection | top-1 | top-5 | paper top-1 |", "|---|---|---|---|---|---|---|"]
-        for (protocol, dataset, name, sel), m in sorted(other.items()):
+        out += ["## Zero-shot and fully supervised (top-1 / top-5 %, mean ± std over test splits, n)", "",
+                "| protocol | dataset | configuration | selection | top-1 | top-5 | paper top-1 |",
+                "|---|---|---|---|---|---|---|"]
+        for (protocol, dataset, conf, sel), m in sorted(other.items()):
             paper = PAPER_ZERO_SHOT.get(dataset) if protocol == "zero-shot" else PAPER_FULL.get(dataset, (None,))[0]
-            out.append(f"| {protocol} | {dataset} | {name} | {sel} | {_pct(m['top1'])} | {_pct(m['top5'])} | "
+            out.append(f"| {protocol} | {dataset} | {conf} | {sel} | {_pct(m['top1'])} | {_pct(m['top5'])} | "
                        f"{'' if paper is None else f'{paper:.1f}'} |")
         out.append("")
+    if rest:
+        out += ["## Other results (%, mean ± std, n)", "",
+                "| protocol | dataset | list | configuration | selection | metric | value |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {p} | {d} | {s} | {c} | {sel} | {m} | {_pct(v)} |" for (p, d, s, c, sel, m), v in sorted(rest.items())]
+        out.append("")
+    out += configurations_section(shown)
     out += confusion_section(catalog)
     out += authors
     return "\n".join(out) if out else "no results yet"
+
+
+def configurations_section(shown: dict[str, dict[str, Any] | None]) -> list[str]:
+    """What tells the configurations in the tables apart: each one's value of every parameter on which
+    they differ (the rest they share)."""
+    trained = {name: params for name, params in shown.items() if params is not None}
+    if len(trained) < 2:
+        return []
+    flat = {name: _flatten({k: v for k, v in p.items() if k not in REPEATS + PLACE}) for name, p in trained.items()}
+    names = sorted({k for f in flat.values() for k in f})
+    differing = [k for k in names if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
+    out = ["## Configurations (the parameters on which the configurations above differ)", "",
+           "| configuration | " + " | ".join(differing) + " |", "|---|" + "---|" * len(differing)]
+    for name in sorted(flat):
+        out.append(f"| {name} | " + " | ".join(_short(json.dumps(flat[name].get(k))) for k in differing) + " |")
+    return out + [""]
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 CONFUSED_PAIRS = 5  # per evaluation
@@ -160,7 +224,7 @@ def confusion_section(catalog: Any) -> list[str]:
 
     with catalog.reader() as con:
         evals = con.execute("""SELECT DISTINCT r.run_key, r.dataset, r.split, r.selection, a.path,
-                                      e.params->>'backbone', t.params
+                                      e.params->>'backbone', t.configuration, t.params
                                FROM results r JOIN runs e ON e.key = r.eval_key AND e.status = 'done'
                                JOIN artifacts a ON a.digest = e.output
                                LEFT JOIN runs t ON t.key = r.run_key AND t.status = 'done'
@@ -173,7 +237,7 @@ def confusion_section(catalog: Any) -> list[str]:
         phrases = {tuple(k): ph for *k, ph in
                    con.execute("SELECT dataset, class_id, kind, idx, phrase FROM descriptions").fetchall()}
     out: list[str] = []
-    for run_key, dataset, split, sel, path, backbone, params in evals:
+    for run_key, dataset, split, sel, path, backbone, conf, params in evals:
         if not (catalog.home / path).exists():
             continue  # collected or moved: the results table still holds its numbers
         table = pq.read_table(catalog.home / path)
@@ -181,7 +245,8 @@ def confusion_section(catalog: Any) -> list[str]:
         wrong = label != pred
         top = sorted(Counter(zip(label[wrong].tolist(), pred[wrong].tolist())).items(),
                      key=lambda kv: (-kv[1], kv[0]))[:CONFUSED_PAIRS]
-        out += [f"### {dataset}:{split}, {variant(json.loads(params) if params else None)} "
+        name = conf or (configuration_name(json.loads(params)) if params else "frozen CLIP (frame mean)")
+        out += [f"### {dataset}:{split}, {name} "
                 f"(run {run_key[:16]}, {sel})", ""]
         if not top:
             out += ["No video was misclassified.", ""]

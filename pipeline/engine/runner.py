@@ -17,7 +17,7 @@ from typing import Any
 
 from cache.catalog import Catalog, insert_rows, rows_as_dicts, utcnow
 from cache.errors import UserError, error_line, one_line
-from cache.keys import canonical_json, digest_value, sha256_bytes
+from cache.keys import canonical_json, digest_value, plain_json, sha256_bytes
 from cache.lock import HomeLock
 from cache.store import Store, atomic_write_bytes, sha256_file, table_digest, write_parquet
 from pipeline.engine.stage import (
@@ -262,11 +262,11 @@ class Runner:
         ctx.run_id, ctx.key = run_id, key
         started = time.perf_counter()
         with self.catalog.transaction() as con:
-            con.execute("""INSERT INTO runs (run_id, key, stage, target, code_version, params, locators,
-                           inputs, request, status, started_at, pid)
-                           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)""",
-                        [run_id, key, req.stage, target, stage.code_version,
-                         canonical_json(dict(req.params)), json.dumps(dict(req.locators), default=str),
+            con.execute("""INSERT INTO runs (run_id, key, stage, target, configuration, code_version, params,
+                           locators, inputs, request, status, started_at, pid)
+                           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)""",
+                        [run_id, key, req.stage, target, stage.configuration(req, ctx.upstream), stage.code_version,
+                         plain_json(dict(req.params)), json.dumps(dict(req.locators), default=str),
                          canonical_json(dict(digests)), json.dumps(req.to_json(), default=str),
                          utcnow(), os.getpid()])
         self.echo(f"run    {target}")
@@ -336,7 +336,7 @@ def describe_difference(code_version: str, params: Mapping[str, Any], digests: M
     if previous["code_version"] != code_version:
         reasons.append(f"code version {previous['code_version']} -> {code_version}")
     old_params = json.loads(previous["params"] or "{}")
-    new_params = json.loads(canonical_json(dict(params)))
+    new_params = json.loads(plain_json(dict(params)))
     changed = sorted(k for k in set(old_params) | set(new_params) if old_params.get(k) != new_params.get(k))
     if changed:
         reasons.append("params: " + ", ".join(
@@ -349,7 +349,5 @@ def describe_difference(code_version: str, params: Mapping[str, Any], digests: M
 
 
 def _short(value: Any) -> str:
-    if isinstance(value, dict) and set(value) == {"__float__"}:
-        return value["__float__"]
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= 40 else text[:37] + "..."

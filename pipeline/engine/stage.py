@@ -138,6 +138,12 @@ class Stage:
         `upstream` gives the targets of the request's upstream requests by input name."""
         raise NotImplementedError
 
+    def configuration(self, req: Request, upstream: Mapping[str, str]) -> str:
+        """The name of what a run computes, apart from where it runs and which repeat it is: runs of
+        one configuration differ only in what varies across repeats (a seed, a split), and that is
+        all `report` aggregates over. By default a target is one configuration."""
+        return self.target(req, upstream)
+
     def run(self, req: Request, inputs: Mapping[str, Resolved], ctx: Context) -> Output | None:
         """Produce the artifact. None only on a non-zero rank of a torchrun launch (`Runner.follow`),
         whose share of the work rank 0 registers."""

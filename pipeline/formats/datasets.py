@@ -69,6 +69,8 @@ BUILTINS: dict[str, Builtin] = {
     "hmdb51": Builtin("hmdb_51_labels.csv (ViFi-CLIP labels/)", 10, _HMDB_UCF),
     "ucf101": Builtin("ucf_101_labels.csv (ViFi-CLIP labels/) or UCF-101's classInd.txt", 5, _HMDB_UCF),
 }
+# The datasets of the paper (msta/METHOD.md §5): what `--recipe authors` can place.
+PAPER_DATASETS = ("hmdb51", "ucf101", "ssv2", "k400", "k600")
 # K600's zero-shot protocol: three splits of 160 classes new to K400, each its own label set
 for _n in (1, 2, 3):
     BUILTINS[f"k600-zs{_n}"] = Builtin(f"ZS_split{_n}_K600.csv (ViFi-CLIP labels/)", 4,
@@ -83,6 +85,7 @@ class Dataset:
     lists: dict[str, Path]
     video: VideoSettings
     source: str  # where it was declared, for error messages
+    paper: str | None = None  # which of the paper's datasets this is (built-ins; `paper = "..."` in a config)
 
     def list_path(self, name: str) -> Path:
         if name not in self.lists:
@@ -161,13 +164,13 @@ class Config:
     def _dataset(self, name: str) -> Dataset:
         if name in self._declared:
             table, base = self._declared[name]
-            return self._from_table(name, table, base, BUILTINS.get(name))
+            return self._from_table(name, table, base, BUILTINS.get(name), name)
         for suffix in ("-base", "-novel"):
             parent = name[: -len(suffix)] if name.endswith(suffix) else None
             if parent and parent in self._declared | BUILTINS:
                 return self._half(parent, suffix[1:])
         if name in BUILTINS:
-            return self._from_table(name, {}, Path.cwd(), BUILTINS[name])
+            return self._from_table(name, {}, Path.cwd(), BUILTINS[name], name)
         raise UserError(f"unknown dataset {name!r}: built-in names are {', '.join(sorted(BUILTINS))} "
                         "(ssv2, k400, hmdb51 and ucf101 also with -base/-novel halves); declare others under "
                         f"[datasets.NAME] in {self.source}, or pass --labels PATH to describe a class list", 2)
@@ -178,7 +181,7 @@ class Config:
         builtin = BUILTINS.get(parent)
         if builtin is not None and not builtin.b2n:
             raise UserError(f"dataset {parent!r} has no base-to-novel protocol", 2)
-        derived: dict[str, Any] = {k: v for k, v in table.items() if k in ("video_root", "video")}
+        derived: dict[str, Any] = {k: v for k, v in table.items() if k in ("video_root", "video", "paper")}
         if f"{half}_labels" in table:
             derived["labels"] = table[f"{half}_labels"]
         b2n_dir = table.get("b2n_splits_dir")
@@ -187,11 +190,12 @@ class Config:
             names = _B2N if half == "base" else {"novel_val.txt": "val"}
             lists = {lst: str(Path(b2n_dir) / f) for f, lst in names.items() if (base / b2n_dir / f).exists()}
         derived["lists"] = lists
-        return self._from_table(f"{parent}-{half}", derived, base, builtin)
+        return self._from_table(f"{parent}-{half}", derived, base, builtin, parent)
 
-    def _from_table(self, name: str, table: dict[str, Any], base: Path, builtin: Builtin | None) -> Dataset:
+    def _from_table(self, name: str, table: dict[str, Any], base: Path, builtin: Builtin | None,
+                    builtin_name: str) -> Dataset:
         known = {"labels", "video_root", "lists", "video", "splits_dir", "base_labels",
-                 "novel_labels", "b2n_splits_dir"}
+                 "novel_labels", "b2n_splits_dir", "paper"}
         unknown = set(table) - known
         if unknown:
             raise UserError(f"{self.source}: unknown keys {sorted(unknown)} under [datasets.{name}] "
@@ -215,7 +219,11 @@ class Config:
             raise UserError(f"{self.source}: unknown keys {sorted(bad)} under [datasets.{name}.video] "
                             f"(known: {sorted(valid)})", 2)
         video = replace(video, **overrides)
-        return Dataset(name=name,
+        paper = table.get("paper", builtin_name if builtin_name in PAPER_DATASETS else None)
+        if paper is not None and paper not in PAPER_DATASETS:
+            raise UserError(f"{self.source}: [datasets.{name}] paper = {paper!r}: the paper's datasets are "
+                            f"{', '.join(PAPER_DATASETS)}", 2)
+        return Dataset(name=name, paper=paper,
                        labels=resolve(table["labels"]) if "labels" in table else None,
                        video_root=resolve(table["video_root"]) if "video_root" in table else None,
                        lists=lists, video=video, source=self.source)
