@@ -3,9 +3,11 @@
 Reached: the output and the working folder of every run (checkpoints of an interrupted training,
 the best-heldout and snapshot weights of a finished one), artifacts named by the catalog's
 current tables, and the clips of current frame indexes. Everything else under artifacts/ and
-runs/ goes. Runs of one target with other parameters (two trainings with different learning
-rates share a target) are all reached: with `superseded`, the runs a later completed run of the
-same target replaced go too, and are listed by name.
+runs/ goes. A target is one configuration and repeat (a training's target names its configuration,
+seed and split), so with `superseded` only the runs a later completed run of the same target
+replaced go (new code, new input contents), and are listed by name; runs registered before
+targets named their configuration are never counted as superseded. With `failed`, failed runs
+are marked `cleared`: `status` stops reporting them (the rows stay, as history).
 """
 from __future__ import annotations
 
@@ -23,13 +25,18 @@ class Report:
     bytes: int = 0
     rows: int = 0
     superseded: list[tuple[str, str]] = field(default_factory=list)  # (target, run key) dropped
+    cleared: list[tuple[str, str]] = field(default_factory=list)  # (target, run key) of failed runs forgotten
 
 
-def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool) -> Report:
+def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool, failed: bool = False) -> Report:
     with catalog.transaction() as con:
         scope = "" if not superseded else """
-            AND (status <> 'done' OR started_at = (SELECT max(started_at) FROM runs r2
+            AND (status <> 'done' OR configuration IS NULL OR started_at = (SELECT max(started_at) FROM runs r2
                  WHERE r2.target = runs.target AND r2.status = 'done'))"""
+        cleared = con.execute("SELECT target, key FROM runs WHERE status = 'failed' ORDER BY target, started_at"
+                              ).fetchall() if failed else []
+        if cleared and not dry_run:
+            con.execute("UPDATE runs SET status = 'cleared' WHERE status = 'failed'")
         dropped = con.execute(f"""SELECT target, key FROM runs WHERE NOT (true {scope})
                                   ORDER BY target, started_at""").fetchall()
         outputs = {d for (d,) in con.execute(f"SELECT output FROM runs WHERE output IS NOT NULL {scope}").fetchall()}
@@ -50,7 +57,7 @@ def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool) -> 
                 con.execute("DELETE FROM artifacts WHERE digest = ?", [d])
             for k in drop_clips:
                 con.execute("DELETE FROM frame_clips WHERE entry_key = ?", [k])
-    report = Report(rows=len(drop_digests) + len(drop_clips), superseded=dropped)
+    report = Report(rows=len(drop_digests) + len(drop_clips), superseded=dropped, cleared=cleared)
     if store.artifacts.exists():
         for path in store.artifacts.rglob("*"):
             if path.is_file() and (path.name.startswith(TMP_PREFIX) or store.relative(path) not in keep_paths):

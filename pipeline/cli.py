@@ -473,7 +473,7 @@ def evaluate(
                                    *_backbone(backbone, pretrained), device, precision, workers, force, dry_run,
                                    seed, materialise)
     if rows:
-        _print_rows(["dataset", "split", "selection", "metric", "value"], rows, "table")
+        _print_rows(["dataset", "split", "run", "selection", "metric", "value"], rows, "table")
 
 
 @app.command()
@@ -591,9 +591,17 @@ def demo(
         typer.echo(run_demo(runner, out.resolve(), recipe, typer.echo, seeds))
 
 
+STALE_EXIT = 3  # `status`: something is stale or interrupted, nothing failed
+
+
 @app.command()
 def status(home: Home = None, config: ConfigPath = None) -> None:
-    """Every stage the home knows: fresh, stale (and why), failed or missing. Exits 1 if anything is stale."""
+    """Every stage the home knows: fresh, stale (and why), failed or missing.
+
+    Exit code: 0 when everything is fresh (or missing), 3 when something is stale and nothing failed,
+    1 when a target's last run failed. A failed target is cleared by its next successful run, or by
+    `msta-pipe gc --failed` (which forgets failed runs you will not rerun).
+    """
     import json
 
     from pipeline.engine.stage import Request
@@ -604,14 +612,16 @@ def status(home: Home = None, config: ConfigPath = None) -> None:
         return
     with runner.catalog.reader() as con:
         rows = con.execute("""SELECT target, arg_max(request, started_at) FROM runs
-                              GROUP BY target ORDER BY min(started_at)""").fetchall()
+                              GROUP BY target HAVING arg_max(status, started_at) <> 'cleared'
+                                  OR bool_or(status = 'done')
+                              ORDER BY min(started_at)""").fetchall()
         datasets = [r[0] for r in con.execute("SELECT DISTINCT dataset FROM classes ORDER BY 1").fetchall()]
     seen = {t for t, _ in rows}
     lines = []
-    any_stale = False
-    for target, request in rows:
+    states: set[str] = set()
+    for target, request in _progress(rows, "status", unit="target"):
         ev = runner.freshness(Request.from_json(json.loads(request)))
-        any_stale |= ev.state in ("stale", "failed")
+        states.add(ev.state)
         lines.append((target, ev.state, ev.reason))
     for ds in datasets:
         for kind in ("spatial", "temporal"):
@@ -620,8 +630,17 @@ def status(home: Home = None, config: ConfigPath = None) -> None:
     width = max(len(t) for t, _, _ in lines) if lines else 10
     for target, state, reason in lines:
         typer.echo(f"{target:<{width}}  {state:<8} {reason}".rstrip())
-    if any_stale:
+    if "failed" in states:
         raise typer.Exit(1)
+    if "stale" in states:
+        raise typer.Exit(STALE_EXIT)
+
+
+def _progress(items: list[Any], desc: str, unit: str) -> Any:
+    """A bar on a terminal for work over many items (nothing when output is piped)."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, leave=False, disable=not sys.stderr.isatty() or len(items) < 50)
 
 
 @app.command()
@@ -702,9 +721,11 @@ def _cell(v: Any) -> str:
 def gc(
     dry_run: DryRun = False,
     superseded: Annotated[bool, typer.Option("--superseded", help="Also delete the artifacts and run folders of "
-                          "completed runs that a later completed run of the same target replaced, e.g. a training "
-                          "with other hyper-parameters (each is listed; `evaluate --run KEY` of one would retrain "
-                          "it)")] = False,
+                          "completed runs that a later completed run of the same target (configuration, seed and "
+                          "split) replaced with new code or new input contents; each is listed. A run of another "
+                          "configuration or seed is never superseded")] = False,
+    failed: Annotated[bool, typer.Option("--failed", help="Also forget failed runs you will not rerun: they are "
+                      "marked `cleared` and `status` stops reporting them (each is listed)")] = False,
     home: Home = None,
 ) -> None:
     """Delete artifact files that no catalog row reaches, leftover temporary files and stale run folders.
@@ -718,13 +739,15 @@ def gc(
         typer.echo("nothing to collect: no catalog yet")
         return
     if dry_run:
-        report = collect(runner.catalog, runner.store, superseded=superseded, dry_run=True)
+        report = collect(runner.catalog, runner.store, superseded=superseded, dry_run=True, failed=failed)
     else:
         with writing(home):
-            report = collect(runner.catalog, runner.store, superseded=superseded, dry_run=False)
+            report = collect(runner.catalog, runner.store, superseded=superseded, dry_run=False, failed=failed)
     verb = "would delete" if dry_run else "deleted"
     for target, key in report.superseded:
         typer.echo(f"{verb} superseded run {key[:16]} of {target}")
+    for target, key in report.cleared:
+        typer.echo(f"{'would clear' if dry_run else 'cleared'} failed run {key[:16]} of {target}")
     typer.echo(f"{verb} {report.files} files ({report.bytes / 1e6:.1f} MB) and {report.rows} catalog rows")
 
 
@@ -823,10 +846,12 @@ def predict(
     predictions = p.predict(clf, p.find_videos(videos), top_k, decoder or default_decoder(), torch_device,
                             precision, not no_progress)
     if fmt == "jsonl":
-        for line in p.jsonl(predictions):
+        for line in p.jsonl(clf, predictions):
             typer.echo(line)
     else:
-        _print_rows(*p.rows(predictions, fmt), fmt)
+        if fmt == "table":
+            typer.echo(f"model: {clf.name} ({clf.configuration})")
+        _print_rows(*p.rows(clf, predictions, fmt), fmt)
     if save:
         with writing(home):
             p.save(make_runner(home).catalog, clf, predictions, lambda s: typer.echo(s, err=True))
@@ -866,7 +891,7 @@ def export(
     tr = trained_run(runner, dataset, run)
     cfg = export_run(runner, load_config(config), tr, selection, out.resolve(),
                      _torch_device(_resolve_device(device, "fp32")[0]))
-    typer.echo(f"exported run {tr.key[:16]} ({cfg['dataset']}, {cfg['protocol']}, {selection}, "
+    typer.echo(f"exported {tr.describe(selection)} on {cfg['dataset']} ({cfg['protocol']}, "
                f"{len(cfg['classes'])} classes) to {out}")
 
 

@@ -149,3 +149,25 @@ def test_materialise_opens_the_catalog_once_for_a_chain_of_stages(home: Path, tm
     runner.materialise(count)  # two stages: ~8 catalog transactions and reads
     assert opens == [False]
     assert keys(home / "catalog.duckdb") == set()  # and the file is free once materialise returns
+
+
+def test_an_old_catalog_gets_plain_params(tmp_path: Path) -> None:
+    """A catalog written before migration 6 (floats in the key's marker) reads as plain JSON after it."""
+    import json
+
+    home = tmp_path / "home"
+    with Catalog(home).transaction():
+        pass
+    con = duckdb.connect(str(home / "catalog.duckdb"))
+    con.execute("ALTER TABLE runs DROP COLUMN configuration")
+    con.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+    con.execute("""INSERT INTO runs (run_id, key, stage, target, code_version, params, status)
+                   VALUES ('r', 'k', 'train', 't', '2', '{"alpha":{"__float__":"0.0"},"lr":{"__float__":"1e-05"},"epochs":3}',
+                           'done')""")
+    con.close()
+    with Catalog(home).transaction():  # the next command that writes migrates
+        pass
+    with Catalog(home).reader() as c:
+        alpha, lr, epochs, conf = c.execute("SELECT (params->>'alpha')::DOUBLE, params->'lr', params->>'epochs', "
+                                            "configuration FROM runs").fetchone()
+    assert (alpha, json.loads(lr), epochs, conf) == (0.0, 1e-05, "3", None)

@@ -65,7 +65,7 @@ def test_sql_is_read_only_and_speaks_three_formats(home: Path, tmp_path: Path) -
     assert run_cli("sql", "select 1", "--home", tmp_path / "nowhere").returncode == 2
 
 
-def test_status_exits_1_when_stale_and_names_the_reason(home: Path, tmp_path: Path) -> None:
+def test_status_exits_3_when_stale_and_names_the_reason(home: Path, tmp_path: Path) -> None:
     labels, f = import_toy(home, tmp_path, ("waving", "clapping"))
     ok = run_cli("status", "--home", home)
     assert ok.returncode == 0
@@ -73,7 +73,7 @@ def test_status_exits_1_when_stale_and_names_the_reason(home: Path, tmp_path: Pa
     assert states(ok.stdout)["describe:toy:temporal"] == ("missing", "never run")
     labels.write_text("waving\nclapping\njumping\n")
     stale = run_cli("status", "--home", home)
-    assert stale.returncode == 1
+    assert stale.returncode == 3  # stale, nothing failed
     assert states(stale.stdout)["labels:toy"] == ("stale", "input content: file changed")
     assert states(stale.stdout)["describe:toy:spatial"] == ("stale", "upstream labels:toy is stale")
 
@@ -141,3 +141,29 @@ def test_pretrain_stage_writes_weights_and_caches_them(home: Path, tmp_path: Pat
     assert load_backbone("msta-tiny", str(out)).identity.weights_digest != "random-init:seed0"
     again = run_cli(*args)
     assert "fresh  pretrain:msta-tiny" in again.stdout
+
+
+def test_status_tells_failed_from_stale_and_a_failure_can_be_cleared(home: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("waving\nclapping\n")
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"0": ["A video about a hand.", "A video about an arm."]}))  # class 1 missing
+    args = ["describe", "-d", "toy", "--labels", labels, "--kind", "spatial", "--home", home]
+    assert run_cli(*args, "--from-file", partial).returncode == 1
+    failed = run_cli("status", "--home", home)
+    assert failed.returncode == 1 and states(failed.stdout)["describe:toy:spatial"][0] == "failed"
+    # cleared by an explicit command: listed, kept as history, no longer reported
+    dry = run_cli("gc", "--failed", "--dry-run", "--home", home)
+    assert "would clear failed run" in dry.stdout and run_cli("status", "--home", home).returncode == 1
+    assert "cleared failed run" in run_cli("gc", "--failed", "--home", home).stdout
+    assert run_cli("status", "--home", home).returncode == 0
+    assert run_cli("sql", "select status from runs where stage = 'describe'", "--format", "csv",
+                   "--home", home).stdout.split() == ["status", "cleared"]
+    # or by its next success
+    assert run_cli(*args, "--from-file", partial).returncode == 1
+    assert run_cli("status", "--home", home).returncode == 1
+    whole = tmp_path / "whole.json"
+    whole.write_text(json.dumps({"0": ["A video about a hand.", "A video about an arm."],
+                                 "1": ["A video about two hands.", "A video about a crowd."]}))
+    assert run_cli(*args, "--from-file", whole).returncode == 0
+    assert run_cli("status", "--home", home).returncode == 0

@@ -134,7 +134,7 @@ def test_an_altered_clip_is_a_miss_never_trusted(tmp_path: Path, home: Path) -> 
     clip = clip_of(home, "c0/v0.mp4")
     clip.write_bytes(clip.read_bytes()[:-10])  # other bytes, another size: `status` sees it at once
     r = run_cli("status", "--home", home)
-    assert r.returncode == 1 and "the cached clip of c0/v0.mp4 was altered" in r.stdout
+    assert r.returncode == 3 and "the cached clip of c0/v0.mp4 was altered" in r.stdout
     assert "1 decoded, 5 cached" in run_cli(*args).stdout
     clip.write_bytes(bytes(clip.stat().st_size))  # same size: its digest tells, where the file is read
     r = run_cli(*args, "--force")
