@@ -33,6 +33,14 @@ def read_classes(artifact: Artifact) -> list[tuple[int, str, str]]:
 
 
 # -- frames -------------------------------------------------------------------------------
+def prompt_names(classes: list[tuple[int, str, str]], class_names: str) -> list[str]:
+    """The names that fill a run's prompt template: the display names, or (`raw`) the class list's own
+    spelling, as ViFi-CLIP and the authors put it (UCF-101's `ApplyEyeMakeup`)."""
+    if class_names not in ("display", "raw"):
+        raise ValueError(f"class_names must be display or raw, not {class_names!r}")
+    return [raw if class_names == "raw" else name for _, raw, name in classes]
+
+
 def read_frame_index(artifact_path: Path, home: Path) -> list[tuple[str, int]]:
     """(absolute clip path, label) of a frames artifact, in list order, once every clip is found to
     hold its registered bytes (the reader reads each whole anyway). A damaged clip is removed, so

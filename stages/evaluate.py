@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from cache.catalog import insert_rows, utcnow
 from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
 from pipeline.formats.plots import plot_confusion
-from stages.artifacts import model_on_device, read_classes, read_frame_index
+from stages.artifacts import model_on_device, prompt_names, read_classes, read_frame_index
 
 
 class EvaluateStage(Stage):
@@ -38,7 +38,7 @@ class EvaluateStage(Stage):
         model, backbone, device, run_key, checkpoint, protocol = model_on_device(p, inputs.get("model"),
                                                                                  p["template"], ctx.home)
         classes = read_classes(artifact_of(inputs["classes"]))
-        names = [name for _, _, name in classes]
+        names = prompt_names(classes, p.get("class_names", "display"))
         items = read_frame_index(artifact_of(inputs["frames"]).path, ctx.home)
         dataset = ClipDataset(items, "test", backbone.image_size, crops=p["crops"], mean=backbone.mean, std=backbone.std)
         loader = make_loader(dataset, batch_size=4, shuffle=False, seed=0, epoch=0,

@@ -17,7 +17,7 @@ from cache.keys import digest_value
 from cache.store import sha256_file
 from pipeline.engine.stage import Context, Output, Request, Resolved, Stage, artifact_of
 from pipeline.formats.plots import plot_curves
-from stages.artifacts import read_class_embeddings, read_classes, read_frame_index
+from stages.artifacts import prompt_names, read_class_embeddings, read_classes, read_frame_index
 
 
 # What varies between repeats of one configuration (report aggregates over these and nothing else),
@@ -91,7 +91,7 @@ class TrainStage(Stage):
                  else full_finetune(backbone, p["template"]))
 
         classes = read_classes(artifact_of(inputs["classes"]))
-        targets = Targets([name for _, _, name in classes])
+        targets = Targets(prompt_names(classes, p.get("class_names", "display")))
         if p["alpha"] > 0:
             means = read_class_embeddings(artifact_of(inputs["embed"]).path, [cid for cid, _, _ in classes])
             targets.d_spatial, targets.d_temporal = means["spatial"], means["temporal"]

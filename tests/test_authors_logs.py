@@ -33,7 +33,7 @@ def test_all_36_logs_are_here() -> None:
 def test_the_preset_resolves_to_the_logged_config(log: AuthorsLog) -> None:
     c = log.config
     recipe = authors_recipe(log.protocol, log.dataset)
-    assert c["MODEL.ARCH"] == "ViCLIP-B"
+    assert c["MODEL.ARCH"] == "ViCLIP-B" and recipe["backbone"] == "ViCLIP-B-16"  # B/16: InternVid's ViCLIP-B
     assert recipe["n_descriptions"] == c["TRAINER.MMADAPTER.DES_N"]
     if log.trains:  # the evaluation-only logs reload a trained model; their Cons_LOSS field is unused
         assert (recipe["alpha"] > 0) == c["TRAIN.Cons_LOSS"]

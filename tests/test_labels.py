@@ -146,3 +146,20 @@ def test_unreadable_class_lists_name_the_file(tmp_path: Path) -> None:
     for p in (tmp_path, write(tmp_path, "deep.json", '{"a":' + "[" * 100_000 + "]" * 100_000 + "}")):
         with pytest.raises(UserError, match=str(p)):
             read_class_list(p)
+
+
+def test_raw_class_names_are_the_authors_prompts_on_ucf101(shared_data: Path) -> None:
+    """ViFi-CLIP (and so the authors) fill the template with the raw class-list name; the CLIP
+    tokenizer lowercases, so on UCF-101 77 of 101 prompts (42 of its 50 novel classes) differ from
+    the display names', and on HMDB-51, SSv2 and K400 none do."""
+    from pipeline.formats.classlists import read_class_list
+    from stages.artifacts import prompt_names
+
+    def differing(name: str) -> int:
+        rows = [(c.class_id, c.raw_name, c.name) for c in read_class_list(shared_data / "labels" / name)]
+        raw, display = prompt_names(rows, "raw"), prompt_names(rows, "display")
+        assert display == [n for _, _, n in rows] and raw == [r for _, r, _ in rows]
+        return sum(r.lower() != d.lower() for r, d in zip(raw, display))
+
+    assert differing("ucf_101_labels.csv") == 77 and differing("ucf_101_novel_labels.csv") == 42
+    assert differing("hmdb_51_labels.csv") == differing("ssv2_labels.csv") == differing("kinetics_400_labels.csv") == 0

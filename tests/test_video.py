@@ -238,3 +238,20 @@ def test_sampling_validation_and_canonical_dict() -> None:
     assert list(train.to_dict()) == sorted(train.to_dict())
     for s in (train, Sampling("test", clips=4, seed=1)):  # the stage rebuilds Sampling(**params)
         assert Sampling(**s.to_dict()).to_dict() == s.to_dict()
+
+
+def test_random_test_offsets_are_training_draws_seeded_per_video() -> None:
+    """ViFi-CLIP's multi-clip test views (the authors'): each clip a TSN draw, reproducible per
+    (seed, video); the evenly spaced default keeps its cache keys."""
+    s = Sampling("test", clips=3, offsets="random", seed=4)
+    a = sample_indices(80, s, "v.mp4")
+    assert a.shape == (3, 8)
+    np.testing.assert_array_equal(a, sample_indices(80, s, "v.mp4"))
+    assert not np.array_equal(a, sample_indices(80, s, "w.mp4"))
+    assert not np.array_equal(a, sample_indices(80, Sampling("test", clips=3, offsets="random", seed=5), "v.mp4"))
+    assert all(10 * t <= a[k, t] < 10 * (t + 1) for k in range(3) for t in range(8))  # one frame per segment
+    assert len({tuple(row) for row in a}) == 3  # the clips differ
+    assert Sampling("test", clips=3).to_dict() == {"clips": 3, "frames": 8, "mode": "test", "short_side": 256}
+    assert s.to_dict()["offsets"] == "random" and s.to_dict()["seed"] == 4
+    with pytest.raises(ValueError, match="offsets"):
+        Sampling("test", offsets="jittered")

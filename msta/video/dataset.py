@@ -50,6 +50,7 @@ class ClipDataset(Dataset):
         color_jitter: float = augment.COLOR_JITTER,
         grayscale: float = augment.GRAYSCALE,
         frames: int | None = None,
+        jitter_per_frame: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -59,6 +60,7 @@ class ClipDataset(Dataset):
         self.color_jitter, self.grayscale = color_jitter, grayscale
         self.mean, self.std = tuple(mean), tuple(std)
         self.frames = frames  # T; needed only to draw from frame pools
+        self.jitter_per_frame = jitter_per_frame
         # In shared memory: a loader's persistent workers see the epoch the training process sets.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -88,7 +90,8 @@ class ClipDataset(Dataset):
             pick = int(torch.randint(stored, (), generator=generator))
             clip = load_clip(path, pick)  # only the picked sampling is decoded
         return train_transform(clip, self.size, generator, self.hflip, color_jitter_p=self.color_jitter,
-                               grayscale_p=self.grayscale, mean=self.mean, std=self.std), label
+                               grayscale_p=self.grayscale, mean=self.mean, std=self.std,
+                               jitter_per_frame=self.jitter_per_frame), label
 
 
 class ShardSampler(Sampler[int]):

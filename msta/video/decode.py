@@ -55,7 +55,9 @@ class Sampling:
     train: `samplings` independent TSN draws of `frames` frames (S = samplings), or with `pool`
            a frame pool (S = 1): up to `pool` evenly spaced frames of the video (all of a shorter
            one), from which the loader draws new TSN offsets every epoch, as the authors' runs did;
-    test: `clips` evenly spaced temporal views of `frames` frames (S = clips).
+    test: `clips` temporal views of `frames` frames (S = clips), evenly spaced (`offsets` "even",
+          deterministic) or each drawn with the training sampler's random offsets, seeded by
+          (seed, video) (`offsets` "random": ViFi-CLIP's multi-clip test views, the authors').
     """
 
     mode: str
@@ -65,10 +67,13 @@ class Sampling:
     short_side: int = 256
     seed: int = 0
     pool: int = 0
+    offsets: str = "even"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"Sampling.mode must be one of {MODES}, got {self.mode!r}")
+        if self.offsets not in ("even", "random"):
+            raise ValueError(f"Sampling.offsets must be even or random, got {self.offsets!r}")
         for name in ("frames", "samplings", "clips", "short_side"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -90,12 +95,14 @@ class Sampling:
         sampling is deterministic, so `seed` and `samplings` do not enter it; `clips` does
         not enter train sampling; a pool is deterministic too; no pool leaves the keys as before."""
         params = asdict(self)
-        if self.mode == "test":
-            unused: tuple[str, ...] = ("samplings", "seed", "pool")
+        if self.mode == "test" and self.offsets == "random":
+            unused: tuple[str, ...] = ("samplings", "pool")
+        elif self.mode == "test":
+            unused = ("samplings", "seed", "pool", "offsets")
         elif self.pool:
-            unused = ("clips", "samplings", "seed")
+            unused = ("clips", "samplings", "seed", "offsets")
         else:
-            unused = ("clips", "pool")
+            unused = ("clips", "pool", "offsets")
         return {k: v for k, v in sorted(params.items()) if k not in unused}
 
 
@@ -143,12 +150,13 @@ def pool_indices(num_frames: int, pool: int) -> np.ndarray:
 def sample_indices(num_frames: int, sampling: Sampling, key: str = "") -> np.ndarray:
     """The (S, T) frame indices `sampling` picks from a video of `num_frames` frames; train
     draws come from a generator seeded by (sampling.seed, key), so they are reproducible."""
-    if sampling.mode == "test":
+    if sampling.mode == "test" and sampling.offsets == "even":
         return test_indices(num_frames, sampling.frames, sampling.clips)
     if sampling.pool:
         return pool_indices(num_frames, sampling.pool)[None]
     rng = np.random.default_rng([sampling.seed, _key_entropy(key)])
-    return np.stack([train_indices(num_frames, sampling.frames, rng) for _ in range(sampling.samplings)])
+    draws = sampling.clips if sampling.mode == "test" else sampling.samplings
+    return np.stack([train_indices(num_frames, sampling.frames, rng) for _ in range(draws)])
 
 
 def probe(path: str | os.PathLike[str], decoder: str = "decord") -> VideoInfo:

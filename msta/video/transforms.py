@@ -2,7 +2,8 @@
 
 Each function takes a whole clip and draws ONE set of random parameters for all its frames,
 so that the frames stay consistent in space and colour (as a video is, and as the temporal
-adapter expects). Geometry and colour run on uint8, like the PIL/OpenCV pipelines these
+adapter expects); the colour jitter can instead draw new factors for every frame, as
+ViFi-CLIP's ColorJitter does (the authors' recipe). Geometry and colour run on uint8, like the PIL/OpenCV pipelines these
 recipes were tuned with (and several times faster than on float); normalisation comes last.
 """
 
@@ -46,6 +47,8 @@ class TrainParams:
     factors: tuple[float, float, float, float]
     order: tuple[int, ...]
     grayscale: bool
+    # Per-frame jitter (ViFi-CLIP's): (factors, order) for every frame; empty: `factors` for all.
+    frame_jitter: tuple[tuple[tuple[float, float, float, float], tuple[int, ...]], ...] = ()
 
 
 def sample_train_params(
@@ -57,9 +60,12 @@ def sample_train_params(
     scales: Sequence[float] = SCALES,
     color_jitter_p: float = augment.COLOR_JITTER,
     grayscale_p: float = augment.GRAYSCALE,
+    jitter_frames: int = 0,
 ) -> TrainParams:
-    """Draw the parameters for a (height, width) clip. Every draw is made whatever the
-    probabilities, so changing one probability does not change the other choices."""
+    """Draw the parameters for a (height, width) clip; with `jitter_frames` = T, new colour factors
+    and order for each of its T frames (drawn after, so the clip's other choices do not change).
+    Every draw is made whatever the probabilities, so changing one probability does not change the
+    other choices."""
     sizes = _crop_sizes(height, width, size, scales)
     crop_w, crop_h = sizes[_randint(len(sizes), generator)]
     offsets = _fixed_offsets(height, width, crop_h, crop_w)
@@ -69,7 +75,14 @@ def sample_train_params(
     u = torch.rand(4, generator=generator).tolist()
     b, c, s, h = (lo + (hi - lo) * x for (lo, hi), x in zip(_JITTER_RANGES, u))
     order = tuple(torch.randperm(4, generator=generator).tolist())
-    return TrainParams(top, left, crop_h, crop_w, flip, jitter, (b, c, s, h), order, grayscale)
+    per_frame = tuple(_jitter_draw(generator) for _ in range(jitter_frames))
+    return TrainParams(top, left, crop_h, crop_w, flip, jitter, (b, c, s, h), order, grayscale, per_frame)
+
+
+def _jitter_draw(generator: torch.Generator) -> tuple[tuple[float, float, float, float], tuple[int, ...]]:
+    u = torch.rand(4, generator=generator).tolist()
+    b, c, s, h = (lo + (hi - lo) * x for (lo, hi), x in zip(_JITTER_RANGES, u))
+    return (b, c, s, h), tuple(torch.randperm(4, generator=generator).tolist())
 
 
 def apply_train_params(
@@ -85,7 +98,11 @@ def apply_train_params(
     x = F.resize(x, [size, size], antialias=True)
     if params.flip:
         x = x.flip(-1)
-    if params.jitter:
+    if params.jitter and params.frame_jitter:
+        if len(params.frame_jitter) != x.shape[0]:
+            raise ValueError(f"per-frame jitter drawn for {len(params.frame_jitter)} frames, clip has {x.shape[0]}")
+        x = torch.cat([_color_jitter(x[t : t + 1], f, o) for t, (f, o) in enumerate(params.frame_jitter)])
+    elif params.jitter:
         x = _color_jitter(x, params.factors, params.order)
     if params.grayscale:
         x = F.rgb_to_grayscale(x, num_output_channels=3)
@@ -102,11 +119,14 @@ def train_transform(
     grayscale_p: float = augment.GRAYSCALE,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    jitter_per_frame: bool = False,
 ) -> torch.Tensor:
-    """Multi-scale crop, resize to size x size, flip, colour jitter, greyscale, normalise:
-    uint8 (T, H, W, 3) -> float (T, 3, size, size); all randomness from `generator`."""
+    """Multi-scale crop, resize to size x size, flip, colour jitter (per clip, or per frame),
+    greyscale, normalise: uint8 (T, H, W, 3) -> float (T, 3, size, size); all randomness from
+    `generator`."""
     height, width = clip_uint8.shape[1:3]
-    params = sample_train_params(height, width, size, generator, hflip, scales, color_jitter_p, grayscale_p)
+    params = sample_train_params(height, width, size, generator, hflip, scales, color_jitter_p, grayscale_p,
+                                 clip_uint8.shape[0] if jitter_per_frame else 0)
     return apply_train_params(clip_uint8, params, size, mean, std)
 
 

@@ -38,6 +38,9 @@ def authors_recipe(protocol: str, dataset: str) -> dict[str, Any]:
         "epochs": 50, "lr": 1e-3, "weight_decay": 1e-3, "warmup_epochs": 5, "batch_size": 4 * GPUS,
         "frames": 8, "adapter_dim": 128, "adapter_layers": "8-12", "adapter_scale": 0.005,
         "temporal_lr_mult": 1.0, "seed": 2048, "template": "a photo of a {}.",  # CTX_INIT "a photo of a"
+        # ViFi-CLIP's data path: raw class-list names in the prompt, random multi-clip test views,
+        # colour jitter drawn per frame
+        "class_names": "raw", "test_offsets": "random", "jitter": "frame",
         "n_descriptions": 8 if (protocol, dataset) in _DES_N_8 else 2,
         # Cons_LOSS False in every K400 base-to-novel run.
         "alpha": 0.0 if (protocol, dataset) == ("base2novel", "k400") else 1.0,

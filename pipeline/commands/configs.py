@@ -69,6 +69,13 @@ class TrainOptions:
     consistency: bool = opt(True, "Ablation --no-consistency: no L_CC (alpha 0)", key=RESOLVED)
     n_descriptions: int = opt(2, "Descriptions per class and kind the embeddings must hold", limit=COUNT)
     template: str = opt("a video of {}.", "Class prompt, {} = class name (the authors' logs: 'a photo of a {}.')")
+    class_names: str = opt("display", "Class names in the prompt: display (`apply eye makeup`) or raw, as the class "
+                           "list spells them (`ApplyEyeMakeup`, as ViFi-CLIP and the authors)", choices=("display", "raw"))
+    test_offsets: str = opt("even", "Several test clips of a video: even (evenly spaced, deterministic) or random "
+                            "(each with the training sampler's offsets, seeded, as ViFi-CLIP draws them)",
+                            choices=("even", "random"))
+    jitter: str = opt("clip", "Colour jitter: one draw per clip, or per frame (new brightness, contrast, saturation "
+                      "and hue every frame, as ViFi-CLIP's ColorJitter)", choices=("clip", "frame"), key=RESOLVED)
     backbone: str | None = opt(None, "open_clip model name (ViT-B-16, msta-world, ...), ViCLIP-B-16, or an "
                                "open_clip folder as local-dir:PATH", default_text="ViT-B-16")
     pretrained: str | None = opt(None, "Weights: a shipped short name, a local .safetensors/.pt/.bin file, an "

@@ -125,7 +125,7 @@ def default_decoder() -> str:
 def frames_request(runner: Any, ds: Dataset, list_name: str, mode: str, selection: Selection = Selection(),
                    decoder: str | None = None, fmt: str = "jpeg", skip_missing: bool = False,
                    strict: bool = False, workers: int = 1, sampling_seed: int = 0, frames: int | None = None,
-                   clips: int | None = None, pool: int | None = None) -> Request:
+                   clips: int | None = None, pool: int | None = None, test_offsets: str = "even") -> Request:
     v = ds.video
     if mode == "train":
         pool = v.pool if pool is None else pool
@@ -135,6 +135,8 @@ def frames_request(runner: Any, ds: Dataset, list_name: str, mode: str, selectio
     else:
         sampling = {"mode": "test", "frames": frames or v.frames, "clips": clips or v.test_clips,
                     "short_side": v.test_short_side}
+        if test_offsets != "even":  # the keys of evenly spaced views stay as they were
+            sampling.update(offsets=test_offsets, seed=sampling_seed)
     inputs: dict[str, Request | FileInput] = {"classes": labels_request(runner, ds),
                                               "list": FileInput(ds.list_path(list_name))}
     if selection.exclude_list is not None:
@@ -214,7 +216,8 @@ def train_request(runner: Any, config: Any, o: TrainOptions) -> Request:
     params.update(dataset=d.name, pretrained=o.pretrained or "", alpha=o.effective_alpha,
                   adapter=o.adapter_config().to_dict() if o.method == "adapter" else {},
                   augment={"hflip": d.video.hflip if o.hflip is None else o.hflip,
-                           "color_jitter": d.video.color_jitter, "grayscale": d.video.grayscale},
+                           "color_jitter": d.video.color_jitter, "grayscale": d.video.grayscale,
+                           "jitter_per_frame": o.jitter == "frame"},
                   frames=o.frames or d.video.frames, frame_pool=d.video.pool if o.frame_pool is None else o.frame_pool)
     inputs: dict[str, Request | FileInput] = {
         "classes": labels_request(runner, d),
@@ -258,7 +261,8 @@ def evaluate_request(runner: Any, target: EvalTarget, model: Request | None, sel
     inputs: dict[str, Request | FileInput] = {
         "classes": labels_request(runner, d),
         "frames": frames_request(runner, d, target.list_name, "test", workers=frame_workers,
-                                 frames=model.params.get("frames") if model else None)}
+                                 frames=model.params.get("frames") if model else None,
+                                 test_offsets=model.params.get("test_offsets", "even") if model else "even")}
     if model is not None:
         inputs["model"] = model
     weights = weights_input(backbone, pretrained)
@@ -266,6 +270,7 @@ def evaluate_request(runner: Any, target: EvalTarget, model: Request | None, sel
         inputs["weights"] = weights
     params = {"dataset": d.name, "list": target.list_name, "role": target.role, "selection": selection,
               "backbone": backbone, "pretrained": pretrained or "", "template": template,
+              "class_names": model.params.get("class_names", "display") if model else "display",
               "crops": d.video.test_crops, "device": device, "precision": precision}
     return Request("evaluate", params, inputs, {"workers": workers})
 

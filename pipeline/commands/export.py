@@ -43,7 +43,7 @@ def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Pa
 
     from cache.catalog import rows_as_dicts
     from msta.method.backbone import BackboneError, load_backbone
-    from stages.artifacts import adapted_model, selected_weights
+    from stages.artifacts import adapted_model, prompt_names, selected_weights
 
     p = tr.params
     if tr.artifact.kind != "adapters":
@@ -56,7 +56,7 @@ def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Pa
     except BackboneError as exc:
         raise UserError(str(exc), 2) from None
     model, extra = adapted_model(backbone, weights, p["template"])
-    names = [name for _, _, name in tr.classes]
+    names = prompt_names(tr.classes, p.get("class_names", "display"))
     with torch.no_grad():
         class_emb = model.to(device).eval().encode_classes(names).float().cpu().contiguous()
     with runner.catalog.reader() as con:
@@ -71,7 +71,8 @@ def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Pa
                         "weights_sha256": identity.weights_digest, "tokenizer": identity.tokenizer},
            "adapter": model.cfg.to_dict(), "template": p["template"], **views,
            "input_size": backbone.image_size, "mean": list(backbone.mean), "std": list(backbone.std),
-           "classes": [{"id": cid, "name": name} for cid, _, name in tr.classes]}
+           "classes": [{"id": cid, "name": name, "prompt": prompt}
+                       for (cid, _, name), prompt in zip(tr.classes, names)]}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

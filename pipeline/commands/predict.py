@@ -15,7 +15,7 @@ from typing import Any
 
 from cache.errors import UserError
 from pipeline.commands.export import run_views
-from pipeline.commands.runs import TrainedRun
+from pipeline.commands.runs import TrainedRun, run_description
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ogv")
 
@@ -27,6 +27,7 @@ class Classifier:
     backbone: Any
     class_ids: list[int]
     class_names: list[str]
+    prompts: list[str]  # what fills the model's template for each class (the run's raw or display names)
     views: dict[str, int]  # frames, test_clips, test_crops, test_short_side
     name: str  # the model's identity in the output and in `predictions`: run key, folder or frozen:BACKBONE
     configuration: str  # what the model is, e.g. `MSTA w/o L_CC #1f0c9a2e (seed 1, split 1, last weights)`
@@ -36,7 +37,8 @@ class Classifier:
         from pipeline.formats.classlists import read_class_list
 
         classes = read_class_list(path)
-        return replace(self, class_ids=[c.class_id for c in classes], class_names=[c.name for c in classes])
+        names = [c.name for c in classes]
+        return replace(self, class_ids=[c.class_id for c in classes], class_names=names, prompts=names)
 
     def with_views(self, clips: int | None, crops: int | None) -> Classifier:
         views = {**self.views, **({"test_clips": clips} if clips else {}), **({"test_crops": crops} if crops else {})}
@@ -61,14 +63,15 @@ def _backbone(name: str, pretrained: str | None, device: Any) -> Any:
 
 def from_run(home: Path, config: Any, tr: TrainedRun, selection: str, device: Any) -> Classifier:
     """A training run with the class list and T it trained with, and its dataset's test views."""
-    from stages.artifacts import load_model
+    from stages.artifacts import load_model, prompt_names
 
     p = tr.params
     views = run_views(config, tr)
     backbone = _backbone(p["backbone"], p["pretrained"], device)
     model, _, _, _ = load_model(backbone, tr.artifact, selection, p["template"], home, p["backbone"])
     return Classifier(model.to(device).eval(), backbone, [c for c, _, _ in tr.classes],
-                      [name for _, _, name in tr.classes], views, f"{tr.key}:{selection}", tr.describe(selection))
+                      [name for _, _, name in tr.classes], prompt_names(tr.classes, p.get("class_names", "display")),
+                      views, f"{tr.key}:{selection}", tr.describe(selection))
 
 
 def from_export(folder: Path, cfg: dict[str, Any], backbone: str | None, pretrained: str | None,
@@ -98,10 +101,10 @@ def from_export(folder: Path, cfg: dict[str, Any], backbone: str | None, pretrai
         raise UserError(str(exc), 2) from None
     views = {k: int(cfg[k]) for k in ("frames", "test_clips", "test_crops", "test_short_side")}
     classes = cfg["classes"]
-    what = f"{cfg.get('configuration', 'exported run')}, run {str(cfg.get('run_key', '?'))[:16]}, " \
-           f"{cfg.get('selection', '?')} weights"
+    what = run_description(str(cfg.get("run_key", "?")), cfg.get("configuration", "exported run"), cfg.get("seed", "?"),
+                           cfg.get("split", "?"), cfg.get("selection", "?"))
     return Classifier(model.to(device).eval(), loaded, [c["id"] for c in classes], [c["name"] for c in classes],
-                      views, str(folder), what)
+                      [c.get("prompt", c["name"]) for c in classes], views, str(folder), what)
 
 
 def _same_weights(folder: Path, b: dict[str, Any], got: str, given: str) -> None:
@@ -123,7 +126,7 @@ def frozen(backbone: str, pretrained: str | None, config: Any, dataset: str | No
     views = {"frames": video.frames, "test_clips": video.test_clips, "test_crops": video.test_crops,
              "test_short_side": video.test_short_side}
     return Classifier(VideoCLIP(loaded, DEFAULT_TEMPLATE).to(device).eval(), loaded, [c.class_id for c in classes],
-                      [c.name for c in classes], views, f"frozen:{backbone}", f"frozen CLIP (frame mean) {backbone}")
+                      [c.name for c in classes], [c.name for c in classes], views, f"frozen:{backbone}", f"frozen CLIP (frame mean) {backbone}")
 
 
 def find_videos(paths: Iterable[Path]) -> list[Path]:
@@ -154,7 +157,7 @@ def predict(clf: Classifier, videos: list[Path], top_k: int, decoder: str, devic
     b = clf.backbone
     out = []
     with torch.no_grad(), autocast(device, precision):
-        class_emb = clf.model.encode_classes(clf.class_names)
+        class_emb = clf.model.encode_classes(clf.prompts)
         for video in tqdm(videos, desc="predict", unit="video", disable=not progress):
             error = _unreadable(video)
             if not error:

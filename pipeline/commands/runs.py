@@ -27,10 +27,8 @@ class TrainedRun:
         return dict(self.request.params)
 
     def describe(self, selection: str | None = None) -> str:
-        """Which run this is, in words: its key, configuration, repeat and weights."""
         p = self.request.params
-        return (f"run {self.key[:16]} ({self.configuration}, seed {p['seed']}, split {p['split_seed']}"
-                + (f", {selection} weights" if selection else "") + ")")
+        return run_description(self.key, self.configuration, p["seed"], p["split_seed"], selection)
 
     @property
     def views(self) -> dict[str, int] | None:
@@ -80,6 +78,13 @@ def _configuration(row: dict[str, Any]) -> str:
     from stages.train import configuration_name  # a run registered before configurations were recorded
 
     return configuration_name(json.loads(row["request"])["params"])
+
+
+def run_description(key: str, configuration: str, seed: Any, split: Any, selection: str | None = None) -> str:
+    """Which run a model is, in words: its key, configuration, repeat and weights (every output that
+    names a model uses this one spelling)."""
+    return (f"run {key[:16]} ({configuration}, seed {seed}, split {split}"
+            + (f", {selection} weights" if selection else "") + ")")
 
 
 def trained_run(runner: Any, dataset: str | None, run: str | None) -> TrainedRun:
