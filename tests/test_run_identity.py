@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from .conftest import catalog_rows, run_cli
+from .conftest import catalog_rows, readme_query, run_cli
 from .test_train import TINY, prepared_home, world  # noqa: F401  (the module-scoped world fixture)
 
 pytestmark = pytest.mark.slow
@@ -117,3 +117,12 @@ def test_features_keep_one_artifact_per_run(trained: Path, world: Path) -> None:
                     "--config", world / "msta.toml", "--home", trained)
         assert r.returncode == 0, r.stderr
     assert sorted(k for (k,) in catalog_rows(trained, "SELECT DISTINCT run_key FROM video_embeddings")) == sorted(keys)
+
+
+def test_the_readme_params_query(trained: Path) -> None:
+    r = run_cli("sql", readme_query("SELECT configuration, params->>'alpha'", "world"), "--format", "json",
+                "--home", trained)
+    rows = json.loads(r.stdout)
+    assert r.returncode == 0 and [(x["alpha"], x["temporal"], x["runs"]) for x in rows] == [
+        ("1.0", "true", 2), ("0.0", "true", 2), ("1.0", "false", 2)]
+    assert all(x["seeds"] == ["1", "2"] for x in rows)
