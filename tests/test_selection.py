@@ -71,6 +71,7 @@ def test_seeds_train_as_cached_runs_and_report_mean_and_std(tmp_path: Path, worl
 
     report = run_cli("report", "--home", home).stdout
     expected = f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f} (n=3)"
-    assert f"| world | MSTA | last | {expected} |" in report, report
+    (name,) = {c for (c,) in catalog_rows(home, "SELECT configuration FROM runs WHERE stage = 'train'")}
+    assert f"| world | test | {name} | last | {expected} |" in report, report
     bad = run_cli("train", "--protocol", "few-shot", "--shots", "2", *TINY, "--seeds", "1,x", *args)
     assert bad.returncode == 2 and "--seeds" in bad.stderr and "Traceback" not in bad.stderr
