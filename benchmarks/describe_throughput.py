@@ -19,9 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.commands.dag import LLMOptions, describe_llm_request, stage_for  # noqa: E402
-from pipeline.engine.runner import Runner  # noqa: E402
-from pipeline.formats.datasets import Config  # noqa: E402
+from pipeline.commands.configs import DescribeOptions
+from pipeline.commands.dag import describe_llm_request, stage_for  # noqa: E402
+from stages.engine.runner import Runner  # noqa: E402
+from stages.formats.datasets import Config  # noqa: E402
 
 
 def synthetic_labels(path: Path, n: int) -> Path:
@@ -50,7 +51,7 @@ def main() -> None:
         labels = args.labels if args.labels.exists() else synthetic_labels(Path(tmp) / "labels.csv", 174)
         home = Path(tmp) / "home"
         ds = Config(None).dataset("bench", labels)
-        opts = LLMOptions(model="bench", endpoint=base_url, base_url_given=True, n=2,
+        opts = DescribeOptions(model="bench", base_url=base_url, n=2,
                           concurrency=args.concurrency)
 
         def run() -> float:

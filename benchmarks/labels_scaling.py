@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.formats.classlists import read_class_list
+from stages.formats.classlists import read_class_list
 
 
 def seconds(path: Path, reps: int) -> float:

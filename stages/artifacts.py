@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from cache.catalog import Catalog
 from cache.errors import UserError
 from cache.store import sha256_file
-from pipeline.engine.stage import Artifact, Resolved, artifact_of
+from stages.engine.stage import Artifact, Resolved, artifact_of
 from prompts import KINDS
 
 

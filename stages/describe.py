@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from cache.catalog import insert_rows, utcnow
 from cache.errors import UserError
-from pipeline.engine.stage import (
+from stages.engine.stage import (
     Artifact,
     Context,
     FileDigest,
@@ -29,7 +29,7 @@ from pipeline.engine.stage import (
     artifact_of,
     path_of,
 )
-from pipeline.formats.textfiles import is_int, parse_json, read_text
+from stages.formats.textfiles import is_int, parse_json, read_text
 from prompts import load_sentence_frames
 from prompts.answers import Description, parse_answer, validate_phrases, validate_sentences
 from prompts.llm import (
@@ -207,7 +207,7 @@ class DescribeStage(Stage):
         if p["source"] == "file":
             return f"import {p['kind']} descriptions from {req.inputs['file'].path}"  # type: ignore[union-attr]
         if inputs is None:  # the class list is not registered yet: read its file for the count
-            from pipeline.formats.classlists import read_class_list
+            from stages.formats.classlists import read_class_list
 
             source = req.inputs["classes"].inputs["file"]  # type: ignore[union-attr]
             rows = [(c.class_id, c.raw_name, c.name) for c in read_class_list(source.path)]  # type: ignore[union-attr]

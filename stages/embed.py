@@ -15,7 +15,7 @@ from cache.catalog import insert_rows
 from cache.errors import UserError
 from cache.keys import sha256_text
 from cache.views import refresh_text_embeddings
-from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
+from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
 from prompts import KINDS
 
 

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cache.catalog import insert_rows, utcnow
-from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
-from pipeline.formats.plots import plot_confusion
+from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
+from stages.formats.plots import plot_confusion
 from stages.artifacts import model_on_device, prompt_names, read_classes, read_frame_index
 
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from cache.catalog import insert_rows
 from cache.views import refresh_video_embeddings
-from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
+from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
 from stages.artifacts import model_on_device, read_classes, read_frame_index
 
 

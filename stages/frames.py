@@ -35,8 +35,8 @@ from cache.catalog import Catalog, insert_rows, utcnow
 from cache.errors import UserError
 from cache.keys import digest_value
 from cache.store import sha256_file
-from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
-from pipeline.formats.videolists import draw_per_class, read_video_list, resolve_videos
+from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
+from stages.formats.videolists import draw_per_class, read_video_list, resolve_videos
 from stages.artifacts import clip_intact, read_classes, registered_clips
 
 INDEX_SCHEMA = pa.schema([("video", pa.string()), ("label", pa.int32()), ("entry_key", pa.string()),

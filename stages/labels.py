@@ -6,8 +6,8 @@ from collections.abc import Mapping
 import pyarrow as pa
 
 from cache.catalog import insert_rows
-from pipeline.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, path_of
-from pipeline.formats.classlists import read_class_list
+from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, path_of
+from stages.formats.classlists import read_class_list
 
 
 class LabelsStage(Stage):

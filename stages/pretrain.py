@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipeline.engine.stage import Context, Output, Request, Resolved, Stage
+from stages.engine.stage import Context, Output, Request, Resolved, Stage
 
 
 class PretrainStage(Stage):

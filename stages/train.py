@@ -15,8 +15,8 @@ from cache.catalog import insert_rows
 from cache.errors import UserError
 from cache.keys import digest_value
 from cache.store import sha256_file
-from pipeline.engine.stage import Context, Output, Request, Resolved, Stage, artifact_of
-from pipeline.formats.plots import plot_curves
+from stages.engine.stage import Context, Output, Request, Resolved, Stage, artifact_of
+from stages.formats.plots import plot_curves
 from stages.artifacts import prompt_names, read_class_embeddings, read_classes, read_frame_index
 
 

@@ -37,9 +37,14 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def docs_text() -> str:
+    """The README and every page of docs/, where the documented queries and commands live."""
+    return "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+
+
 def readme_query(start: str, dataset: str) -> str:
-    """The README's SQL query that begins with `start`, asked of `dataset` instead of SSv2."""
-    readme = (ROOT / "README.md").read_text()
+    """The documented SQL query that begins with `start`, asked of `dataset` instead of SSv2."""
+    readme = docs_text()
     query = readme[readme.index(start):]
     return query[: query.index(";")].replace("'ssv2'", f"'{dataset}'")
 

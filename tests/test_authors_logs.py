@@ -10,7 +10,7 @@ import pytest
 from msta.method.schedule import cosine_lr
 from msta.video.dataset import epoch_steps
 from pipeline.commands.authors import GPUS, AuthorsLog, authors_recipe, parse_log
-from pipeline.formats.datasets import BUILTINS, VideoSettings
+from stages.formats.datasets import BUILTINS, VideoSettings
 
 from .conftest import SHARED_DATA
 

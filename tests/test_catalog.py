@@ -13,7 +13,7 @@ import pytest
 
 import cache.catalog as catalog_module
 from cache.catalog import Catalog
-from pipeline.engine.runner import Runner
+from stages.engine.runner import Runner
 
 from .conftest import ROOT
 from .test_engine import requests, toy_stage

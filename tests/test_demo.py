@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.commands.dag import stage_for
 from pipeline.commands.demo import DemoRecipe, run_demo
-from pipeline.engine.runner import Runner
+from stages.engine.runner import Runner
 
 from .conftest import catalog_rows
 

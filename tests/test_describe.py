@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from cache.errors import UserError
-from pipeline.commands.dag import LLMOptions, describe_import_request, describe_llm_request, stage_for
-from pipeline.engine.runner import Runner
-from pipeline.formats.datasets import Config
+from pipeline.commands.configs import DescribeOptions
+from pipeline.commands.dag import describe_import_request, describe_llm_request, stage_for
+from stages.engine.runner import Runner
+from stages.formats.datasets import Config
 from prompts.answers import clean_phrase, parse_answer, validate_phrases
 from tests.llm_server import MISBEHAVIOURS, LLMServer
 
@@ -35,7 +36,7 @@ def describe(home: Path, labels: Path, server: LLMServer, kind: str = "spatial",
              **kw) -> Runner:
     runner = Runner(home, stage_for, {"progress": False}, echo=lambda s: None)
     ds = Config(None).dataset("toy", labels)
-    opts = LLMOptions(model="m", endpoint=server.base_url, base_url_given=True, n=n, concurrency=4, **kw)
+    opts = DescribeOptions(model="m", base_url=server.base_url, n=n, concurrency=4, **kw)
     runner.materialise(describe_llm_request(runner, ds, kind, opts), force=force)
     return runner
 

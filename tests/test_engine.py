@@ -16,8 +16,8 @@ import pytest
 from cache.errors import UserError
 from cache.keys import canonical_json, digest_value
 from cache.lock import HomeLock
-from pipeline.engine.runner import Runner
-from pipeline.engine.stage import FileInput, Output, Request, Stage
+from stages.engine.runner import Runner
+from stages.engine.stage import FileInput, Output, Request, Stage
 
 from .conftest import ROOT, cli_env
 

@@ -19,7 +19,7 @@ from msta.method.backbone import ActivationWarning, BackboneError, check_adapter
 from msta.method.registry import canonical_backbone, weights_file
 from msta.method.schedule import applied_factor, cosine_lr
 from pipeline.commands.dag import TrainOptions, train_data
-from pipeline.formats.datasets import Config
+from stages.formats.datasets import Config
 
 from .conftest import run_cli
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cache.errors import UserError
-from pipeline.formats.classlists import display_name, read_class_list
-from pipeline.formats.datasets import Config
+from stages.formats.classlists import display_name, read_class_list
+from stages.formats.datasets import Config
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -118,7 +118,7 @@ def test_validation_is_linear_in_the_number_of_labels(tmp_path: Path) -> None:
     """list.count per name compared every name with every other: 100k labels took 104 s. The
     algorithm is asserted by counting comparisons, not by a clock (benchmarks/labels_scaling.py
     prints the time ratio)."""
-    from pipeline.formats.classlists import _validated
+    from stages.formats.classlists import _validated
 
     CountingName.comparisons = 0
     n = 2_000
@@ -152,7 +152,7 @@ def test_raw_class_names_are_the_authors_prompts_on_ucf101(shared_data: Path) ->
     """ViFi-CLIP (and so the authors) fill the template with the raw class-list name; the CLIP
     tokenizer lowercases, so on UCF-101 77 of 101 prompts (42 of its 50 novel classes) differ from
     the display names', and on HMDB-51, SSv2 and K400 none do."""
-    from pipeline.formats.classlists import read_class_list
+    from stages.formats.classlists import read_class_list
     from stages.artifacts import prompt_names
 
     def differing(name: str) -> int:

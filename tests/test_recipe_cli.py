@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.commands.authors import authors_recipe, parse_log
 from pipeline.commands.dag import describe_import_request, stage_for
-from pipeline.engine.runner import Runner
-from pipeline.formats.datasets import Config
+from stages.engine.runner import Runner
+from stages.formats.datasets import Config
 
 from .conftest import SHARED_DATA
 from .test_train import prepared_home, world  # noqa: F401  (the module-scoped world fixture)

@@ -16,10 +16,10 @@ import pytest
 
 from pipeline.commands.dag import TrainOptions, describe_import_request, embed_request, stage_for, train_request
 from pipeline.commands.demo import world_descriptions
-from pipeline.engine.runner import Runner
-from pipeline.formats.datasets import Config
+from stages.engine.runner import Runner
+from stages.formats.datasets import Config
 
-from .conftest import ROOT, catalog_rows, cli_env, readme_query, run_cli
+from .conftest import ROOT, catalog_rows, cli_env, docs_text, readme_query, run_cli
 
 TINY = ["--backbone", "msta-tiny", "--pretrained", "random", "--adapter-layers", "2-4", "--adapter-dim", "8",
         "--batch-size", "8", "--warmup-epochs", "1", "--workers", "0", "--no-progress"]
@@ -237,7 +237,7 @@ def readme_commands(section: str) -> list[list[str]]:
     """The `msta-pipe ...` commands of a README section's bash block, continuation lines joined."""
     import shlex
 
-    text = (ROOT / "README.md").read_text().split(f"## {section}", 1)[1]
+    text = docs_text().split(f"## {section}", 1)[1]
     block = text.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " ")
     return [shlex.split(line.split("#", 1)[0])[1:] for line in block.splitlines() if line.startswith("msta-pipe ")]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cache.errors import UserError
-from pipeline.formats.classlists import read_class_list
-from pipeline.formats.videolists import VideoItem, draw_per_class, read_video_list, resolve_videos
+from stages.formats.classlists import read_class_list
+from stages.formats.videolists import VideoItem, draw_per_class, read_video_list, resolve_videos
 
 NAMES = ["Pushing something from left to right", "Holding something"]
 

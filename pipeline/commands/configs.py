@@ -159,3 +159,102 @@ def resolve_device(device: str, precision: str) -> tuple[str, str]:
         raise UserError(f"--precision {precision} runs only on CUDA; on {device} the model runs in fp32: "
                         "pass --precision fp32 (or auto)", 2)
     return device, precision
+
+
+DEFAULT_LLM = "gpt-4o-mini"
+
+
+@dataclass(frozen=True)
+class DescribeOptions:
+    """Every option of `describe`. The keyed ones enter each kind's request as themselves; the
+    endpoint enters normalised; concurrency and timeout are locators."""
+    dataset: str | None = opt(None, "Dataset name: built-in (ssv2, k400, k600, hmdb51, ucf101, NAME-base, "
+                              "NAME-novel, k600-zs1..3) or declared in the config", flags=("--dataset", "-d"),
+                              key=RESOLVED)
+    labels: str | None = opt(None, "Class list file for the dataset (overrides the config): `id,name` CSV, SSv2 "
+                             "labels.json, UCF-101 classInd.txt or one name per line", key=INPUTS)
+    kind: str = opt("both", "Which descriptions", choices=("spatial", "temporal", "both"), key=RESOLVED)
+    n: int | None = opt(None, "Descriptions per class and kind", limit=COUNT,
+                        default_text="2; for --from-file: the count most classes have", key=RESOLVED)
+    model: str = opt(DEFAULT_LLM, "Model name at the endpoint [env MSTA_LLM_MODEL]")
+    base_url: str | None = opt(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, "
+                               "Ollama, DeepSeek) [env OPENAI_BASE_URL]; a query string (?api-version=...) is sent "
+                               "with every request. The key comes from OPENAI_API_KEY, never from the URL",
+                               default_text="OpenAI", key=RESOLVED)
+    temperature: float = opt(0.7, "Sampling temperature", limit=Limit(0, 2))
+    max_tokens: int = opt(400, "Answer length limit per request", limit=COUNT)
+    seed: int = opt(0, "Sampling seed sent to the endpoint", flags=("--llm-seed",), hidden_flags=("--seed",),
+                    limit=NON_NEGATIVE)
+    max_reasks: int = opt(2, "How often an invalid answer is answered back per class", limit=NON_NEGATIVE)
+    concurrency: int = opt(8, "Requests in flight", limit=COUNT, key=LOCATOR)
+    timeout: float = opt(60.0, "Seconds per request before it counts as failed", limit=POSITIVE, key=LOCATOR)
+    prompt_dir: str | None = opt(None, "Folder with your own system.j2, spatial.j2, temporal.j2, reask.j2, "
+                                 "frames.toml", default_text="the packaged prompts/", key=INPUTS)
+    from_file: str | None = opt(None, "Import descriptions instead of asking an LLM: the MSTA authors' "
+                                '{"<class id>": [sentences]} or CuPL/DCLIP {"<class name>": [sentences]} JSON; '
+                                "needs --kind spatial or temporal", key=INPUTS)
+    context_length: int = opt(77, "CLIP's token context the sentences must fit", cli=False)
+
+    def check(self) -> None:
+        check(self)
+        if not self.dataset:
+            raise UserError("--dataset is required", 2)
+        if self.from_file is not None and self.kind == "both":
+            raise UserError("--from-file holds one kind of description: pass --kind spatial or --kind temporal", 2)
+
+    @property
+    def kinds(self) -> list[str]:
+        return ["spatial", "temporal"] if self.kind == "both" else [self.kind]
+
+
+def environment_defaults() -> dict[str, Any]:
+    """`describe`'s options that the environment sets where no flag does (a layer below the flags)."""
+    import os
+
+    env = {"model": os.environ.get("MSTA_LLM_MODEL"), "base_url": os.environ.get("OPENAI_BASE_URL")}
+    return {k: v for k, v in env.items() if v}
+
+
+@dataclass(frozen=True)
+class FramesOptions:
+    """Every option of `frames`."""
+    dataset: str | None = opt(None, "Dataset name", flags=("--dataset", "-d"))
+    list_name: str | None = opt(None, "Video list name of the dataset (train, test, few_shot_2, train_s1, val, ...)",
+                                flags=("--list",))
+    mode: str | None = opt(None, "train (TSN draws, short side for random crops) or test (clips for multi-view "
+                           "testing)", choices=("train", "test"),
+                           default_text="train for lists named train*/few_shot*, else test")
+    shots: int | None = opt(None, "Draw this many videos per class from the list (stratified, reproducible with "
+                            "--split)", limit=COUNT)
+    split: int = opt(0, "The draw of --shots (train calls it --split too)", limit=NON_NEGATIVE,
+                     hidden_flags=("--seed",))
+    labels: str | None = opt(None, "Class list file for the dataset (overrides the config)")
+    workers: int | None = opt(None, "Decoding processes", limit=COUNT, default_text="the CPU count, at most 8")
+    decoder: str | None = opt(None, "Video decoder", choices=("decord", "pyav"), default_text="decord where installed")
+    fmt: str = opt("jpeg", "Cache format: jpeg (compact) or raw (uint8 npy)", flags=("--format",),
+                   choices=("jpeg", "raw"))
+    skip_missing: bool = opt(False, "Leave out videos missing from disk instead of failing")
+    strict: bool = opt(False, "Fail when any video cannot be decoded")
+
+    def check(self) -> None:
+        check(self)
+        if not self.dataset or not self.list_name:
+            raise UserError("--dataset and --list are required", 2)
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("train" if self.list_name and self.list_name.startswith(("train", "few_shot")) else "test")
+
+
+def subset(name: str, source: type, names: tuple[str, ...]) -> type:
+    """A configuration made of some fields of another, their declarations shared, not copied."""
+    from dataclasses import field, fields, make_dataclass
+
+    by_name = {f.name: f for f in fields(source)}
+    return make_dataclass(name, [(n, by_name[n].type, field(default=by_name[n].default, metadata=by_name[n].metadata))
+                                 for n in names], frozen=True)
+
+
+# `params`: the adapter options of `train` and its backbone
+ParamsOptions = subset("ParamsOptions", TrainOptions, ("backbone", "adapter_dim", "adapter_layers", "adapter_scale",
+                                                       "temporal_branch", "temporal", "shared", "only"))

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from cache.errors import UserError
-from pipeline.commands.configs import PROTOCOLS, TrainOptions
+from pipeline.commands.configs import PROTOCOLS, DescribeOptions, TrainOptions
 from pipeline.commands.options import keyed
-from pipeline.engine.stage import FileInput, Request, Stage
-from pipeline.formats.datasets import Dataset
+from stages.engine.stage import FileInput, Request, Stage
+from stages.formats.datasets import Dataset
 from prompts import PROMPT_DIR, template_files
 
 
@@ -40,30 +40,21 @@ def labels_request(runner: Any, ds: Dataset) -> Request:
     return Request("labels", {"dataset": ds.name}, {"file": FileInput(ds.require_labels())})
 
 
-@dataclass(frozen=True)
-class LLMOptions:
-    model: str
-    endpoint: str
-    base_url_given: bool
-    n: int = 2
-    temperature: float = 0.7
-    max_tokens: int = 400
-    seed: int | None = 0
-    max_reasks: int = 2
-    concurrency: int = 8
-    timeout: float = 60.0
-    prompt_dir: Path = PROMPT_DIR
-    context_length: int = 77
+def describe_llm_request(runner: Any, ds: Dataset, kind: str, o: DescribeOptions) -> Request:
+    """One kind's request: the keyed options as themselves, the endpoint normalised (a URL with
+    credentials is refused), the prompt templates as inputs."""
+    from prompts.llm import normalise_endpoint
 
-
-def describe_llm_request(runner: Any, ds: Dataset, kind: str, o: LLMOptions) -> Request:
-    params = {"dataset": ds.name, "kind": kind, "source": "llm", "n": o.n, "model": o.model,
-              "endpoint": o.endpoint, "temperature": o.temperature, "max_tokens": o.max_tokens,
-              "seed": o.seed, "max_reasks": o.max_reasks, "context_length": o.context_length}
+    try:
+        endpoint = normalise_endpoint(o.base_url)
+    except ValueError as exc:
+        raise UserError(str(exc), 2) from None
+    params = {**keyed(o), "dataset": ds.name, "kind": kind, "source": "llm", "n": o.n or 2, "endpoint": endpoint}
     inputs: dict[str, Request | FileInput] = {"classes": labels_request(runner, ds)}
-    inputs.update({name: FileInput(path) for name, path in template_files(o.prompt_dir, kind).items()})
+    prompt_dir = Path(o.prompt_dir).resolve() if o.prompt_dir else PROMPT_DIR
+    inputs.update({name: FileInput(path) for name, path in template_files(prompt_dir, kind).items()})
     return Request("describe", params, inputs,
-                   {"concurrency": o.concurrency, "timeout": o.timeout, "base_url_given": o.base_url_given})
+                   {"concurrency": o.concurrency, "timeout": o.timeout, "base_url_given": o.base_url is not None})
 
 
 def describe_import_request(runner: Any, ds: Dataset, kind: str, path: Path, n: int | None,

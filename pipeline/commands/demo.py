@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from cache.errors import UserError
 from msta.method.metrics import harmonic_mean
 from pipeline.commands.configs import TrainOptions
 from pipeline.commands.dag import (
@@ -22,7 +23,7 @@ from pipeline.commands.dag import (
     train_request,
 )
 from pipeline.commands.options import resolve
-from pipeline.formats.datasets import Config
+from stages.formats.datasets import Config
 
 BACKBONE, PRETRAINED = "msta-world", "synthetic-world"
 
@@ -222,3 +223,33 @@ def _format(tables: dict[str, list[dict[str, float]]], recipe: DemoRecipe, seeds
         lines.append(f"Seed noise of this table (std over 3 seeds in points, all/pairs/base/novel): {spread}. "
                      "A difference smaller than about twice that is not a result.")
     return "\n".join(lines)
+
+
+def synth_command(out: Path, videos_per_class: int, test_per_class: int, seed: int) -> None:
+    import typer
+
+    from msta.world.generate import write_dataset
+
+    if videos_per_class < 16:
+        raise UserError("--videos-per-class must be at least 16 (the few-shot and base-to-novel lists draw 16)", 2)
+    folder = write_dataset(out, videos_per_class, test_per_class, seed)
+    files = world_descriptions(folder)
+    typer.echo(f"wrote the synthetic world to {folder}; use it with --config {folder / 'msta.toml'}")
+    typer.echo("its descriptions: " + ", ".join(f"--from-file {p} --kind {k}" for k, p in files.items()))
+
+
+def demo_command(out: Path, videos_per_class: int | None, epochs: int | None, seeds: int, no_progress: bool,
+                 home: Path | None) -> None:
+    import typer
+
+    from pipeline.commands import session
+
+    recipe = DemoRecipe()
+    recipe = replace(recipe, videos_per_class=videos_per_class or recipe.videos_per_class,
+                     epochs=epochs or recipe.epochs)
+    if recipe.videos_per_class < recipe.shots + 2:
+        raise UserError(f"--videos-per-class must be at least {recipe.shots + 2} (the demo's {recipe.shots} shots "
+                        "and 2 held-out clips per class)", 2)
+    runner = session.make_runner(home, progress=not no_progress)
+    with session.writing(home):
+        typer.echo(run_demo(runner, out.resolve(), recipe, typer.echo, seeds))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cache.errors import UserError
 from msta.method.metrics import harmonic_mean
 from pipeline.commands.dag import EvalTarget, evaluate_request
-from pipeline.engine.stage import Request
+from stages.engine.stage import Request
 
 
 def find_run(runner: Any, dataset: str, run: str | None, seed: int | None = None) -> Request:
@@ -185,3 +186,74 @@ def _record_harmonic_mean(runner: Any, dataset: str, sel: str, metrics: dict[str
             "value": hm, "views": meta["views"], "checkpoint_digest": meta["checkpoint"], "selection": sel,
             "created_at": utcnow()}])
     return (parent, "base+novel", sel, "hm", round(hm, 4))
+
+
+def evaluate_command(dataset: str, list_name: str | None, run: str | None, seeds: str | None, frozen: bool,
+                     selection: str, backbone: str | None, pretrained: str | None, device: str, precision: str,
+                     workers: int, force: bool, dry_run: bool, no_progress: bool, home: Path | None,
+                     config: Path | None) -> None:
+    """`msta-pipe evaluate`: every run it picks, on the lists its protocol tests on; one row per metric,
+    each naming the run."""
+    import contextlib
+
+    from pipeline.commands import session
+    from pipeline.commands.configs import resolve_device
+
+    if selection not in ("last", "best-heldout", "both", "test-max"):
+        raise UserError("--selection must be last, best-heldout, both or test-max", 2)
+    launched = session.launched() and not dry_run
+    if launched and selection == "test-max":
+        raise UserError("--selection test-max picks an epoch between evaluations: run it in one process, "
+                        "without torchrun", 2)
+    if seeds is not None and (run is not None or frozen):
+        raise UserError("--seeds picks runs by their seed: do not combine it with --run or --frozen", 2)
+    device, precision = resolve_device(device, precision)
+    runner = session.make_runner(home, progress=not no_progress)
+    rows: list[Any] = []
+    # Under torchrun every rank scores its share of each list; rank 0 takes the writer lock per stage.
+    materialise = (lambda req, force, dry_run: session.launch_materialise(runner, home, req, force, dry_run)) \
+        if launched else runner.materialise
+    with (session.writing(home) if not dry_run and not launched else contextlib.nullcontext()):
+        for seed in (session.seed_list(seeds, 0) if seeds is not None else [None]):
+            rows += run_evaluation(runner, session.load_config(config), dataset, list_name, run, frozen, selection,
+                                   *session.backbone_pair(backbone, pretrained), device, precision, workers, force,
+                                   dry_run, seed, materialise)
+    if rows:
+        session.print_rows(["dataset", "split", "run", "selection", "metric", "value"], rows, "table")
+
+
+def features_command(dataset: str, list_name: str, run: str | None, frozen: bool, selection: str,
+                     backbone: str | None, pretrained: str | None, device: str, precision: str, workers: int,
+                     force: bool, dry_run: bool, no_progress: bool, home: Path | None, config: Path | None) -> None:
+    """`msta-pipe features`: the video embeddings of a list, one artifact per run."""
+    import typer
+
+    from pipeline.commands import session
+    from pipeline.commands.configs import resolve_device
+    from pipeline.commands.dag import features_request
+    from pipeline.commands.flags import NON_NEGATIVE, check_flags
+
+    check_flags({"workers": workers}, {"workers": NON_NEGATIVE})
+    if selection not in ("last", "best-heldout"):
+        raise UserError("--selection must be last or best-heldout", 2)
+    if frozen and run is not None:
+        raise UserError("--frozen and --run exclude each other", 2)
+    if (backbone or pretrained) and not frozen:
+        raise UserError("--backbone/--pretrained go with --frozen; a run knows its backbone", 2)
+    device, precision = resolve_device(device, precision)
+    runner = session.make_runner(home, progress=not no_progress)
+    model = None if frozen else find_run(runner, dataset, run)
+    if model is not None:
+        if selection == "best-heldout" and "frames_heldout" not in model.inputs:
+            raise UserError("this run had no held-out videos, so no epoch was selected: use --selection last", 2)
+        backbone, pretrained = model.params["backbone"], model.params["pretrained"] or None
+        typer.echo(f"features of {runner.stage('train').configuration(model, {})}, seed {model.params['seed']}, "
+                   f"split {model.params['split_seed']} ({selection} weights)")
+    else:
+        backbone, pretrained = session.backbone_pair(backbone, pretrained)
+    req = features_request(runner, session.load_config(config).dataset(dataset), list_name, model,
+                           "none" if frozen else selection, backbone, pretrained, device, precision, workers)
+    art = session.launch_materialise(runner, home, req, force, dry_run)  # rank 0 of a torchrun launch, or the one process
+    if art is not None:
+        typer.echo(f"video embeddings: {art.path} ({art.meta['dim']}-d, {art.meta['views']} views a video); "
+                   "query them as the view video_embeddings")

@@ -168,3 +168,25 @@ def model_card(cfg: dict[str, Any], p: dict[str, Any], results: list[dict[str, A
         "| class_embeddings.safetensors | `embeddings` (C, D): the class prompts through the adapted text branch |",
         "| recipe.json | the training run's parameters and input digests |",
         "| results.json | the run's rows of the `results` table |", ""])
+
+
+def export_command(out: Path, run: str | None, dataset: str | None, selection: str, device: str, home: Path | None,
+                   config: Path | None) -> None:
+    import typer
+
+    from pipeline.commands import session
+    from pipeline.commands.configs import resolve_device
+    from pipeline.commands.runs import trained_run
+
+    if selection not in ("last", "best-heldout"):
+        raise UserError("--selection must be last or best-heldout", 2)
+    if run is None and dataset is None:
+        raise UserError("which run? give --run KEY or --dataset D (its latest run)", 2)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder; choose a new one", 2)
+    runner = session.make_runner(home)
+    tr = trained_run(runner, dataset, run)
+    cfg = export_run(runner, session.load_config(config), tr, selection, out.resolve(),
+                     session.torch_device(resolve_device(device, "fp32")[0]))
+    typer.echo(f"exported {tr.describe(selection)} on {cfg['dataset']} ({cfg['protocol']}, "
+               f"{len(cfg['classes'])} classes) to {out}")

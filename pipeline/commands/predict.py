@@ -34,7 +34,7 @@ class Classifier:
 
     def with_labels(self, path: Path) -> Classifier:
         """Open vocabulary: the class names of a label file, encoded by this model's text branch."""
-        from pipeline.formats.classlists import read_class_list
+        from stages.formats.classlists import read_class_list
 
         classes = read_class_list(path)
         names = [c.name for c in classes]
@@ -113,11 +113,11 @@ def _same_weights(folder: Path, b: dict[str, Any], got: str, given: str) -> None
                         f"{given} has sha256 {got}: pass the same weights with --pretrained", 2)
 
 
-def frozen(backbone: str, pretrained: str | None, config: Any, dataset: str | None, device: Any) -> Classifier:
+def frozen_clip(backbone: str, pretrained: str | None, config: Any, dataset: str | None, device: Any) -> Classifier:
     """The frozen CLIP (frame-mean zero-shot); `dataset` gives the class names and test views."""
     from msta.method.model import DEFAULT_TEMPLATE, VideoCLIP
-    from pipeline.formats.classlists import read_class_list
-    from pipeline.formats.datasets import VideoSettings
+    from stages.formats.classlists import read_class_list
+    from stages.formats.datasets import VideoSettings
 
     loaded = _backbone(backbone, pretrained, device)
     ds = config.dataset(dataset) if dataset else None
@@ -218,7 +218,7 @@ def jsonl(clf: Classifier, predictions: list[Prediction]) -> Iterable[str]:
                                                     for cid, name, prob in p.top], **model})
 
 
-def save(catalog: Any, clf: Classifier, predictions: list[Prediction], echo: Callable[[str], None]) -> None:
+def save_predictions(catalog: Any, clf: Classifier, predictions: list[Prediction], echo: Callable[[str], None]) -> None:
     """`--save`: the predictions into the catalog's `predictions` table."""
     from cache.catalog import insert_rows, utcnow
 
@@ -231,3 +231,66 @@ def save(catalog: Any, clf: Classifier, predictions: list[Prediction], echo: Cal
     with catalog.transaction() as con:
         insert_rows(con, "predictions", records)
     echo(f"saved {len(records)} rows to the predictions table of {catalog.path}")
+
+
+def predict_command(videos: list[Path], run: str | None, dataset: str | None, model: Path | None, frozen: bool,
+                    labels: Path | None, selection: str, clips: int | None, crops: int | None, top_k: int, fmt: str,
+                    backbone: str | None, pretrained: str | None, decoder: str | None, device: str, precision: str,
+                    strict: bool, save: bool, no_progress: bool, home: Path | None, config: Path | None) -> None:
+    import typer
+
+    from pipeline.commands import session
+    from pipeline.commands.configs import resolve_device
+    from pipeline.commands.dag import default_decoder
+    from pipeline.commands.export import read_export
+    from pipeline.commands.flags import COUNT, check_flags
+    from pipeline.commands.runs import trained_run
+
+    check_flags({"clips": clips, "crops": crops, "top_k": top_k}, {"clips": COUNT, "crops": COUNT, "top_k": COUNT})
+    if fmt not in ("table", "jsonl", "csv"):
+        raise UserError("--format must be table, jsonl or csv", 2)
+    if selection not in ("last", "best-heldout"):
+        raise UserError("--selection must be last or best-heldout", 2)
+    if decoder not in (None, "decord", "pyav"):
+        raise UserError("--decoder must be decord or pyav", 2)
+    sources = [name for name, given in (("--run", run), ("--model", model), ("--frozen", frozen)) if given]
+    if len(sources) > 1 or (model is not None and dataset is not None):
+        raise UserError(f"give one model: {' and '.join(sources or ['--model', '--dataset'])} exclude each other", 2)
+    if not sources and dataset is None:
+        raise UserError("which model? give --run KEY, --dataset D (its latest run), --model DIR (an export) or "
+                        "--frozen", 2)
+    if (backbone or pretrained) and not (frozen or model is not None):
+        raise UserError("--backbone/--pretrained go with --frozen or --model; a run knows its backbone", 2)
+    if labels is not None and not labels.is_file():
+        raise UserError(f"--labels {labels}: no such file", 2)
+    # the model's files first: a wrong folder or key is told before torch loads
+    exported = read_export(model) if model is not None else None
+    tr = trained_run(session.make_runner(home), dataset, run) if not (frozen or model) else None
+    device, precision = resolve_device(device, precision)
+    torch_device = session.torch_device(device)
+    if model is not None:
+        clf = from_export(model, exported, backbone, pretrained, torch_device)
+    elif tr is None:
+        clf = frozen_clip(*session.backbone_pair(backbone, pretrained), session.load_config(config), dataset, torch_device)
+    else:
+        clf = from_run(session.home_dir(home), session.load_config(config), tr, selection, torch_device)
+    if labels is not None:
+        clf = clf.with_labels(labels)
+    clf = clf.with_views(clips, crops)
+    predictions = predict(clf, find_videos(videos), top_k, decoder or default_decoder(), torch_device,
+                            precision, not no_progress)
+    if fmt == "jsonl":
+        for line in jsonl(clf, predictions):
+            typer.echo(line)
+    else:
+        if fmt == "table":
+            typer.echo(f"model: {clf.name} ({clf.configuration})")
+        session.print_rows(*rows(clf, predictions, fmt), fmt)
+    if save:
+        with session.writing(home):
+            save_predictions(session.make_runner(home).catalog, clf, predictions, lambda s: typer.echo(s, err=True))
+    failed = [x for x in predictions if x.error]
+    if failed:
+        typer.echo(f"{len(failed)} of {len(predictions)} videos could not be read, e.g. {failed[0].error}", err=True)
+        if strict:
+            raise typer.Exit(1)

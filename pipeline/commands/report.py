@@ -12,6 +12,7 @@ import json
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from msta.method.metrics import harmonic_mean
@@ -274,3 +275,16 @@ def confusion_section(catalog: Any) -> list[str]:
 def _short(text: str, limit: int = 70) -> str:
     text = text.replace("|", "/").replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def report_command(fmt: str, authors_logs: Path | None, home: Path | None) -> None:
+    import typer
+
+    from pipeline.commands import session
+
+    logs = None
+    if authors_logs is not None:
+        from pipeline.commands.authors import read_logs
+
+        logs = read_logs(authors_logs)
+    typer.echo(render(session.make_runner(home).catalog, fmt, logs))

@@ -10,7 +10,7 @@ from typing import Any
 
 from cache.catalog import rows_as_dicts
 from cache.errors import UserError
-from pipeline.engine.stage import Artifact, Request
+from stages.engine.stage import Artifact, Request
 
 
 @dataclass(frozen=True)

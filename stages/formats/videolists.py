@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.errors import UserError
-from pipeline.formats.textfiles import is_int, parse_json, read_text
+from stages.formats.textfiles import is_int, parse_json, read_text
 
 
 @dataclass(frozen=True)

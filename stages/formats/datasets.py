@@ -25,7 +25,7 @@ from typing import Any
 
 from cache.errors import UserError
 from msta.video import augment
-from pipeline.formats.textfiles import read_text
+from stages.formats.textfiles import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib

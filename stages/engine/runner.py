@@ -20,7 +20,7 @@ from cache.errors import UserError, error_line, one_line
 from cache.keys import canonical_json, digest_value, plain_json, sha256_bytes
 from cache.lock import HomeLock
 from cache.store import Store, atomic_write_bytes, sha256_file, table_digest, write_parquet
-from pipeline.engine.stage import (
+from stages.engine.stage import (
     Artifact,
     Context,
     FileDigest,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache.errors import UserError
-from pipeline.formats.textfiles import is_int, parse_json, read_text
+from stages.formats.textfiles import is_int, parse_json, read_text
 
 FORMATS_HELP = ("an `id,name` CSV with header (ViFi-CLIP labels/), SSv2's labels.json, "
                 "UCF-101's classInd.txt (`1 ApplyEyeMakeup`), or a plain file with one class name per line")

@@ -1,0 +1,106 @@
+"""The commands about the home itself: `status` (what is fresh, stale or failed), `sql` (read-only
+queries over the catalog) and `gc` (deleting what no catalog row reaches)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cache.errors import UserError, one_line
+from pipeline.commands import session
+
+STALE_EXIT = 3  # `status`: something is stale or interrupted, nothing failed
+
+
+def status_command(home: Path | None) -> None:
+    """Exit code: 0 all fresh (or missing), STALE_EXIT something stale and nothing failed, 1 something failed."""
+    import json
+
+    from stages.engine.stage import Request
+
+    runner = session.make_runner(home)
+    if not runner.catalog.exists():
+        typer.echo(f"no catalog at {runner.catalog.path}: nothing has run yet")
+        return
+    with runner.catalog.reader() as con:
+        rows = con.execute("""SELECT target, arg_max(request, started_at) FROM runs
+                              GROUP BY target HAVING arg_max(status, started_at) <> 'cleared'
+                                  OR bool_or(status = 'done')
+                              ORDER BY min(started_at)""").fetchall()
+        datasets = [r[0] for r in con.execute("SELECT DISTINCT dataset FROM classes ORDER BY 1").fetchall()]
+    seen = {t for t, _ in rows}
+    lines = []
+    states: set[str] = set()
+    for target, request in session.progress(rows, "status", unit="target"):
+        ev = runner.freshness(Request.from_json(json.loads(request)))
+        states.add(ev.state)
+        lines.append((target, ev.state, ev.reason))
+    for ds in datasets:
+        for kind in ("spatial", "temporal"):
+            if f"describe:{ds}:{kind}" not in seen:
+                lines.append((f"describe:{ds}:{kind}", "missing", "never run"))
+    width = max(len(t) for t, _, _ in lines) if lines else 10
+    for target, state, reason in lines:
+        typer.echo(f"{target:<{width}}  {state:<8} {reason}".rstrip())
+    if "failed" in states:
+        raise typer.Exit(1)
+    if "stale" in states:
+        raise typer.Exit(STALE_EXIT)
+
+
+def sql_command(query: str, fmt: str, home: Path | None) -> None:
+    import duckdb
+
+    from cache.catalog import Catalog
+    from cache.views import FILE_VIEWS
+
+    if fmt not in ("table", "csv", "json"):
+        raise UserError("--format must be table, csv or json", 2)
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise UserError(f"cannot parse the query: {exc}", 2) from None
+    allowed = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA}
+    refused = [s.type.name for s in statements if s.type not in allowed]
+    if refused:
+        raise UserError(f"`msta-pipe sql` is read-only: {', '.join(refused)} statements are refused", 2)
+    if not statements:
+        raise UserError("the query is empty", 2)
+    views = [v for v in FILE_VIEWS if v in query.lower()]
+    try:
+        with Catalog(session.home_dir(home)).sandboxed_reader(views) as con:
+            for stmt in statements[:-1]:
+                con.execute(stmt)
+            cur = con.execute(statements[-1])
+            names = [d[0] for d in cur.description] if cur.description else []
+            rows = cur.fetchall() if names else []
+    except duckdb.Error as exc:
+        msg = one_line(str(exc))
+        # What the sandbox refuses (files, network, extensions, settings) is bad input, not failed work.
+        if (isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in msg
+                or (isinstance(exc, duckdb.CatalogException) and " extension" in msg)):
+            raise UserError(f"`msta-pipe sql` reads the catalog only (no files, extensions or settings): {msg}",
+                            2) from None
+        raise UserError(f"query failed: {msg}", 1) from None
+    session.print_rows(names, rows, fmt)
+
+
+def gc_command(dry_run: bool, superseded: bool, failed: bool, home: Path | None) -> None:
+    from cache.gc import collect
+
+    runner = session.make_runner(home)
+    if not runner.catalog.exists():
+        typer.echo("nothing to collect: no catalog yet")
+        return
+    if dry_run:
+        report = collect(runner.catalog, runner.store, superseded=superseded, dry_run=True, failed=failed)
+    else:
+        with session.writing(home):
+            report = collect(runner.catalog, runner.store, superseded=superseded, dry_run=False, failed=failed)
+    verb = "would delete" if dry_run else "deleted"
+    for target, key in report.superseded:
+        typer.echo(f"{verb} superseded run {key[:16]} of {target}")
+    for target, key in report.cleared:
+        typer.echo(f"{'would clear' if dry_run else 'cleared'} failed run {key[:16]} of {target}")
+    typer.echo(f"{verb} {report.files} files ({report.bytes / 1e6:.1f} MB) and {report.rows} catalog rows")
+
