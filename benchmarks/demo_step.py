@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msta.method.adapters import AdapterConfig, parse_layers  # noqa: E402
 from msta.method.backbone import load_backbone  # noqa: E402
 from msta.method.model import MSTA  # noqa: E402
-from msta.train import Recipe, Targets, Trainer  # noqa: E402
+from msta.train import Optimisation, Targets, Trainer  # noqa: E402
 from msta.world.generate import B2N_SHOTS, BASE_CLASSES, CLASSES  # noqa: E402
 from pipeline.commands.demo import BACKBONE, PRETRAINED, DemoRecipe  # noqa: E402
 
@@ -46,7 +46,7 @@ def demo_trainer(recipe: DemoRecipe, names: list[str], packed: bool) -> Trainer:
     backbone = load_backbone(BACKBONE, PRETRAINED, device=torch.device("cpu"))
     model = MSTA(backbone, AdapterConfig(dim=recipe.dim, layers=parse_layers(recipe.layers), scale=recipe.scale))
     d_s, d_t = (torch.nn.functional.normalize(torch.randn(len(names), backbone.embed_dim), dim=-1) for _ in range(2))
-    trainer = Trainer(model.train(), Recipe(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
+    trainer = Trainer(model.train(), Optimisation(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
                                             temporal_lr_mult=recipe.temporal_lr_mult),
                       Targets(names, d_s, d_t), train_set=list(range(recipe.batch_size)))
     if not packed:

@@ -43,7 +43,7 @@ from msta.method.attention import PackedSelfAttention
 from msta.method.backbone import load_backbone
 from msta.method.model import VideoCLIP, full_finetune
 from msta.method.runtime import resolve_device, seed_everything
-from msta.train import Recipe, Targets, Trainer
+from msta.train import Optimisation, Targets, Trainer
 
 # Dense tensor-core peaks in TFLOP/s (bf16, and fp32 without TF32), from the vendors' data sheets.
 PEAKS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5)}
@@ -51,7 +51,7 @@ LEVERS = ("prefix-with-grad", "torch-attention", "fused-adamw", "compile", "cuda
 
 
 def trainer_for(model: VideoCLIP, wl: Workload, precision: str, alpha: float, device: torch.device) -> Trainer:
-    recipe = Recipe(epochs=10_000, warmup_epochs=0, batch_size=wl.labels.shape[0], precision=precision, alpha=alpha)
+    recipe = Optimisation(epochs=10_000, warmup_epochs=0, batch_size=wl.labels.shape[0], precision=precision, alpha=alpha)
     targets = Targets(wl.class_names, wl.d_spatial, wl.d_temporal)
     return Trainer(model, recipe, targets, train_set=list(range(recipe.batch_size)), device=device)
 

@@ -24,7 +24,7 @@ from frames_loader import EXTRACT, write_videos
 from train_step import build_msta, description_means
 
 from msta.method.runtime import resolve_device
-from msta.train import Recipe, Targets, Trainer
+from msta.train import Optimisation, Targets, Trainer
 from msta.video.clipstore import save_clip
 from msta.video.dataset import ClipDataset, make_loader
 from msta.video.decode import decode_clip
@@ -62,7 +62,7 @@ def main() -> None:
             save_clip(path, decode_clip(video, EXTRACT, "decord", key=video.name), "jpeg")
             items.append((str(path), i % args.classes))
         dataset = ClipDataset(items, "train", size, seed=0, mean=model.backbone.mean, std=model.backbone.std)
-        trainer = Trainer(model, Recipe(epochs=1000, warmup_epochs=0, batch_size=args.batch, precision=args.precision),
+        trainer = Trainer(model, Optimisation(epochs=1000, warmup_epochs=0, batch_size=args.batch, precision=args.precision),
                           Targets(names, d_s, d_t), dataset, device=device, workers=args.workers)
         batches = [(f.to(device), y.to(device)) for f, y in
                    make_loader(dataset, args.batch, shuffle=True, seed=0, epoch=0, steps=args.steps)]

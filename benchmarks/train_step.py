@@ -34,7 +34,7 @@ from msta.method.backbone import Backbone, load_backbone
 from msta.method.losses import class_means
 from msta.method.model import MSTA, VideoCLIP
 from msta.method.runtime import autocast, resolve_device, seed_everything
-from msta.train import Recipe, Targets, Trainer
+from msta.train import Optimisation, Targets, Trainer
 
 MODES = {"a": "ce", "b": "cached", "c": "reencode"}
 
@@ -120,7 +120,7 @@ def make_step(model: VideoCLIP, wl: Workload, mode: str, device: torch.device, p
     this times the code that trains. 'reencode' first embeds every description with the frozen
     text tower, as OST's code does each step, and hands the means to the same step."""
     targets = Targets(wl.class_names, *((wl.d_spatial, wl.d_temporal) if mode == "cached" else (None, None)))
-    recipe = Recipe(epochs=10_000, warmup_epochs=0, batch_size=wl.labels.shape[0], precision=precision,
+    recipe = Optimisation(epochs=10_000, warmup_epochs=0, batch_size=wl.labels.shape[0], precision=precision,
                     alpha=0.0 if mode == "ce" else 1.0)
     trainer = Trainer(model, recipe, targets, TensorDataset(wl.frames, wl.labels), device=device)
 

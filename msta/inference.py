@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from msta.video.decode import Sampling, decode_clip
-from msta.video.transforms import test_views
+from msta.video.transforms import multi_views
 
 
 def video_views(path: str | os.PathLike[str], sampling: Sampling, size: int, crops: int, mean: Sequence[float],
                 std: Sequence[float], decoder: str) -> torch.Tensor:
     """A video file's test views, float (clips * crops, T, 3, size, size): decoded and sampled as the
     `frames` stage caches a test list, cropped as the evaluate stage crops it."""
-    return test_views(decode_clip(path, sampling, decoder=decoder), size, crops, mean, std)
+    return multi_views(decode_clip(path, sampling, decoder=decoder), size, crops, mean, std)
 
 
 def embed_views(model: Any, views: torch.Tensor) -> torch.Tensor:

@@ -45,12 +45,12 @@ def snapshot_epochs(epochs: int) -> list[int]:
     return sorted({e + 1 for e in range(0, epochs, SNAPSHOT_EVERY)} | {epochs})
 
 
-class RecipeError(ValueError):
+class OptimisationError(ValueError):
     """A recipe that cannot run on this data (batch does not divide, too few clips)."""
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Optimisation:
     """How to optimise: the flags of `train` that are not about data or model."""
     epochs: int = 50
     lr: float = 1e-3
@@ -83,7 +83,7 @@ class Fit:
 
 
 class Trainer:
-    def __init__(self, model: VideoCLIP, recipe: Recipe, targets: Targets, train_set: Dataset,
+    def __init__(self, model: VideoCLIP, recipe: Optimisation, targets: Targets, train_set: Dataset,
                  heldout_set: Dataset | None = None, device: torch.device = torch.device("cpu"),
                  rank: int = 0, world: int = 1, workers: int = 0) -> None:
         self.model, self.recipe, self.device = model.to(device), recipe, device
@@ -98,13 +98,13 @@ class Trainer:
         # Batch geometry: each process's share of the batch, accumulated over micro-batches.
         self.micro = recipe.micro_batch or recipe.batch_size // world
         if self.micro < 1 or recipe.batch_size % (self.micro * world):
-            raise RecipeError(f"--batch-size {recipe.batch_size} must be a multiple of --micro-batch ({self.micro}) "
+            raise OptimisationError(f"--batch-size {recipe.batch_size} must be a multiple of --micro-batch ({self.micro}) "
                               f"x processes ({world})")
         self.accum = recipe.batch_size // (self.micro * world)
         n_clips = len(train_set)  # type: ignore[arg-type]
         self.steps_per_epoch = epoch_steps(n_clips, recipe.batch_size, world)
         if self.steps_per_epoch == 0:
-            raise RecipeError(f"{n_clips} training clips do not fill one batch of --batch-size "
+            raise OptimisationError(f"{n_clips} training clips do not fill one batch of --batch-size "
                               f"{recipe.batch_size}: lower --batch-size or add videos")
 
         # ViFi-CLIP's optimiser, which the authors' runs use, and their per-step cosine schedule.

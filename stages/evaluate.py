@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 from cache.catalog import insert_rows, utcnow
 from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
 from stages.formats.plots import plot_confusion
-from stages.artifacts import model_on_device, prompt_names, read_classes, read_frame_index
+from stages.artifacts import prompt_names, read_classes, read_frame_index
+from stages.models import model_on_device
 
 
 class EvaluateStage(Stage):

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 from cache.catalog import insert_rows
 from cache.views import refresh_video_embeddings
 from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
-from stages.artifacts import model_on_device, read_classes, read_frame_index
+from stages.artifacts import read_classes, read_frame_index
+from stages.models import model_on_device
 
 
 def model_name(req: Request, upstream: Mapping[str, str]) -> str:

@@ -75,7 +75,7 @@ class TrainStage(Stage):
         from msta.method.backbone import BackboneError, load_backbone
         from msta.method.model import MSTA, full_finetune
         from msta.method.runtime import init_distributed, rank_device, seed_everything, set_deterministic
-        from msta.train import Recipe, RecipeError, Targets, Trainer, snapshot_epochs
+        from msta.train import Optimisation, OptimisationError, Targets, Trainer, snapshot_epochs
         from msta.video.dataset import ClipDataset
 
         p = req.params
@@ -102,11 +102,11 @@ class TrainStage(Stage):
         if "frames_heldout" in inputs:
             heldout_set = ClipDataset(read_frame_index(artifact_of(inputs["frames_heldout"]).path, ctx.home), "test",
                                       size, crops=1, mean=mean, std=std)
-        recipe = Recipe(**{k: p[k] for k in Recipe.__dataclass_fields__})
+        recipe = Optimisation(**{k: p[k] for k in Optimisation.__dataclass_fields__})
         try:
             trainer = Trainer(model, recipe, targets, train_set, heldout_set, device, rank, world,
                               workers=int(req.locators.get("workers", 0)))
-        except RecipeError as exc:
+        except OptimisationError as exc:
             raise UserError(str(exc), 2) from None
 
         run_dir = ctx.store.run_dir(ctx.key)

@@ -195,11 +195,11 @@ def test_the_trainer_uses_the_authors_optimiser_and_drops_the_last_partial_batch
     from msta.method.adapters import AdapterConfig
     from msta.method.backbone import load_backbone
     from msta.method.model import MSTA
-    from msta.train import Recipe, Targets, Trainer
+    from msta.train import Optimisation, Targets, Trainer
 
     clips = torch.utils.data.TensorDataset(torch.zeros(202, 1), torch.zeros(202, dtype=torch.long))  # UCF-101 K=2
     model = MSTA(load_backbone("msta-tiny", None), AdapterConfig(dim=8, layers=(3, 4)))
-    trainer = Trainer(model, Recipe(epochs=2, warmup_epochs=1), Targets(["a", "b"]), clips)
+    trainer = Trainer(model, Optimisation(epochs=2, warmup_epochs=1), Targets(["a", "b"]), clips)
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
     assert trainer.optimizer.defaults["betas"] == (0.9, 0.98) and trainer.optimizer.defaults["eps"] == 1e-8
     assert (trainer.steps_per_epoch, trainer.micro, trainer.accum) == (6, 32, 1)  # 202 = 6 x 32 + 10 dropped

@@ -124,13 +124,15 @@ def test_the_foundation_builds_on_the_model_package_file_helpers_only() -> None:
 
 
 def test_a_stage_sees_no_other_stage() -> None:
-    allowed = ("cache", "msta", "stages.engine.stage", "stages.formats", "prompts", "stages.artifacts")
+    allowed = ("cache", "msta", "stages.engine.stage", "stages.formats", "prompts", "stages.artifacts",
+               "stages.models")
     graph = import_graph()
     seen = {f"{src} -> {dst}" for src, dsts in graph.items() if src.startswith("stages.") for dst in dsts
             if not dst.startswith(allowed)}
     assert not seen
-    assert not {d for d in graph["stages.artifacts"]
-                if d.startswith("stages.") and not d.startswith(("stages.engine.", "stages.formats."))}
+    for reader in ("stages.artifacts", "stages.models"):  # the shared readers read no stage either
+        assert not {d for d in graph[reader]
+                    if d.startswith("stages.") and not d.startswith(("stages.engine.", "stages.formats."))}
 
 
 def test_the_graph_sees_the_project() -> None:

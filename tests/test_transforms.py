@@ -10,7 +10,7 @@ from msta.video.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     sample_train_params,
-    test_views,
+    multi_views,
     train_transform,
 )
 
@@ -138,7 +138,7 @@ def column_clip(S: int, T: int, H: int, W: int) -> np.ndarray:
 @pytest.mark.parametrize("landscape", [True, False])
 def test_three_crops_left_centre_right(landscape: bool) -> None:
     H, W = (224, 448) if landscape else (448, 224)
-    out = test_views(column_clip(2, 4, H, W), 224, crops=3)
+    out = multi_views(column_clip(2, 4, H, W), 224, crops=3)
     assert out.shape == (6, 4, 3, 224, 224) and out.dtype == torch.float32
     pixels = to_pixels(out).round()
     for view in range(6):
@@ -150,7 +150,7 @@ def test_three_crops_left_centre_right(landscape: bool) -> None:
 
 def test_test_views_resize_short_side_and_centre_crop() -> None:
     clip = column_clip(1, 2, 112, 224)  # short side 112 -> 224, long side 224 -> 448
-    out = test_views(clip, 224, crops=1)
+    out = multi_views(clip, 224, crops=1)
     assert out.shape == (1, 2, 3, 224, 224)
     pixels = to_pixels(out).round()
     # The centre crop spans resized columns 112..335, source columns 56..168 (values 28..84).
@@ -160,9 +160,9 @@ def test_test_views_resize_short_side_and_centre_crop() -> None:
 
 def test_test_views_are_deterministic_and_reject_bad_crops() -> None:
     clip = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 90, 3), dtype=np.uint8)
-    assert torch.equal(test_views(clip, 48), test_views(clip, 48))
+    assert torch.equal(multi_views(clip, 48), multi_views(clip, 48))
     with pytest.raises(ValueError):
-        test_views(clip, 48, crops=0)
+        multi_views(clip, 48, crops=0)
 
 
 def test_per_frame_colour_jitter_draws_new_factors_for_every_frame() -> None:

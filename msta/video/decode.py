@@ -122,7 +122,7 @@ def train_indices(num_frames: int, T: int, rng: np.random.Generator) -> np.ndarr
     return np.minimum(lo + rng.integers(0, width), num_frames - 1)
 
 
-def test_indices(num_frames: int, T: int, clips: int) -> np.ndarray:
+def even_indices(num_frames: int, T: int, clips: int) -> np.ndarray:
     """Deterministic test views (clips, T): T segments, clip k takes the point at fraction
     (k + 1/2) / clips of each segment. One clip gives the segment centres (mmaction's test
     mode); two give the quarter points (mmaction's `twice_sample`, made symmetric); in general
@@ -138,9 +138,6 @@ def test_indices(num_frames: int, T: int, clips: int) -> np.ndarray:
     return np.minimum(positions.astype(np.int64), num_frames - 1)
 
 
-test_indices.__test__ = False  # type: ignore[attr-defined]  # a library function, not a pytest test
-
-
 def pool_indices(num_frames: int, pool: int) -> np.ndarray:
     """Up to `pool` evenly spaced frame indices, every frame of a video of at most `pool` frames."""
     count = min(num_frames, pool)
@@ -151,7 +148,7 @@ def sample_indices(num_frames: int, sampling: Sampling, key: str = "") -> np.nda
     """The (S, T) frame indices `sampling` picks from a video of `num_frames` frames; train
     draws come from a generator seeded by (sampling.seed, key), so they are reproducible."""
     if sampling.mode == "test" and sampling.offsets == "even":
-        return test_indices(num_frames, sampling.frames, sampling.clips)
+        return even_indices(num_frames, sampling.frames, sampling.clips)
     if sampling.pool:
         return pool_indices(num_frames, sampling.pool)[None]
     rng = np.random.default_rng([sampling.seed, _key_entropy(key)])

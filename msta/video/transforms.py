@@ -130,7 +130,7 @@ def train_transform(
     return apply_train_params(clip_uint8, params, size, mean, std)
 
 
-def test_views(
+def multi_views(
     clip_uint8: Clip,
     size: int,
     crops: int = 3,
@@ -154,9 +154,6 @@ def test_views(
     out = torch.stack(views, dim=1)  # (S*T, crops, 3, size, size)
     out = out.reshape(S, T, crops, 3, size, size).transpose(1, 2).reshape(S * crops, T, 3, size, size)
     return normalize(out, mean, std)
-
-
-test_views.__test__ = False  # type: ignore[attr-defined]  # a library function, not a pytest test
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -43,7 +43,8 @@ def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Pa
 
     from cache.catalog import rows_as_dicts
     from msta.method.backbone import BackboneError, load_backbone
-    from stages.artifacts import adapted_model, prompt_names, selected_weights
+    from stages.artifacts import prompt_names
+    from stages.models import adapted_model, selected_weights
 
     p = tr.params
     if tr.artifact.kind != "adapters":

@@ -63,7 +63,8 @@ def _backbone(name: str, pretrained: str | None, device: Any) -> Any:
 
 def from_run(home: Path, config: Any, tr: TrainedRun, selection: str, device: Any) -> Classifier:
     """A training run with the class list and T it trained with, and its dataset's test views."""
-    from stages.artifacts import load_model, prompt_names
+    from stages.artifacts import prompt_names
+    from stages.models import load_model
 
     p = tr.params
     views = run_views(config, tr)
@@ -81,7 +82,7 @@ def from_export(folder: Path, cfg: dict[str, Any], backbone: str | None, pretrai
     from cache.store import sha256_file
     from msta.method.backbone import RANDOM_INIT
     from msta.method.registry import BackboneError, canonical_backbone, weights_file
-    from stages.artifacts import adapted_model
+    from stages.models import adapted_model
 
     b = cfg["backbone"]
     given = "--pretrained " + pretrained if pretrained else f"the exported {b['pretrained'] or 'random init'}"
