@@ -361,17 +361,20 @@ def export(
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Export the latest training run on this "
                        "dataset", show_default=False)] = None,
     selection: Annotated[str, typer.Option(help="last or best-heldout: which of the run's weights")] = "last",
+    include_backbone: Annotated[bool, typer.Option("--include-backbone", help="Copy the backbone's weights file "
+                                "into the folder too, so that it needs no other file (its size is printed)")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (to encode the class names)")] = "auto",
     home: Home = None,
     config: ConfigPath = None,
 ) -> None:
-    """A trained run as a self-contained folder that needs no catalog: adapters.safetensors, config.json
-    (adapter config, backbone identity and weights sha256, template, T, test views, input size, mean/std,
-    class names), class_embeddings.safetensors, recipe.json, results.json and a model card README.md.
-    `msta-pipe predict --model DIR` uses it."""
+    """A trained run as a self-contained folder that needs no catalog, in the conventions of a model hub:
+    adapters.safetensors, config.json (adapter config, backbone identity and weights sha256, template, T,
+    test views, input size, mean/std, class names), open_clip_config.json (an open_clip backbone),
+    class_embeddings.safetensors, recipe.json, results.json and a model card README.md with YAML front
+    matter. `msta-pipe predict --model DIR` and `msta.load(DIR)` in Python use it."""
     from pipeline.commands.export import export_command
 
-    export_command(out, run, dataset, selection, device, home, config)
+    export_command(out, run, dataset, selection, include_backbone, device, home, config)
 
 
 @app.command()

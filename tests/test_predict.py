@@ -64,7 +64,7 @@ def jsonl(stdout: str) -> dict[str, dict]:
 def test_export_then_predict_gives_evaluate_top1(trained: Path, exported: Path, world: Path) -> None:  # noqa: F811
     key, out = run_key(trained), exported
     assert {p.name for p in out.iterdir()} == {"adapters.safetensors", "config.json", "class_embeddings.safetensors",
-                                              "recipe.json", "results.json", "README.md"}
+                                              "recipe.json", "results.json", "README.md", "open_clip_config.json"}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["run_key"] == key and len(cfg["classes"]) == 12 and cfg["test_clips"] == 2
     assert cfg["backbone"]["weights_sha256"] == "random-init:seed0" and cfg["adapter"]["dim"] == 8

@@ -20,7 +20,6 @@ from typing import Any
 from cache.errors import UserError
 from pipeline.commands.runs import TrainedRun
 
-EXPORT_FORMAT = "msta-export/1"
 FILES = ("config.json", "adapters.safetensors", "class_embeddings.safetensors", "recipe.json", "results.json",
          "README.md")
 
@@ -36,8 +35,11 @@ def run_views(config: Any, tr: TrainedRun) -> dict[str, int]:
     return {"frames": tr.params["frames"], **views}
 
 
-def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Path, device: Any) -> dict[str, Any]:
-    """Write the folder (atomically: built beside `out`, then renamed); returns its config."""
+def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Path, device: Any,
+               include_backbone: bool = False) -> dict[str, Any]:
+    """Write the folder (atomically: built beside `out`, then renamed, readable by the group); returns its
+    config. With `include_backbone` the backbone's weights file is copied in, byte for byte, so the
+    folder needs nothing else."""
     import torch
     from safetensors.torch import save_file
 
@@ -65,6 +67,8 @@ def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Pa
                                      "FROM results WHERE run_key = ? ORDER BY dataset, split, selection, metric",
                                 [tr.key])
     identity = backbone.identity
+    from msta.api import EXPORT_FORMAT
+
     cfg = {"format": EXPORT_FORMAT, "run_key": tr.key, "configuration": tr.configuration,
            "seed": p["seed"], "split": p["split_seed"], "dataset": p["dataset"], "protocol": p["protocol"],
            "selection": selection, "epoch": extra.get("epoch"), "checkpoint_digest": checkpoint,
@@ -80,11 +84,20 @@ def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Pa
         shutil.copyfile(weights, tmp / "adapters.safetensors")
         save_file({"embeddings": class_emb}, str(tmp / "class_embeddings.safetensors"),
                   metadata={"classes": json.dumps(names), "template": p["template"]})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
         (tmp / "recipe.json").write_text(json.dumps({"params": p, "inputs": tr.inputs}, indent=1) + "\n")
         (tmp / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        if include_backbone:
+            cfg["backbone"]["file"] = _include_backbone(p["backbone"], p["pretrained"], tmp)
+        clip_cfg = open_clip_config(identity.name, backbone)
+        if clip_cfg is not None:
+            (tmp / "open_clip_config.json").write_text(json.dumps(clip_cfg, indent=1) + "\n")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card(cfg, p, results, sum(t.numel() for t in
-                                                                       model.adapter_state_dict().values())))
+                                                                       model.adapter_state_dict().values()),
+                                                  sum(f.stat().st_size for f in tmp.iterdir())))
+        tmp.chmod(0o755)  # mkdtemp made it private; an export is meant to be shared
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             out.rmdir()  # fails unless empty: an export never replaces files
         os.replace(tmp, out)
@@ -94,33 +107,67 @@ def export_run(runner: Any, config: Any, tr: TrainedRun, selection: str, out: Pa
     return cfg
 
 
-def read_export(folder: Path) -> dict[str, Any]:
-    """config.json of an exported folder, once every file it needs is there."""
-    if not folder.is_dir():
-        raise UserError(f"--model {folder}: no such folder (make one with `msta-pipe export --run KEY --out DIR`)", 2)
-    missing = [f for f in ("config.json", "adapters.safetensors") if not (folder / f).is_file()]
-    if missing:
-        raise UserError(f"--model {folder} is not an exported model: {', '.join(missing)} missing "
-                        "(make one with `msta-pipe export --run KEY --out DIR`)", 2)
+def _include_backbone(name: str, pretrained: str, folder: Path) -> str:
+    """Copy the backbone's weights file into the folder (open_clip's file name for an open_clip model, so
+    that `open_clip.create_model("local-dir:FOLDER")` finds it); its name."""
+    from msta.method.registry import VICLIP_PREFIX, BackboneError, weights_file
+
     try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{folder / 'config.json'}: not readable JSON ({exc})", 2) from None
-    if not isinstance(cfg, dict) or cfg.get("format") != EXPORT_FORMAT:
-        got = cfg.get("format") if isinstance(cfg, dict) else None
-        raise UserError(f"{folder / 'config.json'}: format {got!r}, expected {EXPORT_FORMAT!r}", 2)
-    absent = [k for k in _NEEDED if k not in cfg] + [f"backbone.{k}" for k in _NEEDED_BACKBONE
-                                                     if k not in (cfg.get("backbone") or {})]
-    if absent:
-        raise UserError(f"{folder / 'config.json'}: {', '.join(absent)} missing", 2)
-    return cfg
+        path = weights_file(name, pretrained or None)
+    except BackboneError as exc:
+        raise UserError(str(exc), 2) from None
+    if not pretrained:
+        raise UserError("--include-backbone: this run's backbone has random weights, there is no file to include "
+                        "(its seed recreates them)", 2)
+    if path is None:
+        raise UserError(f"--include-backbone: the weights {pretrained!r} are an open_clip tag, not a file; train with "
+                        "--pretrained FILE to export them", 2)
+    target = "open_clip_model.safetensors" if path.suffix == ".safetensors" and not name.startswith(VICLIP_PREFIX) \
+        else "backbone" + path.suffix
+    shutil.copyfile(path, folder / target)
+    return target
 
 
-_NEEDED = ("backbone", "template", "classes", "frames", "test_clips", "test_crops", "test_short_side")
-_NEEDED_BACKBONE = ("model", "pretrained", "identity", "weights_sha256")
+def open_clip_config(name: str, backbone: Any) -> dict[str, Any] | None:
+    """open_clip's own config of an open_clip backbone (model_cfg and preprocess_cfg, as its hub folders
+    carry), so that open_clip itself can rebuild the frozen tower; None for other backbones."""
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        return None
+    return {"model_cfg": model_cfg, "preprocess_cfg": {"size": backbone.image_size, "mean": list(backbone.mean),
+                                                        "std": list(backbone.std)}}
 
 
-def model_card(cfg: dict[str, Any], p: dict[str, Any], results: list[dict[str, Any]], parameters: int) -> str:
+def read_export(folder: Path) -> dict[str, Any]:
+    """config.json of an exported folder (msta.api.read_config), its faults as usage errors."""
+    from msta.api import ExportError, read_config
+
+    try:
+        return read_config(folder)
+    except ExportError as exc:
+        raise UserError(f"--model {exc}", 2) from None
+
+
+def front_matter(cfg: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
+    """The YAML header of a Hugging Face model card: license, library, tags, base model, datasets and the
+    run's results as model-index metrics (JSON is YAML, so every value is written as JSON)."""
+    b = cfg["backbone"]
+    base = b["identity"] if not b["pretrained"] or "/" in str(b["pretrained"]) else f"{b['identity']}/{b['pretrained']}"
+    metrics = [{"type": "accuracy", "name": f"{r['metric']} {r['dataset']}:{r['split']} ({r['selection']})",
+                "value": round(100 * r["value"], 2)} for r in results]
+    index = [{"name": cfg["configuration"], "results": [{"task": {"type": "video-classification"},
+                                                          "dataset": {"name": cfg["dataset"], "type": cfg["dataset"]},
+                                                          "metrics": metrics}]}] if metrics else []
+    fields = {"license": "mit", "library_name": "msta-pipe", "pipeline_tag": "video-classification",
+              "tags": ["video-classification", "clip", "adapter", "msta", "open_clip"],
+              "base_model": base, "datasets": [cfg["dataset"]], "model-index": index}
+    return ["---", *[f"{k}: {json.dumps(v)}" for k, v in fields.items()], "---", ""]
+
+
+def model_card(cfg: dict[str, Any], p: dict[str, Any], results: list[dict[str, Any]], parameters: int,
+               size: int) -> str:
     from stages.train import configuration_name
 
     b = cfg["backbone"]
@@ -130,7 +177,11 @@ def model_card(cfg: dict[str, Any], p: dict[str, Any], results: list[dict[str, A
               "precision", "device"]
     rows = [f"| {r['dataset']} | {r['split']} | {r['metric']} | {r['selection']} | {r['views']} | "
             f"{100 * r['value']:.1f} |" for r in results]
+    included = (f"The backbone's weights are in this folder (`{b['file']}`): it needs no other file. "
+                if b.get("file") else "The backbone's weights are not in this folder (`export --include-backbone` "
+                                      "puts them in): pass them as `pretrained`. ")
     return "\n".join([
+        *front_matter(cfg, results),
         f"# {configuration_name(p)} on {cfg['dataset']} ({cfg['protocol']})", "",
         f"MSTA adapters ({parameters:,} trainable parameters, adapter config `{json.dumps(cfg['adapter'])}`) for "
         f"the frozen CLIP `{b['identity']}` (weights `{b['pretrained'] or 'random init'}`, sha256 "
@@ -152,15 +203,16 @@ def model_card(cfg: dict[str, Any], p: dict[str, Any], results: list[dict[str, A
         "msta-pipe predict --model THIS_FOLDER --pretrained /path/to/backbone-weights videos/",
         "msta-pipe predict --model THIS_FOLDER --pretrained /path/to/backbone-weights --labels my_classes.txt clip.mp4",
         "```", "",
-        "`predict` refuses backbone weights whose sha256 differs from the one above. In Python:", "",
-        "```python", "import json", "from msta.method.backbone import load_backbone",
-        "from msta.method.model import MSTA, read_adapter_info", "",
-        "cfg = json.load(open('THIS_FOLDER/config.json'))",
-        "backbone = load_backbone(cfg['backbone']['model'], '/path/to/backbone-weights')",
-        "model = MSTA(backbone, read_adapter_info('THIS_FOLDER/adapters.safetensors').config, cfg['template']).eval()",
-        "model.load_adapters('THIS_FOLDER/adapters.safetensors')  # checks the backbone's name and weights",
-        "logits = model(frames, [c['name'] for c in cfg['classes']])  # frames: (B, T, 3, H, W), normalised",
+        f"`predict` refuses backbone weights whose sha256 differs from the one above. {included}The folder is "
+        f"{size / 1e6:.1f} MB. In Python (`pip install msta-pipe`), with the probabilities `predict` prints:", "",
+        "```python", "import msta", "",
+        "model, preprocess, tokenizer = msta.load(\"THIS_FOLDER\"" + ("" if b.get("file") else
+                                                                     ", pretrained=\"/path/to/backbone-weights\"") + ")",
+        "probs = msta.classify(model, [\"clip.mp4\"], preprocess=preprocess)  # (videos, classes)",
+        "print(model.class_names[int(probs[0].argmax())])",
         "```", "",
+        "`model.encode_video(preprocess(path)[None])` and `model.encode_text([...names])` give normalised "
+        "embeddings; `open_clip_config.json` (for an open_clip backbone) lets open_clip rebuild the frozen tower.", "",
         "## Files", "",
         "| file | holds |", "|---|---|",
         "| adapters.safetensors | the adapter weights (their config and backbone identity in its metadata) |",
@@ -168,11 +220,13 @@ def model_card(cfg: dict[str, Any], p: dict[str, Any], results: list[dict[str, A
         "size, mean/std, class names |",
         "| class_embeddings.safetensors | `embeddings` (C, D): the class prompts through the adapted text branch |",
         "| recipe.json | the training run's parameters and input digests |",
+        "| open_clip_config.json | open_clip's model and preprocess config of the backbone (open_clip backbones) |",
+        *([f"| {b['file']} | the backbone's weights, byte for byte |"] if b.get("file") else []),
         "| results.json | the run's rows of the `results` table |", ""])
 
 
-def export_command(out: Path, run: str | None, dataset: str | None, selection: str, device: str, home: Path | None,
-                   config: Path | None) -> None:
+def export_command(out: Path, run: str | None, dataset: str | None, selection: str, include_backbone: bool,
+                   device: str, home: Path | None, config: Path | None) -> None:
     import typer
 
     from pipeline.commands import session
@@ -188,6 +242,8 @@ def export_command(out: Path, run: str | None, dataset: str | None, selection: s
     runner = session.make_runner(home)
     tr = trained_run(runner, dataset, run)
     cfg = export_run(runner, session.load_config(config), tr, selection, out.resolve(),
-                     session.torch_device(resolve_device(device, "fp32")[0]))
+                     session.torch_device(resolve_device(device, "fp32")[0]), include_backbone)
+    size = sum(f.stat().st_size for f in out.iterdir())
     typer.echo(f"exported {tr.describe(selection)} on {cfg['dataset']} ({cfg['protocol']}, "
-               f"{len(cfg['classes'])} classes) to {out}")
+               f"{len(cfg['classes'])} classes) to {out}: {size / 1e6:.1f} MB"
+               + (f", backbone weights included ({cfg['backbone']['file']})" if cfg["backbone"].get("file") else ""))

@@ -75,43 +75,22 @@ def from_run(home: Path, config: Any, tr: TrainedRun, selection: str, device: An
                       views, f"{tr.key}:{selection}", tr.describe(selection))
 
 
-def from_export(folder: Path, cfg: dict[str, Any], backbone: str | None, pretrained: str | None,
-                device: Any) -> Classifier:
-    """An exported folder (`cfg`: its config.json, see read_export) on backbone weights whose sha256 must
-    be the one it was trained on."""
-    from cache.store import sha256_file
-    from msta.method.backbone import RANDOM_INIT
-    from msta.method.registry import BackboneError, canonical_backbone, weights_file
-    from stages.models import adapted_model
+def from_export(folder: Path, backbone: str | None, pretrained: str | None, device: Any) -> Classifier:
+    """An exported folder, loaded through the public API (msta.load) on backbone weights whose sha256
+    must be the one it was trained on."""
+    from msta.api import ExportError, load
+    from msta.method.registry import BackboneError
 
-    b = cfg["backbone"]
-    given = "--pretrained " + pretrained if pretrained else f"the exported {b['pretrained'] or 'random init'}"
     try:
-        name, weights = canonical_backbone(backbone or b["model"], b["pretrained"] if pretrained is None else pretrained)
-        path = weights_file(name, weights)
-    except BackboneError as exc:
-        raise UserError(str(exc), 2) from None
-    # Compared before loading, so that weights of another architecture are named as such, not as a shape error.
-    if path is not None or not weights:
-        _same_weights(folder, b, sha256_file(path) if path is not None else RANDOM_INIT, given)
-    loaded = _backbone(name, weights, device)
-    _same_weights(folder, b, loaded.identity.weights_digest, given)
-    try:
-        model, _ = adapted_model(loaded, folder / "adapters.safetensors", cfg["template"])
-    except BackboneError as exc:  # a damaged adapter file, or one that does not fit the backbone
-        raise UserError(str(exc), 2) from None
+        video, _, _ = load(folder, pretrained, device, backbone)
+    except (ExportError, BackboneError) as exc:  # other weights, a damaged adapter file, a wrong architecture
+        raise UserError(str(exc).replace("pretrained=", "--pretrained "), 2) from None
+    cfg = video.config
     views = {k: int(cfg[k]) for k in ("frames", "test_clips", "test_crops", "test_short_side")}
-    classes = cfg["classes"]
     what = run_description(str(cfg.get("run_key", "?")), cfg.get("configuration", "exported run"), cfg.get("seed", "?"),
                            cfg.get("split", "?"), cfg.get("selection", "?"))
-    return Classifier(model.to(device).eval(), loaded, [c["id"] for c in classes], [c["name"] for c in classes],
-                      [c.get("prompt", c["name"]) for c in classes], views, str(folder), what)
-
-
-def _same_weights(folder: Path, b: dict[str, Any], got: str, given: str) -> None:
-    if got != b["weights_sha256"]:
-        raise UserError(f"{folder} was trained on {b['identity']} weights with sha256 {b['weights_sha256']}, but "
-                        f"{given} has sha256 {got}: pass the same weights with --pretrained", 2)
+    return Classifier(video.model, video.model.backbone, [c["id"] for c in cfg["classes"]], video.class_names,
+                      video.prompts, views, str(folder), what)
 
 
 def frozen_clip(backbone: str, pretrained: str | None, config: Any, dataset: str | None, device: Any) -> Classifier:
@@ -270,7 +249,7 @@ def predict_command(videos: list[Path], run: str | None, dataset: str | None, mo
     device, precision = resolve_device(device, precision)
     torch_device = session.torch_device(device)
     if model is not None:
-        clf = from_export(model, exported, backbone, pretrained, torch_device)
+        clf = from_export(model, backbone, pretrained, torch_device)
     elif tr is None:
         clf = frozen_clip(*session.backbone_pair(backbone, pretrained), session.load_config(config), dataset, torch_device)
     else:
