@@ -54,9 +54,10 @@ FrozenPretrained = Annotated[Optional[str], typer.Option("--pretrained", help="-
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
 Precision = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16")]
 Workers = Annotated[int, typer.Option("--workers", help="Data-loading worker processes")]
-RunKey = Annotated[Optional[str], typer.Option("--run", help="Key (or a unique prefix) of a training run; a key "
-                                               "alone finds it", show_default=False)]
-Selection = Annotated[str, typer.Option(help="last or best-heldout: which of the run's weights")]
+SkipMissing = Annotated[bool, typer.Option("--skip-missing", help="Leave out listed videos missing from disk "
+                                           "(counted, printed and kept in the summary) instead of failing")]
+Dedupe = Annotated[bool, typer.Option("--dedupe", help="Keep a video listed twice once (its first line) instead "
+                                      "of refusing the list")]
 
 
 @app.command()
@@ -166,6 +167,8 @@ def evaluate(
     device: Device = "auto",
     precision: Precision = "auto",
     workers: Workers = 2,
+    skip_missing: SkipMissing = False,
+    dedupe: Dedupe = False,
     force: Force = False,
     dry_run: DryRun = False,
     no_progress: NoProgress = False,
@@ -182,7 +185,8 @@ def evaluate(
     """
     from pipeline.commands.evaluation import evaluate_command
 
-    evaluate_command(dataset, list_name, run, seeds, frozen, selection, backbone, pretrained, device, precision, workers, force, dry_run, no_progress, home, config)
+    evaluate_command(dataset, list_name, run, seeds, frozen, selection, backbone, pretrained, device, precision,
+                     workers, skip_missing, dedupe, force, dry_run, no_progress, home, config)
 
 
 @app.command()
@@ -350,7 +354,8 @@ def predict(
     """
     from pipeline.commands.predict import predict_command
 
-    predict_command(videos, run, dataset, model, frozen, labels, selection, clips, crops, top_k, fmt, backbone, pretrained, decoder, device, precision, strict, save, no_progress, home, config)
+    predict_command(videos, run, dataset, model, frozen, labels, selection, clips, crops, top_k, fmt, backbone,
+                    pretrained, decoder, device, precision, strict, save, no_progress, home, config)
 
 
 @app.command()
@@ -390,6 +395,8 @@ def features(
     device: Device = "auto",
     precision: Precision = "auto",
     workers: Workers = 2,
+    skip_missing: SkipMissing = False,
+    dedupe: Dedupe = False,
     force: Force = False,
     dry_run: DryRun = False,
     no_progress: NoProgress = False,
@@ -406,7 +413,8 @@ def features(
     """
     from pipeline.commands.evaluation import features_command
 
-    features_command(dataset, list_name, run, frozen, selection, backbone, pretrained, device, precision, workers, force, dry_run, no_progress, home, config)
+    features_command(dataset, list_name, run, frozen, selection, backbone, pretrained, device, precision, workers,
+                     skip_missing, dedupe, force, dry_run, no_progress, home, config)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:

@@ -8,7 +8,8 @@ imports another.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,27 +41,36 @@ def prompt_names(classes: list[tuple[int, str, str]], class_names: str) -> list[
     return [raw if class_names == "raw" else name for _, raw, name in classes]
 
 
-def read_frame_index(artifact_path: Path, home: Path) -> list[tuple[str, int]]:
-    """(absolute clip path, label) of a frames artifact, in list order, once every clip is found to
-    hold its registered bytes (the reader reads each whole anyway). A damaged clip is removed, so
-    that the rerun the error asks for decodes it again instead of failing the same way."""
-    rows = pq.read_table(artifact_path, columns=["video", "label", "entry_key", "clip_path"]).to_pylist()
+def read_frame_index(artifact_path: Path, home: Path) -> tuple[list[tuple[str, int]], list[str | None]]:
+    """((absolute clip path, label) in list order, the registered sha256 of each clip). No clip is read
+    here: the loader checks each digest where it reads the clip whole anyway (msta ClipAltered), so
+    start-up does not grow with the list, and `altered_clip` turns a mismatch into a rerun."""
+    rows = pq.read_table(artifact_path, columns=["label", "entry_key", "clip_path"]).to_pylist()
     registered = registered_clips(Catalog(home), [r["entry_key"] for r in rows], digests=True)
+    items = [(str(home / r["clip_path"]), int(r["label"])) for r in rows]
+    return items, [registered.get(r["entry_key"], (-1, None))[1] for r in rows]
 
-    def intact(row: dict[str, Any]) -> bool:
-        return clip_intact(str(home / row["clip_path"]), *registered.get(row["entry_key"], (-1, None)), verify=True)
 
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
-        damaged = [row for row, ok in zip(rows, pool.map(intact, rows)) if not ok]
-    if damaged:
-        for row in damaged:
-            (home / row["clip_path"]).unlink(missing_ok=True)
-        meta = pq.read_schema(artifact_path).metadata or {}
-        dataset, list_name = (meta.get(f"msta.{k}".encode(), b'"?"').decode().strip('"') for k in ("dataset", "list"))
-        raise UserError(f"{len(damaged)} cached clips of list {list_name!r} of {dataset!r} were missing or altered "
-                        f"(e.g. that of {damaged[0]['video']}) and are now removed: rerun the command, whose "
-                        "`frames` stage decodes them anew", 1)
-    return [(str(home / r["clip_path"]), int(r["label"])) for r in rows]
+@contextmanager
+def clips_checked() -> Iterator[None]:
+    """Around a loop over cached clips: a clip the loader found altered (or gone) becomes one line and
+    exit 1, after the clip is removed, so that the rerun's `frames` stage decodes it anew (a training
+    resumes from its last epoch). A DataLoader worker's error arrives as text: the path is read from it."""
+    import re
+
+    from msta.video.clipstore import ALTERED, ClipAltered
+
+    try:
+        yield
+    except (ClipAltered, FileNotFoundError) as exc:
+        text = str(exc)
+        m = re.search(re.escape(ALTERED) + r"(.+?)$", text, re.M) or re.search(r"No such file or directory: '(.+?)'", text)
+        path = getattr(exc, "filename", None) or (m.group(1) if m else None)
+        if path is None:
+            raise
+        Path(path).unlink(missing_ok=True)
+        raise UserError(f"the cached clip {path} was missing or altered and is now removed: rerun the command, "
+                        "whose `frames` stage decodes it anew (a training resumes from its last epoch)", 1) from None
 
 
 def registered_clips(catalog: Catalog, keys: list[str], digests: bool) -> dict[str, tuple[int, str | None]]:

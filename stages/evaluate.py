@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from cache.catalog import insert_rows, utcnow
 from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
 from stages.formats.plots import plot_confusion
-from stages.artifacts import prompt_names, read_classes, read_frame_index
+from stages.artifacts import clips_checked, prompt_names, read_classes, read_frame_index
 from stages.models import model_on_device
 
 
@@ -40,14 +40,15 @@ class EvaluateStage(Stage):
                                                                                  p["template"], ctx.home)
         classes = read_classes(artifact_of(inputs["classes"]))
         names = prompt_names(classes, p.get("class_names", "display"))
-        items = read_frame_index(artifact_of(inputs["frames"]).path, ctx.home)
-        dataset = ClipDataset(items, "test", backbone.image_size, crops=p["crops"], mean=backbone.mean, std=backbone.std)
+        items, digests = read_frame_index(artifact_of(inputs["frames"]).path, ctx.home)
+        dataset = ClipDataset(items, "test", backbone.image_size, crops=p["crops"], mean=backbone.mean, std=backbone.std,
+                              digests=digests)
         loader = make_loader(dataset, batch_size=4, shuffle=False, seed=0, epoch=0,
                              workers=int(req.locators.get("workers", 0)), rank=rank, world_size=world)
         from tqdm import tqdm
 
         scores, embeddings = [], []
-        with torch.no_grad(), autocast(device, p["precision"]):
+        with torch.no_grad(), autocast(device, p["precision"]), clips_checked():
             class_emb = model.encode_classes(names)
             for batch, _labels in tqdm(loader, desc=f"evaluate {p['dataset']}:{p['list']}", unit="batch",
                                        disable=rank != 0 or not ctx.option("progress", True)):
@@ -94,6 +95,7 @@ class EvaluateStage(Stage):
         return Output(kind="predictions", table=table, publish=publish,
                       meta={"run_key": run_key, "checkpoint": checkpoint, "views": view_text, **metrics},
                       summary={"run_key": run_key, **metrics, "videos": len(items), "views": view_text,
+                               "videos_missing": artifact_of(inputs["frames"]).meta.get("missing", 0),
                                "confusion": str(run_dir / "confusion.png")})
 
     def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from cache.catalog import insert_rows
 from cache.views import refresh_video_embeddings
 from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
-from stages.artifacts import read_classes, read_frame_index
+from stages.artifacts import clips_checked, read_classes, read_frame_index
 from stages.models import model_on_device
 
 
@@ -43,16 +43,16 @@ class FeaturesStage(Stage):
         model, backbone, device, run_key, _, _ = model_on_device(p, inputs.get("model"), "{}", ctx.home)
         names = {cid: name for cid, _, name in read_classes(artifact_of(inputs["classes"]))}
         frames = artifact_of(inputs["frames"])
-        items = read_frame_index(frames.path, ctx.home)
+        items, digests = read_frame_index(frames.path, ctx.home)
         videos = pq.read_table(frames.path, columns=["video"])["video"].to_pylist()
         loader = make_loader(ClipDataset(items, "test", backbone.image_size, crops=p["crops"], mean=backbone.mean,
-                                         std=backbone.std),
+                                         std=backbone.std, digests=digests),
                              batch_size=4, shuffle=False, seed=0, epoch=0, workers=int(req.locators.get("workers", 0)),
                              rank=rank, world_size=world)
         from tqdm import tqdm
 
         chunks = []
-        with torch.no_grad(), autocast(device, p["precision"]):
+        with torch.no_grad(), autocast(device, p["precision"]), clips_checked():
             for batch, _labels in tqdm(loader, desc=f"features {p['dataset']}:{p['list']}", unit="batch",
                                        disable=rank != 0 or not ctx.option("progress", True)):
                 chunks.append(embed_views(model, batch.to(device)).float().cpu())

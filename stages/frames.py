@@ -36,7 +36,7 @@ from cache.errors import UserError
 from cache.keys import digest_value
 from cache.store import sha256_file
 from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
-from stages.formats.videolists import draw_per_class, read_video_list, resolve_videos
+from stages.formats.videolists import draw_per_class, read_video_list, read_video_list_counted, resolve_videos
 from stages.artifacts import clip_intact, read_classes, registered_clips
 
 INDEX_SCHEMA = pa.schema([("video", pa.string()), ("label", pa.int32()), ("entry_key", pa.string()),
@@ -126,7 +126,9 @@ class FramesStage(Stage):
         list_path = path_of(inputs["list"])
         root = Path(req.locators["video_root"])
         names = [raw for _, raw, _ in classes]
-        items = read_video_list(list_path, names)
+        items, repeated = read_video_list_counted(list_path, names, p.get("dedupe", False))
+        if repeated:
+            ctx.echo(f"       kept {repeated} repeated list lines once (--dedupe): each video's first line counts")
         if "exclude" in inputs:
             excluded = {it.relpath for it in read_video_list(path_of(inputs["exclude"]), names)}
             items = [it for it in items if it.relpath not in excluded]
@@ -199,7 +201,7 @@ class FramesStage(Stage):
         table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
         total_bytes = sum(Path(j.dest).stat().st_size for j, _ in jobs if j.video not in failures)
         summary = {"videos": len(items), "clips": len(rows), "decoded": decoded, "cached": len(rows) - decoded,
-                   "failed": len(failures), "missing": len(missing), "bytes": total_bytes,
+                   "failed": len(failures), "missing": len(missing), "repeated": repeated, "bytes": total_bytes,
                    "seconds": round(time.perf_counter() - started, 3)}
         ctx.echo(f"       {len(rows)} clips ({decoded} decoded, {len(rows) - decoded} cached), {len(failures)} failed, "
                  f"{len(missing)} missing; {total_bytes / max(1, len(rows)) / 1e3:.1f} kB per clip")
@@ -222,7 +224,8 @@ class FramesStage(Stage):
         # `failed` lets --strict judge a cached result too
         output = Output(kind="frame_index", table=table, publish=publish, summary=summary,
                         meta={"dataset": p["dataset"], "list": p["list"], "sampling": p["sampling"],
-                              "failed": len(failures), "failed_videos": sorted(failures)[:3]})
+                              "failed": len(failures), "failed_videos": sorted(failures)[:3],
+                              "missing": len(missing), "repeated": repeated})
         if failures and req.locators.get("strict"):
             raise StageFailed(f"{len(failures)} videos could not be decoded (--strict)", output)
         if not rows:

@@ -17,7 +17,7 @@ from cache.keys import digest_value
 from cache.store import sha256_file
 from stages.engine.stage import Context, Output, Request, Resolved, Stage, artifact_of
 from stages.formats.plots import plot_curves
-from stages.artifacts import prompt_names, read_class_embeddings, read_classes, read_frame_index
+from stages.artifacts import clips_checked, prompt_names, read_class_embeddings, read_classes, read_frame_index
 
 
 # What varies between repeats of one configuration (report aggregates over these and nothing else),
@@ -96,12 +96,13 @@ class TrainStage(Stage):
             means = read_class_embeddings(artifact_of(inputs["embed"]).path, [cid for cid, _, _ in classes])
             targets.d_spatial, targets.d_temporal = means["spatial"], means["temporal"]
         size, mean, std = backbone.image_size, backbone.mean, backbone.std
-        train_set = ClipDataset(read_frame_index(artifact_of(inputs["frames_train"]).path, ctx.home), "train", size,
-                                seed=p["seed"], mean=mean, std=std, frames=p["frames"], **p["augment"])
+        items, digests = read_frame_index(artifact_of(inputs["frames_train"]).path, ctx.home)
+        train_set = ClipDataset(items, "train", size, seed=p["seed"], mean=mean, std=std, frames=p["frames"],
+                                digests=digests, **p["augment"])
         heldout_set = None
         if "frames_heldout" in inputs:
-            heldout_set = ClipDataset(read_frame_index(artifact_of(inputs["frames_heldout"]).path, ctx.home), "test",
-                                      size, crops=1, mean=mean, std=std)
+            items, digests = read_frame_index(artifact_of(inputs["frames_heldout"]).path, ctx.home)
+            heldout_set = ClipDataset(items, "test", size, crops=1, mean=mean, std=std, digests=digests)
         recipe = Optimisation(**{k: p[k] for k in Optimisation.__dataclass_fields__})
         try:
             trainer = Trainer(model, recipe, targets, train_set, heldout_set, device, rank, world,
@@ -117,9 +118,11 @@ class TrainStage(Stage):
                 insert_rows(con, "epochs", [{"run_key": ctx.key, **row}], "OR REPLACE")
             plot_curves(history, run_dir / "curves.png", p)
 
-        fit = trainer.fit(run_dir, ctx.key, {"run_key": ctx.key, "protocol": p["protocol"], "dataset": p["dataset"]},
-                          resume=not ctx.forced, on_epoch=on_epoch, echo=ctx.echo,
-                          progress=ctx.option("progress", True), desc=f"train {p['dataset']}")
+        with clips_checked():
+            fit = trainer.fit(run_dir, ctx.key, {"run_key": ctx.key, "protocol": p["protocol"],
+                                                 "dataset": p["dataset"]},
+                              resume=not ctx.forced, on_epoch=on_epoch, echo=ctx.echo,
+                              progress=ctx.option("progress", True), desc=f"train {p['dataset']}")
         if fit is None:  # a non-zero rank under torchrun: rank 0 writes and registers
             return None
 
@@ -143,7 +146,12 @@ class TrainStage(Stage):
             meta["snapshots"] = {str(e): described(run_dir / f"epoch_{e}.safetensors")
                                  for e in snapshot_epochs(p["epochs"])}
         final = fit.history[-1] if fit.history else {}
-        summary = {**meta, "final_loss": final.get("loss"), "final_train_acc": final.get("train_acc"),
+        left_out = {k: sum(artifact_of(inputs[f]).meta.get(k, 0) for f in ("frames_train", "frames_heldout")
+                           if f in inputs) for k in ("missing", "repeated")}
+        if left_out["missing"]:
+            ctx.echo(f"       trained without {left_out['missing']} listed videos missing from disk (--skip-missing)")
+        summary = {**meta, "videos_missing": left_out["missing"], "lines_repeated": left_out["repeated"],
+                   "final_loss": final.get("loss"), "final_train_acc": final.get("train_acc"),
                    "final_heldout_acc": final.get("heldout_acc"), "curves": str(run_dir / "curves.png"),
                    "trainable_parameters": sum(t.numel() for t in model.trainable_parameters())}
         return Output(kind="adapters" if p["method"] == "adapter" else "finetuned", file=fit.last,

@@ -142,25 +142,40 @@ def test_an_altered_clip_is_a_miss_never_trusted(tmp_path: Path, home: Path) -> 
     assert load_clip(clip).shape[:2] == (2, 4)
 
 
-def test_a_reader_meeting_an_altered_clip_says_rerun_in_one_line(tmp_path: Path, home: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_loader_meeting_an_altered_clip_says_rerun_in_one_line(tmp_path: Path, home: Path, workers: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up reads no clip (the index and the registered digests only); the loader checks each clip's
+    digest where it reads it whole anyway, in the main process or a worker, and an altered one becomes
+    one line, exit 1, after it is removed so that the rerun decodes it again."""
     from cache.errors import UserError
-    from stages.artifacts import read_frame_index
+    from msta.video.dataset import ClipDataset, make_loader
+    from stages.artifacts import clips_checked, read_frame_index
 
     config = make_dataset(tmp_path, per_class=2, broken=False)
     assert run_cli("frames", "-d", "toy", "--list", "train", "--config", config, "--home", home).returncode == 0
     (index,) = catalog_rows(home, "SELECT DISTINCT a.path FROM frames f JOIN artifacts a ON a.digest = f.artifact")
-    assert len(read_frame_index(home / index[0], home)) == 6
+    reads: list[str] = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(str(self)) or real_read_bytes(self))
+    items, digests = read_frame_index(home / index[0], home)
+    assert len(items) == 6 and all(digests) and not [r for r in reads if "/clips/" in r or r.endswith(".jpg")]
+    monkeypatch.undo()
     clip = clip_of(home, "c2/v1.mp4")
-    clip.write_bytes(bytes(clip.stat().st_size))  # what train and evaluate used to meet as a ClipStoreError
-    with pytest.raises(UserError) as err:
-        read_frame_index(home / index[0], home)
+    clip.write_bytes(bytes(clip.stat().st_size))  # same size: only its digest tells
+    loader = make_loader(ClipDataset(items, "test", 32, crops=1, digests=digests), batch_size=2, shuffle=False,
+                         seed=0, epoch=0, workers=workers)
+    with pytest.raises(UserError) as err, clips_checked():
+        for _ in loader:
+            pass
     assert err.value.exit_code == 1 and "\n" not in str(err.value)
-    assert "c2/v1.mp4" in str(err.value) and "rerun" in str(err.value)
+    assert str(clip) in str(err.value) and "rerun" in str(err.value)
     assert not clip.exists()  # removed, so the rerun decodes it instead of failing the same way
     r = run_cli("frames", "-d", "toy", "--list", "train", "--config", config, "--home", home)
     assert "1 decoded, 5 cached" in r.stdout
-    assert len(read_frame_index(home / index[0], home)) == 6
-
+    items, digests = read_frame_index(home / index[0], home)
+    assert len(list(make_loader(ClipDataset(items, "test", 32, crops=1, digests=digests), batch_size=2,
+                                shuffle=False, seed=0, epoch=0, workers=0))) == 3
 
 def test_strict_judges_a_cached_result_too(tmp_path: Path, home: Path) -> None:
     config = make_dataset(tmp_path, per_class=1)

@@ -11,6 +11,7 @@ either the whole old file, the whole new file, or no file.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Sequence
@@ -41,6 +42,13 @@ class ClipStoreError(Exception):
     """A cached clip file that is corrupt, partial or not a clip file at all."""
 
 
+ALTERED = "cached clip altered: "  # the message's prefix; the path follows (a DataLoader re-raise keeps the text)
+
+
+class ClipAltered(ClipStoreError):
+    """A cached clip whose bytes are not the ones registered for it."""
+
+
 def save_clip(path: str | os.PathLike[str], frames: np.ndarray, fmt: str = DEFAULT_FORMAT) -> int:
     """Atomically write uint8 frames (S, T, H, W, 3) to `path`; return the bytes written."""
     if fmt not in FORMATS:
@@ -52,15 +60,20 @@ def save_clip(path: str | os.PathLike[str], frames: np.ndarray, fmt: str = DEFAU
     return len(data)
 
 
-def load_clip(path: str | os.PathLike[str], index: int | None = None, frames: Sequence[int] | None = None) -> np.ndarray:
+def load_clip(path: str | os.PathLike[str], index: int | None = None, frames: Sequence[int] | None = None,
+              sha256: str | None = None) -> np.ndarray:
     """Read a clip written by `save_clip`, whatever its format: all of it as uint8
     (S, T, H, W, 3), or only stored clip `index` as (T, H, W, 3) (a jpeg file then decodes only
     those T frames, which is what a training step needs), or only its `frames` (a frame pool's
     draw for one epoch) as (len(frames), H, W, 3).
 
+    With `sha256`, the bytes read (the whole file is read anyway) must have that digest, else
+    ClipAltered: an altered clip is never used, and no pass over the data is needed to know it.
     Raises ClipStoreError for a corrupt or partial file; a missing file raises the usual OSError.
     """
     data = Path(path).read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ClipAltered(f"{ALTERED}{path}")
     if not data.startswith((_NPY_MAGIC, _JPEG_MAGIC)):
         raise ClipStoreError(f"{path}: not a clip file (header {data[:8]!r})")
     try:

@@ -51,10 +51,13 @@ class ClipDataset(Dataset):
         grayscale: float = augment.GRAYSCALE,
         frames: int | None = None,
         jitter_per_frame: bool = False,
+        digests: Sequence[str | None] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.items = list(items)
+        # the registered sha256 of each clip, checked where the loader reads it (ClipAltered)
+        self.digests = list(digests) if digests is not None else [None] * len(self.items)
         self.mode, self.size, self.seed = mode, size, seed
         self.hflip, self.crops = hflip, crops
         self.color_jitter, self.grayscale = color_jitter, grayscale
@@ -76,8 +79,9 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
+        digest = self.digests[i]
         if self.mode == "test":
-            return multi_views(load_clip(path), self.size, self.crops, self.mean, self.std), label
+            return multi_views(load_clip(path, sha256=digest), self.size, self.crops, self.mean, self.std), label
         epoch = self.epoch
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, i))
         stored, length = clip_shape(path)[:2]
@@ -85,10 +89,10 @@ class ClipDataset(Dataset):
             if stored != 1:
                 raise ValueError(f"{path}: {stored} clips of {length} frames, neither T={self.frames} nor one pool")
             rng = np.random.default_rng(derive_seed(self.seed, epoch, i, 1))
-            clip = load_clip(path, 0, train_indices(length, self.frames, rng))  # only those T are decoded
+            clip = load_clip(path, 0, train_indices(length, self.frames, rng), sha256=digest)  # only those T decoded
         else:
             pick = int(torch.randint(stored, (), generator=generator))
-            clip = load_clip(path, pick)  # only the picked sampling is decoded
+            clip = load_clip(path, pick, sha256=digest)  # only the picked sampling is decoded
         return train_transform(clip, self.size, generator, self.hflip, color_jitter_p=self.color_jitter,
                                grayscale_p=self.grayscale, mean=self.mean, std=self.std,
                                jitter_per_frame=self.jitter_per_frame), label

@@ -70,7 +70,8 @@ class TrainOptions:
     n_descriptions: int = opt(2, "Descriptions per class and kind the embeddings must hold", limit=COUNT)
     template: str = opt("a video of {}.", "Class prompt, {} = class name (the authors' logs: 'a photo of a {}.')")
     class_names: str = opt("display", "Class names in the prompt: display (`apply eye makeup`) or raw, as the class "
-                           "list spells them (`ApplyEyeMakeup`, as ViFi-CLIP and the authors)", choices=("display", "raw"))
+                           "list spells them (`ApplyEyeMakeup`, as ViFi-CLIP and the authors)",
+                           choices=("display", "raw"))
     test_offsets: str = opt("even", "Several test clips of a video: even (evenly spaced, deterministic) or random "
                             "(each with the training sampler's offsets, seeded, as ViFi-CLIP draws them)",
                             choices=("even", "random"))
@@ -89,6 +90,10 @@ class TrainOptions:
     heldout_per_class: int = opt(2, "Held-out videos per class, drawn from the dataset's `train` list outside "
                                  "the training videos, that select the best epoch", limit=NON_NEGATIVE, key=INPUTS)
     deterministic: bool = opt(False, "Deterministic kernels (bit-identical reruns and resumes on the CPU)")
+    skip_missing: bool = opt(False, "Leave out listed videos missing from disk (counted, printed and kept in the "
+                             "run's summary and the report) instead of failing", key=INPUTS)
+    dedupe: bool = opt(False, "Keep a video listed twice once (its first line) instead of refusing the list",
+                       key=INPUTS)
     workers: int = opt(2, "Data-loading worker processes", limit=NON_NEGATIVE, key=LOCATOR)
     frame_workers: int = opt(2, "Decoding processes of the frames stages it runs first", limit=COUNT,
                              key=LOCATOR)
@@ -234,6 +239,7 @@ class FramesOptions:
     fmt: str = opt("jpeg", "Cache format: jpeg (compact) or raw (uint8 npy)", flags=("--format",),
                    choices=("jpeg", "raw"))
     skip_missing: bool = opt(False, "Leave out videos missing from disk instead of failing")
+    dedupe: bool = opt(False, "Keep a video listed twice once (its first line) instead of refusing the list")
     strict: bool = opt(False, "Fail when any video cannot be decoded")
 
     def check(self) -> None:

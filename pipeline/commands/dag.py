@@ -116,7 +116,8 @@ def default_decoder() -> str:
 def frames_request(runner: Any, ds: Dataset, list_name: str, mode: str, selection: Selection = Selection(),
                    decoder: str | None = None, fmt: str = "jpeg", skip_missing: bool = False,
                    strict: bool = False, workers: int = 1, sampling_seed: int = 0, frames: int | None = None,
-                   clips: int | None = None, pool: int | None = None, test_offsets: str = "even") -> Request:
+                   clips: int | None = None, pool: int | None = None, test_offsets: str = "even",
+                   dedupe: bool = False) -> Request:
     v = ds.video
     if mode == "train":
         pool = v.pool if pool is None else pool
@@ -138,7 +139,7 @@ def frames_request(runner: Any, ds: Dataset, list_name: str, mode: str, selectio
                   "exclude_draw": list(selection.exclude_draw) if selection.exclude_draw else None}
     params = {"dataset": ds.name, "list": list_name, "mode": mode, "sampling": sampling,
               "decoder": decoder or default_decoder(), "format": fmt, "skip_missing": skip_missing,
-              "select": select}
+              "select": select, **({"dedupe": True} if dedupe else {})}  # without it the keys stay as they were
     return Request("frames", params, inputs,
                    {"video_root": str(ds.require_video_root()), "workers": workers, "strict": strict})
 
@@ -213,11 +214,12 @@ def train_request(runner: Any, config: Any, o: TrainOptions) -> Request:
     inputs: dict[str, Request | FileInput] = {
         "classes": labels_request(runner, d),
         "frames_train": frames_request(runner, d, data.list_name, "train", data.selection,
-                                       workers=o.frame_workers, frames=o.frames, pool=o.frame_pool)}
+                                       skip_missing=o.skip_missing, workers=o.frame_workers, frames=o.frames,
+                                       pool=o.frame_pool, dedupe=o.dedupe)}
     if data.heldout is not None:
         inputs["frames_heldout"] = frames_request(runner, d, "train" if "heldout" not in d.lists else "heldout",
-                                                  "test", data.heldout, workers=o.frame_workers, frames=o.frames,
-                                                  clips=1)
+                                                  "test", data.heldout, skip_missing=o.skip_missing,
+                                                  workers=o.frame_workers, frames=o.frames, clips=1, dedupe=o.dedupe)
     if o.effective_alpha > 0:
         inputs["embed"] = embed_request(runner, d, o.backbone, o.pretrained)
         for kind in ("spatial", "temporal"):
@@ -247,11 +249,13 @@ class EvalTarget:
 
 def evaluate_request(runner: Any, target: EvalTarget, model: Request | None, selection: str, backbone: str,
                      pretrained: str | None, template: str, device: str, precision: str,
-                     workers: int = 2, frame_workers: int = 2) -> Request:
+                     workers: int = 2, frame_workers: int = 2, skip_missing: bool = False,
+                     dedupe: bool = False) -> Request:
     d = target.dataset
     inputs: dict[str, Request | FileInput] = {
         "classes": labels_request(runner, d),
-        "frames": frames_request(runner, d, target.list_name, "test", workers=frame_workers,
+        "frames": frames_request(runner, d, target.list_name, "test", skip_missing=skip_missing, dedupe=dedupe,
+                                 workers=frame_workers,
                                  frames=model.params.get("frames") if model else None,
                                  test_offsets=model.params.get("test_offsets", "even") if model else "even")}
     if model is not None:
@@ -268,10 +272,11 @@ def evaluate_request(runner: Any, target: EvalTarget, model: Request | None, sel
 
 def features_request(runner: Any, ds: Dataset, list_name: str, model: Request | None, selection: str,
                      backbone: str, pretrained: str | None, device: str, precision: str,
-                     workers: int = 2, frame_workers: int = 2) -> Request:
+                     workers: int = 2, frame_workers: int = 2, skip_missing: bool = False,
+                     dedupe: bool = False) -> Request:
     """The video embeddings of a list, on the very clips and crops `evaluate_request` tests on."""
     evaluation = evaluate_request(runner, EvalTarget(ds, list_name, "top1"), model, selection, backbone, pretrained,
-                                  "a video of {}.", device, precision, workers, frame_workers)
+                                  "a video of {}.", device, precision, workers, frame_workers, skip_missing, dedupe)
     params = {k: v for k, v in evaluation.params.items() if k not in ("role", "template")}
     return Request("features", params, evaluation.inputs, evaluation.locators)
 

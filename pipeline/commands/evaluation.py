@@ -59,7 +59,8 @@ def targets_for(config: Any, dataset: str, list_name: str | None, protocol: str 
 def run_evaluation(runner: Any, config: Any, dataset: str, list_name: str | None, run: str | None, frozen: bool,
                    selection: str, backbone: str, pretrained: str | None, device: str, precision: str,
                    workers: int, force: bool, dry_run: bool, seed: int | None = None,
-                   materialise: Callable[..., Any] | None = None) -> list[tuple[Any, ...]]:
+                   materialise: Callable[..., Any] | None = None, skip_missing: bool = False,
+                   dedupe: bool = False) -> list[tuple[Any, ...]]:
     """The evaluations a command asks for, run through `materialise` (the runner's, or one rank's
     share of a torchrun launch, which gives None on the other ranks); rows to print, each naming the
     run (key and configuration) it measures."""
@@ -70,7 +71,8 @@ def run_evaluation(runner: Any, config: Any, dataset: str, list_name: str | None
         if model is not None:
             runner.echo(f"evaluate {label}")
         for row in _evaluate_one(runner, config, dataset, list_name, model, selection, backbone, pretrained, device,
-                                 precision, workers, force, dry_run, materialise or runner.materialise):
+                                 precision, workers, force, dry_run, materialise or runner.materialise,
+                                 {"skip_missing": skip_missing, "dedupe": dedupe}):
             out.append((row[0], row[1], label, *row[2:]))
     return out
 
@@ -84,7 +86,8 @@ def _run_label(runner: Any, model: Request | None) -> str:
 
 def _evaluate_one(runner: Any, config: Any, dataset: str, list_name: str | None, model: Request | None,
                   selection: str, backbone: str, pretrained: str | None, device: str, precision: str, workers: int,
-                  force: bool, dry_run: bool, materialise: Callable[..., Any]) -> list[tuple[Any, ...]]:
+                  force: bool, dry_run: bool, materialise: Callable[..., Any],
+                  data: dict[str, bool]) -> list[tuple[Any, ...]]:
     protocol = None if model is None else model.params["protocol"]
     if model is not None:
         backbone, pretrained = model.params["backbone"], model.params["pretrained"] or None
@@ -102,12 +105,12 @@ def _evaluate_one(runner: Any, config: Any, dataset: str, list_name: str | None,
     out: list[tuple[Any, ...]] = []
     if selections == [TEST_SELECTED]:
         return _test_selected(runner, model, targets_for(config, dataset, list_name, protocol), dataset, backbone,
-                              pretrained, template, device, precision, workers, force, dry_run)
+                              pretrained, template, device, precision, workers, force, dry_run, data)
     for sel in selections:
         metrics: dict[str, tuple[float, Any]] = {}
         for target in targets_for(config, dataset, list_name, protocol):
             req = evaluate_request(runner, target, model, sel, backbone, pretrained, template, device, precision,
-                                   workers)
+                                   workers, **data)
             art = materialise(req, force=force, dry_run=dry_run)
             if art is None:
                 continue
@@ -125,7 +128,7 @@ TEST_SELECTED = "test-max"  # the epoch with the best test accuracy, as the auth
 
 def _test_selected(runner: Any, model: Request, targets: list[Any], dataset: str, backbone: str,
                    pretrained: str | None, template: str, device: str, precision: str, workers: int,
-                   force: bool, dry_run: bool) -> list[tuple[Any, ...]]:
+                   force: bool, dry_run: bool, data: dict[str, bool]) -> list[tuple[Any, ...]]:
     """The authors' selection, for a like-for-like comparison: every epoch snapshot is tested on the
     first target (the test list; base classes for base-to-novel), the best one is kept, and every
     target is reported at that epoch under selection `test-max`. The test list chooses the
@@ -141,7 +144,7 @@ def _test_selected(runner: Any, model: Request, targets: list[Any], dataset: str
 
     def evaluated(target: Any, epoch: str) -> Any:
         req = evaluate_request(runner, target, model, f"epoch:{epoch}", backbone, pretrained, template, device,
-                               precision, workers)
+                               precision, workers, **data)
         return runner.materialise(req, force=force, dry_run=dry_run)
 
     first = {e: evaluated(targets[0], e) for e in epochs}
@@ -190,8 +193,8 @@ def _record_harmonic_mean(runner: Any, dataset: str, sel: str, metrics: dict[str
 
 def evaluate_command(dataset: str, list_name: str | None, run: str | None, seeds: str | None, frozen: bool,
                      selection: str, backbone: str | None, pretrained: str | None, device: str, precision: str,
-                     workers: int, force: bool, dry_run: bool, no_progress: bool, home: Path | None,
-                     config: Path | None) -> None:
+                     workers: int, skip_missing: bool, dedupe: bool, force: bool, dry_run: bool, no_progress: bool,
+                     home: Path | None, config: Path | None) -> None:
     """`msta-pipe evaluate`: every run it picks, on the lists its protocol tests on; one row per metric,
     each naming the run."""
     import contextlib
@@ -217,14 +220,15 @@ def evaluate_command(dataset: str, list_name: str | None, run: str | None, seeds
         for seed in (session.seed_list(seeds, 0) if seeds is not None else [None]):
             rows += run_evaluation(runner, session.load_config(config), dataset, list_name, run, frozen, selection,
                                    *session.backbone_pair(backbone, pretrained), device, precision, workers, force,
-                                   dry_run, seed, materialise)
+                                   dry_run, seed, materialise, skip_missing, dedupe)
     if rows:
         session.print_rows(["dataset", "split", "run", "selection", "metric", "value"], rows, "table")
 
 
 def features_command(dataset: str, list_name: str, run: str | None, frozen: bool, selection: str,
                      backbone: str | None, pretrained: str | None, device: str, precision: str, workers: int,
-                     force: bool, dry_run: bool, no_progress: bool, home: Path | None, config: Path | None) -> None:
+                     skip_missing: bool, dedupe: bool, force: bool, dry_run: bool, no_progress: bool,
+                     home: Path | None, config: Path | None) -> None:
     """`msta-pipe features`: the video embeddings of a list, one artifact per run."""
     import typer
 
@@ -252,7 +256,8 @@ def features_command(dataset: str, list_name: str, run: str | None, frozen: bool
     else:
         backbone, pretrained = session.backbone_pair(backbone, pretrained)
     req = features_request(runner, session.load_config(config).dataset(dataset), list_name, model,
-                           "none" if frozen else selection, backbone, pretrained, device, precision, workers)
+                           "none" if frozen else selection, backbone, pretrained, device, precision, workers,
+                           skip_missing=skip_missing, dedupe=dedupe)
     art = session.launch_materialise(runner, home, req, force, dry_run)  # rank 0 of a torchrun launch, or the one process
     if art is not None:
         typer.echo(f"video embeddings: {art.path} ({art.meta['dim']}-d, {art.meta['views']} views a video); "

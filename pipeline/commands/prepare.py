@@ -66,7 +66,7 @@ def frames_command(given: dict[str, Any], force: bool, dry_run: bool, no_progres
     ds = session.load_config(config).dataset(o.dataset, Path(o.labels) if o.labels else None)
     workers = o.workers or max(1, min(8, os.cpu_count() or 2))
     req = frames_request(runner, ds, o.list_name, o.resolved_mode, Selection(o.shots, o.split), o.decoder, o.fmt,
-                         o.skip_missing, o.strict, workers)
+                         o.skip_missing, o.strict, workers, dedupe=o.dedupe)
     art = session.materialise(runner, home, [req], force, dry_run)[0]
     if o.strict and art is not None and art.meta.get("failed"):  # a cached result is judged too
         raise UserError(f"{art.meta['failed']} videos of list {o.list_name!r} could not be decoded (--strict), e.g. "

@@ -179,10 +179,26 @@ def render(catalog: Any, fmt: str = "markdown", authors_logs: list[Any] | None =
                 "|---|---|---|---|---|---|---|"]
         out += [f"| {p} | {d} | {s} | {c} | {sel} | {m} | {_pct(v)} |" for (p, d, s, c, sel, m), v in sorted(rest.items())]
         out.append("")
+    out += left_out_section(catalog)
     out += configurations_section(shown)
     out += confusion_section(catalog)
     out += authors
     return "\n".join(out) if out else "no results yet"
+
+
+def left_out_section(catalog: Any) -> list[str]:
+    """The runs and evaluations in the tables that left listed videos out (`--skip-missing`): never silent."""
+    with catalog.reader() as con:
+        rows = con.execute("""
+            SELECT stage, target, (summary->>'videos_missing')::INTEGER AS missing FROM runs
+            WHERE status = 'done' AND stage IN ('train', 'evaluate') AND (summary->>'videos_missing')::INTEGER > 0
+              AND (key IN (SELECT run_key FROM results) OR key IN (SELECT eval_key FROM results))
+            ORDER BY stage DESC, target""").fetchall()
+    if not rows:
+        return []
+    return ["## Videos left out (missing from disk, --skip-missing)", "",
+            *[f"- {'trained' if stage == 'train' else 'tested'} without {n}: {target}" for stage, target, n in rows],
+            ""]
 
 
 def configurations_section(shown: dict[str, dict[str, Any] | None]) -> list[str]:

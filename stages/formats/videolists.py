@@ -31,8 +31,16 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.replace("[", "").replace("]", "").lower())
 
 
-def read_video_list(path: Path, class_names: Sequence[str]) -> list[VideoItem]:
+def read_video_list(path: Path, class_names: Sequence[str], dedupe: bool = False) -> list[VideoItem]:
     """Parse a list file; `class_names` are the raw names in id order (for name-labelled formats)."""
+    return read_video_list_counted(path, class_names, dedupe)[0]
+
+
+def read_video_list_counted(path: Path, class_names: Sequence[str], dedupe: bool = False
+                            ) -> tuple[list[VideoItem], int]:
+    """(the list's items, how many repeated lines `dedupe` dropped). A video listed twice is refused,
+    naming both lines, unless `dedupe` keeps its first line: silently it would train under two
+    labels, or count twice."""
     raw = read_text(path, "video list")
     stripped = raw.lstrip()
     if not stripped:
@@ -48,7 +56,17 @@ def read_video_list(path: Path, class_names: Sequence[str]) -> list[VideoItem]:
         raise UserError(f"{path} {bad[0][0]}: label {bad[0][1]} is outside the class list's ids 0.."
                         f"{len(class_names) - 1} ({len(bad)} such entries; none is used). Is this list meant for "
                         "another label set (base/novel halves renumber their ids)?", 2)
-    return [it for _, it in items]
+    first: dict[str, tuple[str, int]] = {}
+    kept: list[VideoItem] = []
+    for where, it in items:
+        seen = first.setdefault(it.relpath, (where, it.label))
+        if seen[0] == where:
+            kept.append(it)
+        elif not dedupe:
+            labels = "" if seen[1] == it.label else f" with another label ({seen[1]} there, {it.label} here)"
+            raise UserError(f"{path} {where}: video {it.relpath} is listed again (first at {seen[0]}){labels}; "
+                            "remove one line, or pass --dedupe to keep each video's first line", 2)
+    return kept, len(items) - len(kept)
 
 
 def _read_pairs(path: Path, raw: str) -> Located:

@@ -1,0 +1,67 @@
+"""Real lists: videos missing from disk are left out only when the user says so, from every command that
+materialises frames, counted and shown; a video listed twice is refused naming both lines, or kept
+once with --dedupe."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import catalog_rows, run_cli
+from .test_frames import make_dataset
+from .test_train import TINY, prepared_home, world  # noqa: F401  (the module-scoped world fixture)
+
+
+def test_a_video_listed_twice_is_refused_naming_both_lines_or_kept_once(tmp_path: Path, home: Path) -> None:
+    config = make_dataset(tmp_path, per_class=2, broken=False)
+    listing = tmp_path / "lists" / "train.txt"
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join([*lines, lines[1].replace(" 0", " 1")]) + "\n")  # line 7 repeats line 2
+    args = ["frames", "-d", "toy", "--list", "train", "--config", config, "--home", home]
+    r = run_cli(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{listing} line 7: video {lines[1].split()[0]} is listed again (first at line 2)" in r.stderr
+    assert "with another label (0 there, 1 here)" in r.stderr and "--dedupe" in r.stderr
+    kept = run_cli(*args, "--dedupe")
+    assert kept.returncode == 0 and "kept 1 repeated list lines once (--dedupe)" in kept.stdout
+    assert catalog_rows(home, "SELECT count(*), count(DISTINCT video) FROM frames") == [(6, 6)]
+
+
+@pytest.mark.slow
+def test_a_list_with_missing_videos_trains_and_evaluates_once_told_to(tmp_path: Path, world: Path) -> None:  # noqa: F811
+    """5 % of the world's training videos and a few test videos gone, as in every public Kinetics copy."""
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    train = [line.split()[0] for line in (copy / "lists" / "train.txt").read_text().splitlines()]
+    gone = train[::20]  # 10 of 192
+    test = [line.split()[0] for line in (copy / "lists" / "test.txt").read_text().splitlines()]
+    for rel in [*gone, test[0]]:
+        (copy / "videos" / rel).unlink()
+    home = tmp_path / "home"
+    prepared_home(home, copy)
+    config = copy / "msta.toml"
+    args = ["-d", "world", "--shots", "16", "--draw-shots", "--epochs", "1", "--heldout-per-class", "0", *TINY,
+            "--config", config, "--home", home]
+    refused = run_cli("train", *args)
+    assert refused.returncode == 2 and "are missing under" in refused.stderr and "--skip-missing" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    r = run_cli("train", *args, "--skip-missing")
+    assert r.returncode == 0, r.stderr
+    assert f"skipping {len(gone)} missing videos" in r.stdout
+    assert f"trained without {len(gone)} listed videos missing from disk" in r.stdout
+    assert catalog_rows(home, "SELECT (summary->>'videos_missing')::INT FROM runs WHERE stage = 'train'") == [
+        (len(gone),)]
+    refused = run_cli("evaluate", "-d", "world", "--selection", "last", "--config", config, "--home", home)
+    assert refused.returncode == 2 and "--skip-missing" in refused.stderr
+    r = run_cli("evaluate", "-d", "world", "--selection", "last", "--skip-missing", "--config", config, "--home", home)
+    assert r.returncode == 0, r.stderr
+    assert catalog_rows(home, "SELECT (summary->>'videos_missing')::INT, (summary->>'videos')::INT FROM runs "
+                              "WHERE stage = 'evaluate'") == [(1, len(test) - 1)]
+    report = run_cli("report", "--home", home).stdout
+    assert "## Videos left out" in report
+    assert f"- trained without {len(gone)}: train:adapter:world:few-shot:k16:" in report
+    assert "- tested without 1: evaluate:train:adapter:world" in report
+    features = run_cli("features", "-d", "world", "--list", "test", "--skip-missing", "--workers", "0",
+                       "--config", config, "--home", home)
+    assert features.returncode == 0, features.stderr
