@@ -12,6 +12,7 @@ are marked `cleared`: `status` stops reporting them (the rows stay, as history).
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,11 @@ def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool, fai
                 con.execute("DELETE FROM frame_clips WHERE entry_key = ?", [k])
     report = Report(rows=len(drop_digests) + len(drop_clips), superseded=dropped, cleared=cleared)
     if store.artifacts.exists():
-        for path in store.artifacts.rglob("*"):
+        from tqdm import tqdm
+
+        # 240k clips take a while to walk: a bar on a terminal
+        walk = tqdm(store.artifacts.rglob("*"), desc="gc", unit="file", leave=False, disable=not sys.stderr.isatty())
+        for path in walk:
             if path.is_file() and (path.name.startswith(TMP_PREFIX) or store.relative(path) not in keep_paths):
                 _remove(path, report, dry_run)
     runs_dir = store.home / "runs"

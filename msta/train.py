@@ -146,7 +146,8 @@ class Trainer:
                                 (logits.argmax(-1) == labels).sum().double()])
 
     # -- one epoch -----------------------------------------------------------------------------
-    def train_epoch(self, epoch: int) -> dict[str, float | None]:
+    def train_epoch(self, epoch: int, on_step: Callable[[int], object] = lambda n: None) -> dict[str, float | None]:
+        """One epoch; `on_step(1)` after every optimiser step (a progress bar's update: no host sync)."""
         self.model.train()
         if self._train_loader is None:  # one loader for the run: its workers start once, not every epoch
             self._train_loader = make_loader(
@@ -161,8 +162,11 @@ class Trainer:
         n_batches = len(loader)
         for i, (frames, labels) in enumerate(loader):
             frames, labels = frames.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            sums += self.step(frames, labels, last_micro=(i + 1) % self.accum == 0 or i + 1 == n_batches)
+            last_micro = (i + 1) % self.accum == 0 or i + 1 == n_batches
+            sums += self.step(frames, labels, last_micro=last_micro)
             seen += labels.shape[0]
+            if last_micro:
+                on_step(1)
         totals = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64, device=self.device)])
         loss, ce, cc, correct, n = _all_reduced(totals, self.world).tolist()
         n = max(n, 1.0)
@@ -205,10 +209,13 @@ class Trainer:
             self._set_aside(run_dir / "checkpoint.pt", "a forced run trains from scratch", echo)
         if start > 0:
             echo(f"       resuming from the checkpoint of epoch {start} of {epochs}")
-        bar = tqdm(total=epochs, initial=start, desc=desc, unit="epoch", disable=self.rank != 0 or not progress)
+        # Steps, not epochs: a Kinetics epoch is thousands of steps, each one shown with its rate.
+        bar = tqdm(total=epochs * self.steps_per_epoch, initial=start * self.steps_per_epoch, desc=desc, unit="step",
+                   disable=self.rank != 0 or not progress)
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
-            stats = self.train_epoch(epoch)
+            bar.set_description(f"{desc} epoch {epoch + 1}/{epochs}")
+            stats = self.train_epoch(epoch, bar.update)
             heldout = self.accuracy(self.heldout_set) if self.heldout_set is not None else None
             row = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0], **stats, "heldout_acc": heldout,
                    "seconds": time.perf_counter() - t0}
@@ -225,7 +232,6 @@ class Trainer:
                 on_epoch(row, history)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.2f}",
                             heldout="-" if heldout is None else f"{heldout:.2f}")
-            bar.update(1)
         bar.close()
         self._train_loader = self._heldout_loader = None  # their worker processes end with the run
         if self.rank != 0:

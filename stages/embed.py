@@ -54,7 +54,8 @@ class EmbedStage(Stage):
                      f"context of {p['backbone']} and are truncated when embedded, e.g.:")
             for t, n in too_long[:3]:
                 ctx.echo(f"         ({n} tokens) {t[:110]}")
-        emb = backbone.encode_text_frozen(texts, batch_size=int(req.locators.get("batch_size", 256)), device=device)
+        emb = backbone.encode_text_frozen(texts, batch_size=int(req.locators.get("batch_size", 256)), device=device,
+                                          progress=ctx.option("progress", True))
         emb = emb.float().cpu()
         dim = emb.shape[1]
         out_rows = []

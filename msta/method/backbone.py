@@ -126,18 +126,24 @@ class Backbone:
         batch_size: int = 256,
         device: str | torch.device | None = None,
         out_device: str | torch.device = "cpu",
+        progress: bool = False,
     ) -> torch.Tensor:
         """L2-normalised embeddings (N, E) float32 of the frozen text tower (adapters, if any, bypassed).
 
-        `device` moves the backbone there first; results land on `out_device`.
+        `device` moves the backbone there first; results land on `out_device`; `progress` shows a bar
+        over the texts (6,400 descriptions on ViT-B-16 on a CPU take minutes).
         """
+        from tqdm import tqdm
+
         if device is not None:
             self.to(device)
         chunks = []
-        with torch.inference_mode(), adapters_disabled(self.model):
+        bar = tqdm(total=len(texts), desc="embed", unit="text", disable=not progress)
+        with torch.inference_mode(), adapters_disabled(self.model), bar:
             for i in range(0, len(texts), batch_size):
                 tokens = self.tokenize(texts[i:i + batch_size]).to(self.device)
                 chunks.append(self.model.encode_text(tokens).float())
+                bar.update(len(tokens))
         if not chunks:
             return torch.empty(0, self.embed_dim, device=out_device)
         # Outside inference_mode: the result is an ordinary tensor that autograd may save.

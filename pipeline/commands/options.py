@@ -59,7 +59,7 @@ def _default_text(f: Field[Any]) -> str:
     if f.default is MISSING or f.default is None:
         return ""
     if isinstance(f.default, bool):
-        return flag_name(f) if f.default else "--no-" + flag_name(f)[2:]
+        return "on" if f.default else "off"
     return f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
 
 
