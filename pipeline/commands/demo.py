@@ -201,7 +201,7 @@ def _format(tables: dict[str, list[dict[str, float]]], recipe: DemoRecipe, seeds
         f"Synthetic world, 12 classes (5 time-reversal pairs + 2 appearance classes); tiny CLIP pre-trained "
         f"on static images only. Few-shot: K={recipe.shots} per class, {recipe.epochs} epochs; base-to-novel: 6/6 "
         f"classes, 16 clips each, {recipe.b2n_epochs} epochs.",
-        f"Optimisation (not the paper's real-data defaults): lambda {recipe.scale}, lr {recipe.lr} (temporal branch "
+        f"Recipe (not the paper's real-data defaults): lambda {recipe.scale}, lr {recipe.lr} (temporal branch "
         f"x{recipe.temporal_lr_mult:g}), "
         f"batch {recipe.batch_size}, r={recipe.dim}, layers {recipe.layers}, T=8; last epoch, top-1 %; "
         + (f"mean ± std over {seeds} seeds (training seed and shot draw {recipe.seed}..{recipe.seed + seeds - 1}, "

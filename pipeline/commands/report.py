@@ -130,8 +130,9 @@ def render(catalog: Any, fmt: str = "markdown", authors_logs: list[Any] | None =
         elif r.metric in ("top1", "top5") and r.protocol in ("zero-shot", "fully-supervised"):
             target = r.dataset.split("-zs")[0]  # K600's three zero-shot splits are one target
             other[(r.protocol, target, r.configuration, r.selection)][r.metric].append(r.value)
-        elif r.protocol == "few-shot" and r.metric == "top5":
-            continue  # few-shot is compared on top-1, as in the paper; top-5 stays in `results`
+        elif (r.protocol == "few-shot" and r.metric == "top5") or (r.protocol == "base2novel" and r.metric in (
+                "top1", "top5")) or (r.protocol == "zero-shot" and r.metric in ("base", "novel")):
+            continue  # shown above under another name (base, novel, top-1), or not compared; all in `results`
         else:
             rest[(r.protocol, r.dataset, r.split, r.configuration, r.selection, r.metric)].append(r.value)
         shown.setdefault(r.configuration, r.params)
