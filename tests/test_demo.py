@@ -37,3 +37,19 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path: Path) -> None:
     msta = next(line for line in two.splitlines() if line.startswith("| MSTA    "))
     cells = [c.strip() for c in msta.split("|")[2:-1]]
     assert all("±" in c for c in cells[:4]) and "±" not in cells[4] and "mean ± std over 2 seeds" in two
+    # The report on the demo's home agrees with the demo's table cell for cell (each configuration its
+    # own row; seeds aggregated, never two configurations).
+    from pipeline.commands.report import render
+
+    report = render(runner2.catalog)
+    for name, all_cell, base_cell, novel_cell, hm_cell in [
+            (n, *(c.strip() for i, c in enumerate(line.split("|")[2:-1]) if i in (0, 2, 3, 4)))
+            for line in two.splitlines() if line.startswith("| MSTA")
+            for n in [line.split("|")[1].strip()]]:
+        few = next(r for r in report.splitlines() if r.startswith(f"| world | test | {name} #"))
+        assert f"| {all_cell} (n=2) |" in few, (few, all_cell)
+        if base_cell != "-":
+            b2n = next(r for r in report.splitlines() if r.startswith(f"| world | {name} #") and "(n=2)" in r)
+            assert b2n.endswith(f"| {base_cell} (n=2) | {novel_cell} (n=2) | {hm_cell} |"), (b2n, base_cell)
+    frozen = next(r for r in report.splitlines() if r.startswith("| zero-shot | world | frozen CLIP"))
+    assert f"| {rows['frozen CLIP (frame mean)'][0]} (n=1) |" in frozen

@@ -72,14 +72,13 @@ def sample_train_params(
     left, top = offsets[_randint(len(offsets), generator)]
     coins = torch.rand(3, generator=generator).tolist()
     flip, jitter, grayscale = coins[0] < hflip, coins[1] < color_jitter_p, coins[2] < grayscale_p
-    u = torch.rand(4, generator=generator).tolist()
-    b, c, s, h = (lo + (hi - lo) * x for (lo, hi), x in zip(_JITTER_RANGES, u))
-    order = tuple(torch.randperm(4, generator=generator).tolist())
+    factors, order = _jitter_draw(generator)
     per_frame = tuple(_jitter_draw(generator) for _ in range(jitter_frames))
-    return TrainParams(top, left, crop_h, crop_w, flip, jitter, (b, c, s, h), order, grayscale, per_frame)
+    return TrainParams(top, left, crop_h, crop_w, flip, jitter, factors, order, grayscale, per_frame)
 
 
 def _jitter_draw(generator: torch.Generator) -> tuple[tuple[float, float, float, float], tuple[int, ...]]:
+    """Brightness, contrast, saturation multipliers and hue shift, and the order they apply in."""
     u = torch.rand(4, generator=generator).tolist()
     b, c, s, h = (lo + (hi - lo) * x for (lo, hi), x in zip(_JITTER_RANGES, u))
     return (b, c, s, h), tuple(torch.randperm(4, generator=generator).tolist())
