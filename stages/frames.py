@@ -138,7 +138,10 @@ class FramesStage(Stage):
                 k, seed = select["exclude_draw"]
                 drawn = {it.relpath for it in draw_per_class(items, k, seed, names)}
                 items = [it for it in items if it.relpath not in drawn]
-            items = draw_per_class(items, select["per_class"], select["seed"], names)
+            # a draw beside other videos (outside the shots, or another list) is the held-out one
+            held_out = bool(select["exclude_draw"]) or "exclude" in inputs
+            items = draw_per_class(items, select["per_class"], select["seed"], names,
+                                   "--heldout-per-class" if held_out else "--shots")
         paths, missing = resolve_videos(items, root, list_path)
         if missing and not p["skip_missing"]:
             raise UserError(f"{len(missing)} of {len(items)} videos of {list_path} are missing under {root}, e.g. "

@@ -167,7 +167,9 @@ def test_pretrained_tag_fails_at_once_when_not_cached(
     for tag in ("openai", "laion2b_s34b_b88k"):
         with pytest.raises(BackboneError, match="not on this machine") as info:
             load_backbone("ViT-B-16", tag)
-        assert "--pretrained /path/to/file.safetensors" in str(info.value) and "local-dir:" in str(info.value)
+        message = str(info.value)
+        assert "--pretrained /path/to/weights" in message and "--backbone local-dir:" in message
+        assert "--model" not in message and ("Hugging Face repository" in message or "https://" in message)
 
 
 def test_pretrained_tag_loads_from_the_local_hf_cache(

@@ -65,3 +65,10 @@ def test_a_list_with_missing_videos_trains_and_evaluates_once_told_to(tmp_path: 
     features = run_cli("features", "-d", "world", "--list", "test", "--skip-missing", "--workers", "0",
                        "--config", config, "--home", home)
     assert features.returncode == 0, features.stderr
+
+
+def test_too_many_held_out_videos_names_the_held_out_flag(tmp_path: Path, world: Path) -> None:  # noqa: F811
+    r = run_cli("train", "-d", "world", "--shots", "2", "--draw-shots", "--heldout-per-class", "20",
+                "--no-consistency", "--epochs", "1", *TINY, "--config", world / "msta.toml", "--home", tmp_path / "h")
+    assert r.returncode == 2 and "cannot draw 20 videos per class" in r.stderr
+    assert "lower --heldout-per-class" in r.stderr and "--shots" not in r.stderr.split("videos per class:")[1]

@@ -341,11 +341,13 @@ def _plan_tag(name: str, tag: str) -> _Plan:
         )
     cached = _cached_tag_file(tag_cfg)
     if cached is None:
+        hf_hub, url = tag_cfg.get("hf_hub", ""), tag_cfg.get("url", "")
+        source = (f"the Hugging Face repository {hf_hub.rstrip('/')}" if hf_hub else url or "open_clip's release")
         raise BackboneError(
-            f"the weights of {name} / {tag} are not on this machine and nothing is downloaded. "
-            "Download them where there is internet, then pass the file: "
-            "--pretrained /path/to/file.safetensors, or a folder with open_clip_config.json and the "
-            "weights as --model local-dir:/path/to/folder."
+            f"the weights of {name} / {tag} are not on this machine, and nothing is downloaded here. They come "
+            f"from {source}: download them where there is internet, then pass the file with --pretrained "
+            "/path/to/weights (.safetensors, .bin or .pt: OpenAI's converted weights are detected), or an "
+            "open_clip folder (open_clip_config.json + weights) with --backbone local-dir:/path/to/folder."
         )
     create_kwargs: dict[str, Any] = {"force_quick_gelu": bool(tag_cfg.get("quick_gelu", False))}
     preprocess = {k: tag_cfg[k] for k in ("mean", "std") if k in tag_cfg}

@@ -99,8 +99,9 @@ class Dataset:
             builtin = BUILTINS.get(self.name) or BUILTINS.get(self.name.rsplit("-", 1)[0])
             hint = f" (for {self.name}: {builtin.labels_hint})" if builtin else ""
             raise UserError(
-                f"no class list configured for dataset {self.name!r}: pass --labels PATH or set "
-                f"`labels = \"PATH\"` under [datasets.{self.name}] in {self.source}{hint}. Readable "
+                f"no class list configured for dataset {self.name!r}: set `labels = \"PATH\"` under "
+                f"[datasets.{self.name}] in {self.source} (describe and frames also take --labels PATH)"
+                f"{hint}. Readable "
                 "formats: an `id,name` CSV, SSv2's labels.json, UCF-101's classInd.txt, or one "
                 "name per line.", 2)
         return self.labels

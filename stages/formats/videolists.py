@@ -126,8 +126,8 @@ def resolve_videos(items: Sequence[VideoItem], root: Path, list_path: Path) -> t
     return paths, missing
 
 
-def draw_per_class(items: Sequence[VideoItem], k: int | None, seed: int, class_names: Sequence[str]
-                   ) -> list[VideoItem]:
+def draw_per_class(items: Sequence[VideoItem], k: int | None, seed: int, class_names: Sequence[str],
+                   flag: str = "--shots") -> list[VideoItem]:
     """K videos per class (all with k=None), stratified and reproducible: a seeded permutation of
     each class's videos in path order, so the draw does not depend on the list's line order."""
     by_class: dict[int, list[VideoItem]] = defaultdict(list)
@@ -141,7 +141,7 @@ def draw_per_class(items: Sequence[VideoItem], k: int | None, seed: int, class_n
     if short:
         c, have = short[0]
         raise UserError(f"cannot draw {k} videos per class: class {c} ({class_names[c]!r}) has only {have} "
-                        f"({len(short)} classes are short); lower --shots or use a larger list", 2)
+                        f"({len(short)} classes are short); lower {flag} or use a larger list", 2)
     rng = np.random.default_rng(seed)
     out: list[VideoItem] = []
     for c in range(len(class_names)):
