@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from msta.fileio import sha256_file
-from msta.inference import embed_views, video_views, view_scores
+from msta.inference import embed_views, video_embedding, video_views, view_scores
 from msta.video.decode import Sampling
 from msta.video.transforms import multi_views
 
@@ -98,8 +97,7 @@ class VideoModel(nn.Module):
     def encode_video(self, views: torch.Tensor) -> torch.Tensor:
         """(B, V, T, 3, H, W) views (or (B, T, 3, H, W), one view) -> (B, D): each video's views embedded,
         their mean normalised."""
-        views = views if views.ndim == 6 else views[:, None]
-        return F.normalize(embed_views(self.model, views).float().mean(1), dim=-1)
+        return video_embedding(embed_views(self.model, views if views.ndim == 6 else views[:, None]))
 
     def encode_text(self, names: Sequence[str]) -> torch.Tensor:
         """Class names -> (N, D): each put into the run's template (`a video of {}.`) and encoded by the

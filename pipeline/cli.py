@@ -155,10 +155,12 @@ def evaluate(
                          "run's protocol tests on: test; base2novel: NAME-base val and NAME-novel val]",
                          show_default=False)] = None,
     run: Annotated[Optional[str], typer.Option(help="Key (or a unique prefix) of the training run "
-                   "[default: the latest adapter run on the dataset]", show_default=False)] = None,
+                   "[default: the latest run of every configuration, seed and split on the dataset]",
+                   show_default=False)] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Evaluate the latest run of each of these training seeds "
                      "(as given to train --seeds), e.g. 2048,1,2", show_default=False)] = None,
-    frozen: Annotated[bool, typer.Option("--frozen", help="Evaluate the frozen backbone (frame-mean zero-shot)")] = False,
+    frozen: Annotated[bool, typer.Option("--frozen", help="Evaluate the frozen backbone (frame-mean zero-shot)")
+                      ] = False,
     selection: Annotated[str, typer.Option(help="last, best-heldout, both, or test-max: the epoch snapshot "
                          "(epochs 1, 6, ..., last) with the best test top-1, as the authors report (labelled "
                          "test-max in results: the test list selects it, so it is optimistic)")] = "both",
@@ -362,7 +364,8 @@ def predict(
 def export(
     out: Annotated[Path, typer.Option(help="Folder to write (new, or empty)")],
     run: Annotated[Optional[str], typer.Option(help="Key (or a unique prefix) of the training run "
-                   "[default: the latest adapter run on --dataset]", show_default=False)] = None,
+                   "[default: the latest run on --dataset, when all its runs are of one configuration]",
+                   show_default=False)] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Export the latest training run on this "
                        "dataset", show_default=False)] = None,
     selection: Annotated[str, typer.Option(help="last or best-heldout: which of the run's weights")] = "last",
@@ -387,7 +390,8 @@ def features(
     dataset: Dataset,
     list_name: Annotated[str, typer.Option("--list", help="Video list to embed (test, val, few_shot_2, ...)")],
     run: Annotated[Optional[str], typer.Option(help="Key (or a unique prefix) of the training run "
-                   "[default: the latest adapter run on the dataset]", show_default=False)] = None,
+                   "[default: the latest run on the dataset, when all its runs are of one configuration]",
+                   show_default=False)] = None,
     frozen: Annotated[bool, typer.Option("--frozen", help="Embed with the frozen backbone")] = False,
     selection: Annotated[str, typer.Option(help="last or best-heldout: which of the run's weights")] = "last",
     backbone: FrozenBackbone = None,

@@ -11,7 +11,6 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,7 +43,7 @@ def prompt_names(classes: list[tuple[int, str, str]], class_names: str) -> list[
 def read_frame_index(artifact_path: Path, home: Path) -> tuple[list[tuple[str, int]], list[str | None]]:
     """((absolute clip path, label) in list order, the registered sha256 of each clip). No clip is read
     here: the loader checks each digest where it reads the clip whole anyway (msta ClipAltered), so
-    start-up does not grow with the list, and `altered_clip` turns a mismatch into a rerun."""
+    start-up does not grow with the list, and `clips_checked` turns a mismatch into a rerun."""
     rows = pq.read_table(artifact_path, columns=["label", "entry_key", "clip_path"]).to_pylist()
     registered = registered_clips(Catalog(home), [r["entry_key"] for r in rows], digests=True)
     items = [(str(home / r["clip_path"]), int(r["label"])) for r in rows]
@@ -53,20 +52,22 @@ def read_frame_index(artifact_path: Path, home: Path) -> tuple[list[tuple[str, i
 
 @contextmanager
 def clips_checked() -> Iterator[None]:
-    """Around a loop over cached clips: a clip the loader found altered (or gone) becomes one line and
-    exit 1, after the clip is removed, so that the rerun's `frames` stage decodes it anew (a training
+    """Around a loop over cached clips: a clip the loader found altered, damaged or gone becomes one line
+    and exit 1, after the clip is removed, so that the rerun's `frames` stage decodes it anew (a training
     resumes from its last epoch). A DataLoader worker's error arrives as text: the path is read from it."""
     import re
 
-    from msta.video.clipstore import ALTERED, ClipAltered
+    from msta.video.clipstore import ALTERED, ClipStoreError
 
     try:
         yield
-    except (ClipAltered, FileNotFoundError) as exc:
+    except (ClipStoreError, FileNotFoundError) as exc:
         text = str(exc)
-        m = re.search(re.escape(ALTERED) + r"(.+?)$", text, re.M) or re.search(r"No such file or directory: '(.+?)'", text)
-        path = getattr(exc, "filename", None) or (m.group(1) if m else None)
-        if path is None:
+        m = (re.search(re.escape(ALTERED) + r"(.+?)$", text, re.M)
+             or re.search(r"No such file or directory: '(.+?)'", text)
+             or re.search(r"(?:^|ClipStoreError: )(\S+?\.clip): (?:not a clip|corrupt or partial)", text, re.M))
+        path = str(getattr(exc, "filename", None) or (m.group(1) if m else ""))
+        if not path.endswith(".clip"):  # not a cached clip (a checkpoint, a plot): not ours to remove
             raise
         Path(path).unlink(missing_ok=True)
         raise UserError(f"the cached clip {path} was missing or altered and is now removed: rerun the command, "
@@ -107,6 +108,3 @@ def read_class_embeddings(path: "str | object", class_ids: list[int]) -> dict[st
     if missing:
         raise UserError(f"the description embeddings lack classes {missing[:5]}", 2)
     return {k: torch.tensor([index[(k, c)] for c in class_ids], dtype=torch.float32) for k in KINDS}
-
-
-# -- train --------------------------------------------------------------------------------

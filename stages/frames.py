@@ -130,7 +130,7 @@ class FramesStage(Stage):
         if repeated:
             ctx.echo(f"       kept {repeated} repeated list lines once (--dedupe): each video's first line counts")
         if "exclude" in inputs:
-            excluded = {it.relpath for it in read_video_list(path_of(inputs["exclude"]), names)}
+            excluded = {it.relpath for it in read_video_list(path_of(inputs["exclude"]), names, p.get("dedupe", False))}
             items = [it for it in items if it.relpath not in excluded]
         select = p["select"]
         if select is not None:
@@ -138,10 +138,9 @@ class FramesStage(Stage):
                 k, seed = select["exclude_draw"]
                 drawn = {it.relpath for it in draw_per_class(items, k, seed, names)}
                 items = [it for it in items if it.relpath not in drawn]
-            # a draw beside other videos (outside the shots, or another list) is the held-out one
-            held_out = bool(select["exclude_draw"]) or "exclude" in inputs
+            # a draw in test mode is the held-out one (training draws the shots in train mode)
             items = draw_per_class(items, select["per_class"], select["seed"], names,
-                                   "--heldout-per-class" if held_out else "--shots")
+                                   "--heldout-per-class" if p["mode"] == "test" else "--shots")
         paths, missing = resolve_videos(items, root, list_path)
         if missing and not p["skip_missing"]:
             raise UserError(f"{len(missing)} of {len(items)} videos of {list_path} are missing under {root}, e.g. "

@@ -27,8 +27,10 @@ PLACE = ("dataset", "protocol", "shots")
 
 
 def configuration_id(params: Mapping[str, Any]) -> str:
-    """8 hex digits naming every keyed parameter but the repeat and the place."""
-    return digest_value({k: v for k, v in params.items() if k not in REPEATS + PLACE})[:8]
+    """8 hex digits naming every keyed parameter but the repeat and the place (few-shot's K is a column
+    of the report; a base-to-novel run's drawn shots are part of its configuration)."""
+    place = PLACE if params.get("protocol") == "few-shot" else tuple(k for k in PLACE if k != "shots")
+    return digest_value({k: v for k, v in params.items() if k not in REPEATS + place})[:8]
 
 
 def variant(params: Mapping[str, Any]) -> str:
@@ -146,11 +148,13 @@ class TrainStage(Stage):
             meta["snapshots"] = {str(e): described(run_dir / f"epoch_{e}.safetensors")
                                  for e in snapshot_epochs(p["epochs"])}
         final = fit.history[-1] if fit.history else {}
-        left_out = {k: sum(artifact_of(inputs[f]).meta.get(k, 0) for f in ("frames_train", "frames_heldout")
-                           if f in inputs) for k in ("missing", "repeated")}
-        if left_out["missing"]:
-            ctx.echo(f"       trained without {left_out['missing']} listed videos missing from disk (--skip-missing)")
-        summary = {**meta, "videos_missing": left_out["missing"], "lines_repeated": left_out["repeated"],
+        # the training and held-out videos are apart, so their missing ones add up; repeated lines are the list's
+        missing = sum(artifact_of(inputs[f]).meta.get("missing", 0) for f in ("frames_train", "frames_heldout")
+                      if f in inputs)
+        if missing:
+            ctx.echo(f"       trained without {missing} listed videos missing from disk (--skip-missing)")
+        summary = {**meta, "videos_missing": missing,
+                   "lines_repeated": artifact_of(inputs["frames_train"]).meta.get("repeated", 0),
                    "final_loss": final.get("loss"), "final_train_acc": final.get("train_acc"),
                    "final_heldout_acc": final.get("heldout_acc"), "curves": str(run_dir / "curves.png"),
                    "trainable_parameters": sum(t.numel() for t in model.trainable_parameters())}

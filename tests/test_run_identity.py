@@ -8,7 +8,6 @@ import json
 import statistics
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from .conftest import catalog_rows, readme_query, run_cli

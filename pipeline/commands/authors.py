@@ -14,7 +14,6 @@ from typing import Any
 
 from cache.errors import UserError
 
-RECIPES = ("authors",)
 GPUS = 8  # the authors' runs: BATCH_SIZE 4 per GPU on 8 GPUs
 
 LOGGED = {"few-shot": ("hmdb51", "ucf101", "ssv2"), "base2novel": ("hmdb51", "ucf101", "ssv2", "k400")}

@@ -13,10 +13,6 @@ from pipeline.commands.options import INPUTS, LOCATOR, RESOLVED, check, group, o
 
 PROTOCOLS = ("few-shot", "base2novel", "zero-shot", "fully-supervised")
 METHODS = ("adapter", "full", "pretrain")
-# What varies between repeats of one configuration: report aggregates over these, nothing else.
-REPEATS = ("seed", "split_seed")
-# Where a configuration is trained and tested: the cells of the report, not the configuration.
-PLACE = ("dataset", "protocol", "shots")
 
 
 @dataclass(frozen=True)

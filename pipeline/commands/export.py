@@ -6,7 +6,9 @@ reader `predict --model` uses.
                                   test views, input size, mean/std, class names
     class_embeddings.safetensors  the class prompts through the adapted text branch, (C, D)
     recipe.json                   the run's parameters; results.json its rows of `results`
-    README.md                     the model card
+    open_clip_config.json         open_clip's own config of an open_clip backbone
+    open_clip_model.safetensors   with --include-backbone: the backbone's weights, byte for byte
+    README.md                     the model card (Hugging Face front matter)
 """
 from __future__ import annotations
 
@@ -20,8 +22,6 @@ from typing import Any
 from cache.errors import UserError
 from pipeline.commands.runs import TrainedRun
 
-FILES = ("config.json", "adapters.safetensors", "class_embeddings.safetensors", "recipe.json", "results.json",
-         "README.md")
 
 
 def run_views(config: Any, tr: TrainedRun) -> dict[str, int]:

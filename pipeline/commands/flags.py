@@ -35,14 +35,6 @@ NON_NEGATIVE = Limit(0)
 POSITIVE = Limit(0, above=True)
 PROBABILITY = Limit(0, 1)
 
-# `train`'s numeric options by parameter name (the flag is --name-with-dashes)
-TRAIN_LIMITS: dict[str, Limit] = {
-    "shots": COUNT, "epochs": COUNT, "batch_size": COUNT, "micro_batch": COUNT, "frames": COUNT, "steps": COUNT,
-    "adapter_dim": COUNT, "n_descriptions": COUNT, "warmup_epochs": NON_NEGATIVE, "heldout_per_class": NON_NEGATIVE,
-    "frame_pool": NON_NEGATIVE, "workers": NON_NEGATIVE, "lr": POSITIVE, "temporal_lr_mult": POSITIVE, "weight_decay": NON_NEGATIVE,
-    "alpha": NON_NEGATIVE, "adapter_scale": Limit(), "hflip": PROBABILITY,
-}
-
 
 def check_flags(values: Mapping[str, float | None], limits: Mapping[str, Limit]) -> None:
     """Raise a UserError (exit 2) naming the first flag in `values` outside its limit; None (a flag

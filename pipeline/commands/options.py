@@ -154,7 +154,7 @@ def group(obj: Any, name: str) -> dict[str, Any]:
 
 
 def with_options(cls: type) -> Any:
-    """Decorator of a typer command: the command line gets one flag per field of `cls` (after the
+    """Decorator of a typer command: the command line gets one flag per field of `cls` (before the
     command's own parameters), and the function receives the flags a user gave as `given`, a dict by
     field name (see `given_values`), to `resolve` over a preset and the defaults."""
     import functools

@@ -244,7 +244,8 @@ def predict_command(videos: list[Path], run: str | None, dataset: str | None, mo
     if labels is not None and not labels.is_file():
         raise UserError(f"--labels {labels}: no such file", 2)
     # the model's files first: a wrong folder or key is told before torch loads
-    exported = read_export(model) if model is not None else None
+    if model is not None:
+        read_export(model)
     tr = trained_run(session.make_runner(home), dataset, run) if not (frozen or model) else None
     device, precision = resolve_device(device, precision)
     torch_device = session.torch_device(device)

@@ -13,6 +13,7 @@ import typer
 from cache.errors import UserError
 from pipeline.commands import session
 from pipeline.commands.configs import ParamsOptions, TrainOptions, resolve_device
+from pipeline.commands.flags import COUNT, check_flags
 from pipeline.commands.options import check, resolve
 
 
@@ -26,14 +27,16 @@ def train_command(given: dict[str, Any], recipe: str | None, seeds: str | None, 
     opts = resolve(TrainOptions, given, values)
     opts.check()
     if opts.method == "pretrain":
+        check_flags({"steps": steps}, {"steps": COUNT})
         pretrain(opts.backbone, steps, given.get("batch_size", 128), opts.lr, opts.seed, opts.device, out, force,
                  dry_run, no_progress, home)
         return
     runner = session.make_runner(home, progress=not no_progress)
     for one_seed in session.seed_list(seeds, opts.seed):
-        req = train_request(runner, cfg, replace(opts, seed=one_seed))
+        one = replace(opts, seed=one_seed)
+        req = train_request(runner, cfg, one)
         if dry_run:
-            print_resolved(req, opts, given, values, recipe)
+            print_resolved(req, one, {**given, **({"seed": one_seed} if seeds else {})}, values, recipe)
         art = session.launch_materialise(runner, home, req, force, dry_run)
         if art is not None and int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"{runner.target(req)}: {runner.stage('train').configuration(req, {})}")
