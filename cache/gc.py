@@ -5,8 +5,9 @@ the best-heldout and snapshot weights of a finished one), artifacts named by the
 current tables, and the clips of current frame indexes. Everything else under artifacts/ and
 runs/ goes. A target is one configuration and repeat (a training's target names its configuration,
 seed and split), so with `superseded` only the runs a later completed run of the same target
-replaced go (new code, new input contents), and are listed by name; runs registered before
-targets named their configuration are never counted as superseded. With `failed`, failed runs
+replaced go (new code, new input contents), and are listed by name; training, evaluation and
+features runs registered before targets named their configuration are never counted as superseded
+(their targets then shared one name across configurations). With `failed`, failed runs
 are marked `cleared`: `status` stops reporting them (the rows stay, as history).
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Report:
 def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool, failed: bool = False) -> Report:
     with catalog.transaction() as con:
         scope = "" if not superseded else """
-            AND (status <> 'done' OR configuration IS NULL OR started_at = (SELECT max(started_at) FROM runs r2
+            AND (status <> 'done' OR (configuration IS NULL AND stage IN ('train', 'evaluate', 'features'))
+                 OR started_at = (SELECT max(started_at) FROM runs r2
                  WHERE r2.target = runs.target AND r2.status = 'done'))"""
         cleared = con.execute("SELECT target, key FROM runs WHERE status = 'failed' ORDER BY target, started_at"
                               ).fetchall() if failed else []

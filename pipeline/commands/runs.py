@@ -81,8 +81,8 @@ def _configuration(row: dict[str, Any]) -> str:
 
 
 def run_description(key: str, configuration: str, seed: Any, split: Any, selection: str | None = None) -> str:
-    """Which run a model is, in words: its key, configuration, repeat and weights (every output that
-    names a model uses this one spelling)."""
+    """Which run a model is, in words: its key, configuration, repeat and weights (how `predict` and
+    `export` name the model they used)."""
     return (f"run {key[:16]} ({configuration}, seed {seed}, split {split}"
             + (f", {selection} weights" if selection else "") + ")")
 
