@@ -204,6 +204,15 @@ class DescribeOptions:
             raise UserError("--from-file holds one kind of description: pass --kind spatial or --kind temporal", 2)
 
     @property
+    def prompt_folder(self) -> Any:
+        """The folder of the prompt templates: --prompt-dir, else the packaged prompts/."""
+        from pathlib import Path
+
+        from prompts import PROMPT_DIR
+
+        return Path(self.prompt_dir).resolve() if self.prompt_dir else PROMPT_DIR
+
+    @property
     def kinds(self) -> list[str]:
         return ["spatial", "temporal"] if self.kind == "both" else [self.kind]
 

@@ -51,8 +51,7 @@ def describe_llm_request(runner: Any, ds: Dataset, kind: str, o: DescribeOptions
         raise UserError(str(exc), 2) from None
     params = {**keyed(o), "dataset": ds.name, "kind": kind, "source": "llm", "n": o.n or 2, "endpoint": endpoint}
     inputs: dict[str, Request | FileInput] = {"classes": labels_request(runner, ds)}
-    prompt_dir = Path(o.prompt_dir).resolve() if o.prompt_dir else PROMPT_DIR
-    inputs.update({name: FileInput(path) for name, path in template_files(prompt_dir, kind).items()})
+    inputs.update({name: FileInput(path) for name, path in template_files(o.prompt_folder, kind).items()})
     return Request("describe", params, inputs,
                    {"concurrency": o.concurrency, "timeout": o.timeout, "base_url_given": o.base_url is not None})
 
@@ -230,14 +229,13 @@ def train_request(runner: Any, config: Any, o: TrainOptions) -> Request:
     weights = weights_input(o.backbone, o.pretrained)
     if weights is not None:
         inputs["weights"] = weights
-    return Request("train", params, inputs, {"workers": o.workers, "test_views": views_of(d)})
+    return Request("train", params, inputs, {"workers": o.workers, "test_views": views_of(d.video)})
 
 
-def views_of(ds: Dataset) -> dict[str, int]:
-    """The dataset's test views, kept in a training run's request so that the run alone says how to
-    test it (`predict --run KEY` and `export` need no config)."""
-    v = ds.video
-    return {"test_clips": v.test_clips, "test_crops": v.test_crops, "test_short_side": v.test_short_side}
+def views_of(video: Any) -> dict[str, int]:
+    """A dataset's test views (its VideoSettings), kept in a training run's request so that the run
+    alone says how to test it (`predict --run KEY` and `export` need no config)."""
+    return {"test_clips": video.test_clips, "test_crops": video.test_crops, "test_short_side": video.test_short_side}
 
 
 @dataclass(frozen=True)

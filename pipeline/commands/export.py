@@ -27,11 +27,9 @@ from pipeline.commands.runs import TrainedRun
 def run_views(config: Any, tr: TrainedRun) -> dict[str, int]:
     """The test views of the run's dataset (msta/METHOD.md §3) with the run's T: as recorded with the
     run, so that its key alone is enough; a run from before that record reads its dataset's config."""
-    views = tr.views
-    if views is None:
-        video = config.dataset(tr.params["dataset"]).video
-        views = {"test_clips": video.test_clips, "test_crops": video.test_crops,
-                 "test_short_side": video.test_short_side}
+    from pipeline.commands.dag import views_of
+
+    views = tr.views if tr.views is not None else views_of(config.dataset(tr.params["dataset"]).video)
     return {"frames": tr.params["frames"], **views}
 
 

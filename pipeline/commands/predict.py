@@ -97,14 +97,14 @@ def frozen_clip(backbone: str, pretrained: str | None, config: Any, dataset: str
     """The frozen CLIP (frame-mean zero-shot); `dataset` gives the class names and test views."""
     from msta.method.model import DEFAULT_TEMPLATE, VideoCLIP
     from stages.formats.classlists import read_class_list
+    from pipeline.commands.dag import views_of
     from stages.formats.datasets import VideoSettings
 
     loaded = _backbone(backbone, pretrained, device)
     ds = config.dataset(dataset) if dataset else None
     video = ds.video if ds else VideoSettings()
     classes = read_class_list(ds.require_labels()) if ds else []
-    views = {"frames": video.frames, "test_clips": video.test_clips, "test_crops": video.test_crops,
-             "test_short_side": video.test_short_side}
+    views = {"frames": video.frames, **views_of(video)}
     return Classifier(VideoCLIP(loaded, DEFAULT_TEMPLATE).to(device).eval(), loaded, [c.class_id for c in classes],
                       [c.name for c in classes], [c.name for c in classes], views, f"frozen:{backbone}", f"frozen CLIP (frame mean) {backbone}")
 

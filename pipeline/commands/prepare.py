@@ -15,15 +15,13 @@ from pipeline.commands.options import resolve
 def describe_command(given: dict[str, Any], force: bool, dry_run: bool, no_progress: bool, home: Path | None,
                      config: Path | None) -> None:
     from pipeline.commands.dag import describe_import_request, describe_llm_request
-    from prompts import PROMPT_DIR
 
     o = resolve(DescribeOptions, given, environment_defaults())
     o.check()
     runner = session.make_runner(home, progress=not no_progress)
     ds = session.load_config(config).dataset(o.dataset, Path(o.labels) if o.labels else None)
     if o.from_file is not None:
-        prompt_dir = Path(o.prompt_dir).resolve() if o.prompt_dir else PROMPT_DIR
-        requests = [describe_import_request(runner, ds, o.kind, Path(o.from_file), o.n, prompt_dir)]
+        requests = [describe_import_request(runner, ds, o.kind, Path(o.from_file), o.n, o.prompt_folder)]
     else:
         requests = [describe_llm_request(runner, ds, k, o) for k in o.kinds]
         if not dry_run:
