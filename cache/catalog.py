@@ -7,10 +7,14 @@ scope the transactions that follow each other share one instance, closed after a
 """
 from __future__ import annotations
 
+import math
 import re
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,6 +76,10 @@ class _Kept:
             time.sleep(wait)
 
 
+class CatalogBusy(UserError):
+    """Another process held the catalog past the wait: work that can wait catches this (Deferred)."""
+
+
 _KEPT: dict[Path, _Kept] = {}
 _KEPT_LOCK = threading.RLock()
 _MIGRATE_LOCK = threading.Lock()
@@ -87,9 +95,13 @@ class Catalog:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def _open(self, read_only: bool, config: Mapping[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
-        deadline = time.monotonic() + self.wait_seconds
-        delay = 0.02
+    def _open(self, read_only: bool, config: Mapping[str, Any] | None = None,
+              wait: float | None = None) -> duckdb.DuckDBPyConnection:
+        """A connection, retried for `wait` seconds (default: the catalog's) while another process
+        holds the file; with wait=math.inf it waits as long as that takes, saying so once."""
+        wait = self.wait_seconds if wait is None else wait
+        deadline = time.monotonic() + min(wait, self.wait_seconds)
+        delay, said = 0.02, False
         while True:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only, config=dict(config or {}))
@@ -97,11 +109,15 @@ class Catalog:
                 m = _LOCK_HOLDER.search(str(exc))
                 if m is None:
                     raise UserError(f"cannot open the catalog {self.path}: {exc}", 1) from None
-                if time.monotonic() >= deadline:
-                    raise UserError(
-                        f"the catalog {self.path} is locked by another process "
-                        f"(PID {m.group(2)}: {m.group(1)}); close it (a duckdb shell?) or wait, "
-                        "then run the command again", 1) from None
+                holder = f"PID {m.group(2)}: {m.group(1)}"
+                if time.monotonic() >= deadline and not math.isinf(wait):
+                    raise CatalogBusy(
+                        f"the catalog {self.path} is locked by another process ({holder}); close it "
+                        "(a duckdb shell?) or wait, then run the command again", 1) from None
+                if time.monotonic() >= deadline and not said:
+                    warnings.warn(f"the catalog {self.path} is held by another process ({holder}): waiting "
+                                  "for it to record finished work (close that process, or Ctrl-C and rerun later)")
+                    said = True
                 time.sleep(delay)
                 delay = min(delay * 2, 0.25)
 
@@ -126,16 +142,16 @@ class Catalog:
                         kept.close()
 
     @contextmanager
-    def _connection(self, read_only: bool, config: Mapping[str, Any] | None = None
+    def _connection(self, read_only: bool, config: Mapping[str, Any] | None = None, wait: float | None = None
                     ) -> Iterator[duckdb.DuckDBPyConnection]:
         """A cursor on the kept instance inside a `kept_open` scope, else (or with settings of its own)
         a connection of its own."""
         with _KEPT_LOCK:
             kept = _KEPT.get(self.path.resolve()) if config is None else None
             if kept is not None:
-                con = kept.cursor(lambda: self._open(read_only=False))
+                con = kept.cursor(lambda: self._open(read_only=False, wait=wait))
         if kept is None:
-            con = self._open(read_only, config)
+            con = self._open(read_only, config, wait)
         try:
             yield con
         finally:
@@ -145,10 +161,11 @@ class Catalog:
                     kept.release()
 
     @contextmanager
-    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-write connection for one transaction: committed on success, else rolled back."""
+    def transaction(self, wait: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection for one transaction: committed on success, else rolled back.
+        `wait`: how long another process's hold on the file is waited for (CatalogBusy after)."""
         self.home.mkdir(parents=True, exist_ok=True)
-        with self._connection(read_only=False) as con:
+        with self._connection(read_only=False, wait=wait) as con:
             if not self._migrated:
                 with _MIGRATE_LOCK:  # threads of one process that find a new catalog create it once
                     self._migrate(con)
@@ -174,21 +191,37 @@ class Catalog:
             yield con
 
     @contextmanager
-    def sandboxed_reader(self, file_views: Sequence[str] = ()) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection for a user's SQL on which DuckDB itself refuses every file and
-        network access (COPY/EXPORT ... TO, even under EXPLAIN ANALYZE; IMPORT, ATTACH, read_csv of
-        any path; INSTALL, LOAD and extension autoloading) and any change of settings.
+    def snapshot(self) -> Iterator[Path]:
+        """A private copy of the catalog file, for a user's SQL. It is taken under a read-only hold
+        of the file (a writer waits as long as copying takes, never for a query) and deleted after."""
+        if not self.exists():
+            raise UserError(f"no catalog at {self.path}: run a stage first "
+                            "(e.g. `msta-pipe describe`), or pass the right --home", 2)
+        with tempfile.TemporaryDirectory(prefix="msta-sql-") as tmp:
+            copy = Path(tmp) / self.path.name
+            with self._connection(read_only=True):  # a shared hold: no writer changes the file meanwhile
+                shutil.copyfile(self.path, copy)
+                wal = self.path.with_name(self.path.name + ".wal")  # left by a killed writer
+                if wal.exists():
+                    shutil.copyfile(wal, copy.with_name(copy.name + ".wal"))
+            yield copy
 
-        `file_views` (views over artifact Parquet files, e.g. text_embeddings) are first copied into
-        temporary tables of the same name, which shadow the views: their files become unreadable, and
-        DuckDB's allowed_directories would also let COPY overwrite the artifacts."""
-        with self.reader(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
-                                 "allow_community_extensions": False}) as con:
-            for view in file_views:
-                con.execute(f"CREATE TEMP TABLE {view} AS FROM main.{view}")
-            con.execute("SET enable_external_access = false")
-            con.execute("SET lock_configuration = true")  # last: no statement may undo the above
-            yield con
+    def sandboxed_reader(self, copy: Path, materialise: Collection[str] = ()) -> duckdb.DuckDBPyConnection:
+        """A connection to a snapshot on which DuckDB itself refuses every file and network access
+        (COPY/EXPORT ... TO, even under EXPLAIN ANALYZE; IMPORT, ATTACH, read_csv of any path;
+        INSTALL, LOAD and extension autoloading) and any change of settings. Its views are defined
+        from code (cache.views), never taken from the file; those named in `materialise` become
+        tables first, read while files may still be read."""
+        from cache.views import define_views
+
+        con = duckdb.connect(str(copy), config={"autoinstall_known_extensions": False,
+                                                "autoload_known_extensions": False,
+                                                "allow_community_extensions": False})
+        con.execute("SET enable_progress_bar = false")  # its bar would garble the output
+        define_views(con, self.home, materialise)
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")  # last: no statement may undo the above
+        return con
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         has_meta = con.execute(
@@ -208,6 +241,37 @@ class Catalog:
             con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", [str(v + 1)])
             con.execute("COMMIT")
         self._migrated = True
+
+
+class Deferred:
+    """Rows a long stage records as it goes (a training's epochs, the clips `frames` has cached).
+    While another process holds the catalog they wait in memory for the next write instead of
+    failing the stage: what they describe is already safe on disk (a checkpoint, a clip file).
+    `flush`, when the work is done, waits for the catalog as long as that takes."""
+
+    def __init__(self, catalog: Catalog, write: Callable[[duckdb.DuckDBPyConnection, list[Any]], None],
+                 wait: float = 1.0) -> None:
+        self.catalog, self.write, self.wait = catalog, write, wait
+        self.pending: list[Any] = []
+        self._said = False
+
+    def add(self, rows: Sequence[Any]) -> None:
+        self.pending.extend(rows)
+        try:
+            self._write(self.wait)
+        except CatalogBusy as exc:
+            if not self._said:
+                warnings.warn(f"{str(exc).split(';')[0]}: the work goes on, and is recorded once it is free")
+                self._said = True
+
+    def flush(self) -> None:
+        self._write(math.inf)
+
+    def _write(self, wait: float) -> None:
+        if self.pending:
+            with self.catalog.transaction(wait=wait) as con:
+                self.write(con, self.pending)
+            self.pending = []
 
 
 def utcnow() -> datetime:

@@ -45,6 +45,16 @@ def scrub(text: str) -> str:
     return text
 
 
+# C0 controls but tab and newline, DEL, C1 controls, and the bidi overrides that reorder a line.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` safe to show on a terminal: control characters (an answer's ESC ] 0; ... BEL would
+    retitle the window, a bare CR overwrite what was printed) shown escaped, e.g. `\\x1b`."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def one_line(text: str, limit: int = 500) -> str:
     """The first non-empty line of a (scrubbed) message: a stored traceback shows as its summary."""
     line = next((ln.strip() for ln in scrub(text).splitlines() if ln.strip()), "")

@@ -278,6 +278,8 @@ def sql(
                                               "DESCRIBE, SUMMARIZE, EXPLAIN, PRAGMA); no file, network or "
                                               "extension access, no settings")],
     format: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds the query may run before it is "
+                                                            "stopped (exit 1); Ctrl-C stops it at once")] = 60.0,
     home: Home = None,
 ) -> None:
     """Query the catalog: tables runs, artifacts, classes, llm_requests, descriptions, description_failures,
@@ -285,7 +287,7 @@ def sql(
     video_embeddings, frames (see README)."""
     from pipeline.commands.home import sql_command
 
-    sql_command(query, format, home)
+    sql_command(query, format, timeout, home)
 
 
 @app.command()

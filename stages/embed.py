@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from cache.catalog import insert_rows
 from cache.errors import UserError
 from cache.keys import sha256_text
-from cache.views import refresh_text_embeddings
+from cache.views import TEXT_EMBEDDINGS, refresh_stored
 from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
 from prompts import KINDS
 
@@ -94,7 +94,7 @@ class EmbedStage(Stage):
             insert_rows(con, "text_embedding_files", [{"dataset": p["dataset"], "backbone": p["backbone"],
                                                        "artifact": artifact.digest,
                                                        "path": ctx.store.relative(artifact.path), "dim": dim}])
-            refresh_text_embeddings(con, ctx.home)
+            refresh_stored(con, TEXT_EMBEDDINGS, ctx.home)
 
         ctx.echo(f"       {len(texts)} descriptions of {len(class_ids)} classes -> {dim}-d embeddings")
         return Output(kind="text_embeddings", table=table, publish=publish,

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cache.catalog import insert_rows
-from cache.views import refresh_video_embeddings
+from cache.views import VIDEO_EMBEDDINGS, refresh_stored
 from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, artifact_of
 from stages.artifacts import clips_checked, read_classes, read_frame_index
 from stages.models import model_on_device
@@ -86,7 +86,7 @@ class FeaturesStage(Stage):
                 "target": target, "dataset": p["dataset"], "list": p["list"], "model": owner,
                 "selection": p["selection"], "backbone": p["backbone"], "artifact": artifact.digest,
                 "path": ctx.store.relative(artifact.path), "dim": dim}])
-            refresh_video_embeddings(con, ctx.home)
+            refresh_stored(con, VIDEO_EMBEDDINGS, ctx.home)
 
         ctx.echo(f"       {n} videos of {p['dataset']}:{p['list']} x {v} views -> {dim}-d embeddings ({owner})")
         return Output(kind="video_embeddings", table=table, publish=publish,

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cache.catalog import insert_rows
+from cache.catalog import Deferred, insert_rows
 from cache.errors import UserError
 from cache.keys import digest_value
 from cache.store import sha256_file
@@ -115,9 +115,11 @@ class TrainStage(Stage):
         run_dir = ctx.store.run_dir(ctx.key)
         run_dir.mkdir(parents=True, exist_ok=True)
 
+        # A reader holding the catalog must not end the training: the checkpoint holds the epochs too.
+        epochs = Deferred(ctx.catalog, lambda con, rows: insert_rows(con, "epochs", rows, "OR REPLACE"))
+
         def on_epoch(row: dict[str, Any], history: list[dict[str, Any]]) -> None:
-            with ctx.catalog.transaction() as con:
-                insert_rows(con, "epochs", [{"run_key": ctx.key, **row}], "OR REPLACE")
+            epochs.add([{"run_key": ctx.key, **row}])
             plot_curves(history, run_dir / "curves.png", p)
 
         with clips_checked():
@@ -127,6 +129,7 @@ class TrainStage(Stage):
                               progress=ctx.option("progress", True), desc=f"train {p['dataset']}")
         if fit is None:  # a non-zero rank under torchrun: rank 0 writes and registers
             return None
+        epochs.flush()
 
         def described(path: Path) -> dict[str, str]:
             # Relative to the home, so that a copied or moved home reads its own files.

@@ -77,3 +77,23 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | No
 
 def _takes_progress(args: tuple[str | Path, ...]) -> bool:
     return bool(args) and str(args[0]) in {"describe", "frames", "train", "evaluate", "demo"} and "--help" not in args
+
+
+def described_toy_home(root: Path, last_text: str = "A video about a crowd.") -> Path:
+    """Two classes, both kinds imported from files, embedded with the tiny random CLIP: a real
+    text_embeddings view. `last_text` is class 1's second description."""
+    import json
+
+    (root / "labels.txt").write_text("waving\nclapping\n")
+    (root / "msta.toml").write_text('[datasets.toy]\nlabels = "labels.txt"\n')
+    for kind in ("spatial", "temporal"):
+        f = root / f"{kind}.json"
+        f.write_text(json.dumps({"0": ["A video about a hand.", "A video about an arm."],
+                                 "1": ["A video about two hands.", last_text]}))
+        r = run_cli("describe", "-d", "toy", "--config", root / "msta.toml", "--from-file", f, "--kind", kind,
+                    "--home", root / "home")
+        assert r.returncode == 0, r.stderr
+    r = run_cli("embed", "-d", "toy", "--config", root / "msta.toml", "--backbone", "msta-tiny",
+                "--pretrained", "random", "--device", "cpu", "--home", root / "home")
+    assert r.returncode == 0, r.stderr
+    return root / "home"

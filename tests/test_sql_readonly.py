@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import described_toy_home, run_cli
 
 README_QUERY = """SELECT a.class_name, b.class_name, array_cosine_similarity(a.embedding, b.embedding) AS sim
 FROM text_embeddings a JOIN text_embeddings b
@@ -20,21 +20,7 @@ ORDER BY sim DESC LIMIT 5;"""
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two classes, both kinds imported, embedded with the tiny random CLIP: a real text_embeddings view."""
-    root = tmp_path_factory.mktemp("sqlhome")
-    (root / "labels.txt").write_text("waving\nclapping\n")
-    (root / "msta.toml").write_text('[datasets.toy]\nlabels = "labels.txt"\n')
-    for kind in ("spatial", "temporal"):
-        f = root / f"{kind}.json"
-        f.write_text(json.dumps({"0": ["A video about a hand.", "A video about an arm."],
-                                 "1": ["A video about two hands.", "A video about a crowd."]}))
-        r = run_cli("describe", "-d", "toy", "--config", root / "msta.toml", "--from-file", f, "--kind", kind,
-                    "--home", root / "home")
-        assert r.returncode == 0, r.stderr
-    r = run_cli("embed", "-d", "toy", "--config", root / "msta.toml", "--backbone", "msta-tiny",
-                "--pretrained", "random", "--device", "cpu", "--home", root / "home")
-    assert r.returncode == 0, r.stderr
-    return root / "home"
+    return described_toy_home(tmp_path_factory.mktemp("sqlhome"))
 
 
 def test_readme_query_over_text_embeddings_still_works(home: Path) -> None:

@@ -3,10 +3,11 @@ queries over the catalog) and `gc` (deleting what no catalog row reaches)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from cache.errors import UserError, one_line
+from cache.errors import UserError, error_line, one_line
 from pipeline.commands import session
 
 STALE_EXIT = 3  # `status`: something is stale or interrupted, nothing failed
@@ -48,7 +49,7 @@ def status_command(home: Path | None) -> None:
         raise typer.Exit(STALE_EXIT)
 
 
-def sql_command(query: str, fmt: str, home: Path | None) -> None:
+def sql_command(query: str, fmt: str, timeout: float, home: Path | None) -> None:
     import duckdb
 
     from cache.catalog import Catalog
@@ -56,6 +57,8 @@ def sql_command(query: str, fmt: str, home: Path | None) -> None:
 
     if fmt not in ("table", "csv", "json"):
         raise UserError("--format must be table, csv or json", 2)
+    if not timeout > 0:
+        raise UserError(f"--timeout must be a number of seconds above 0, got {timeout}", 2)
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:
@@ -66,23 +69,66 @@ def sql_command(query: str, fmt: str, home: Path | None) -> None:
         raise UserError(f"`msta-pipe sql` is read-only: {', '.join(refused)} statements are refused", 2)
     if not statements:
         raise UserError("the query is empty", 2)
-    views = [v for v in FILE_VIEWS if v in query.lower()]
+    views = [v.name for v in FILE_VIEWS if v.name in query.lower()]
+    catalog = Catalog(session.home_dir(home))
+    with catalog.snapshot() as copy:
+        outcome = _in_child(catalog, copy, query, views, timeout)
+    if outcome[0] == "refused":  # what the sandbox refuses (files, network, extensions, settings) is bad input
+        raise UserError(f"`msta-pipe sql` reads the catalog only (no files, extensions or settings): {outcome[1]}", 2)
+    if outcome[0] == "failed":
+        raise UserError(f"query failed: {outcome[1]}", 1)
+    session.print_rows(*outcome[1:], fmt)
+
+
+def _in_child(catalog: Any, copy: Path, query: str, views: list[str], timeout: float) -> tuple[Any, ...]:
+    """Run the query in a child process, which Ctrl-C and the time limit end at once: DuckDB ignores
+    Python's signal handling while it works, and an interrupted DuckDB connection cannot be closed."""
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_query, args=(send, catalog, copy, query, views), daemon=True)
+    child.start()
+    send.close()
+    deadline = time.monotonic() + timeout
     try:
-        with Catalog(session.home_dir(home)).sandboxed_reader(views) as con:
-            for stmt in statements[:-1]:
-                con.execute(stmt)
-            cur = con.execute(statements[-1])
-            names = [d[0] for d in cur.description] if cur.description else []
-            rows = cur.fetchall() if names else []
+        while not receive.poll(0.1):
+            if not child.is_alive():
+                raise UserError(f"the query ended its process (exit {child.exitcode}) with no answer", 1)
+            if time.monotonic() >= deadline:
+                raise UserError(f"the query ran past --timeout {timeout:g} s and was stopped; "
+                                "raise --timeout to let it run longer", 1)
+        return receive.recv()
+    except KeyboardInterrupt:
+        raise UserError("the query was interrupted", 130) from None
+    finally:
+        child.kill()
+        child.join()
+
+
+def _query(send: Any, catalog: Any, copy: Path, query: str, views: list[str]) -> None:
+    """The child: ("ok", names, rows), ("refused", line) or ("failed", line) through `send`."""
+    import signal
+
+    import duckdb
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (Ctrl-C reaches the whole group)
+    try:
+        con = catalog.sandboxed_reader(copy, views)
+        statements = duckdb.extract_statements(query)
+        for stmt in statements[:-1]:
+            con.execute(stmt)
+        cur = con.execute(statements[-1])
+        names = [d[0] for d in cur.description] if cur.description else []
+        send.send(("ok", names, cur.fetchall() if names else []))
     except duckdb.Error as exc:
         msg = one_line(str(exc))
-        # What the sandbox refuses (files, network, extensions, settings) is bad input, not failed work.
-        if (isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in msg
-                or (isinstance(exc, duckdb.CatalogException) and " extension" in msg)):
-            raise UserError(f"`msta-pipe sql` reads the catalog only (no files, extensions or settings): {msg}",
-                            2) from None
-        raise UserError(f"query failed: {msg}", 1) from None
-    session.print_rows(names, rows, fmt)
+        refused = (isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in msg
+                   or (isinstance(exc, duckdb.CatalogException) and " extension" in msg))
+        send.send(("refused" if refused else "failed", msg))
+    except Exception as exc:  # never a traceback from the child
+        send.send(("failed", error_line(exc)))
 
 
 def gc_command(dry_run: bool, superseded: bool, failed: bool, home: Path | None) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cache.errors import printable
 from msta.method.metrics import harmonic_mean
 from stages.train import PLACE, REPEATS, configuration_name
 
@@ -304,4 +305,4 @@ def report_command(fmt: str, authors_logs: Path | None, home: Path | None) -> No
         from pipeline.commands.authors import read_logs
 
         logs = read_logs(authors_logs)
-    typer.echo(render(session.make_runner(home).catalog, fmt, logs))
+    typer.echo(printable(render(session.make_runner(home).catalog, fmt, logs)))  # names from LLMs and files

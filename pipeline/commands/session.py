@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from cache.errors import UserError, scrub
+from cache.errors import UserError, printable, scrub
 
 
 def home_dir(home: Path | None) -> Path:
@@ -100,18 +100,22 @@ def launch_materialise(runner: Any, home: Path | None, req: Any, force: bool, dr
 
 
 def print_rows(names: list[str], rows: list[tuple[Any, ...]], fmt: str) -> None:
+    """Rows as a table, CSV or JSON. Text from the catalog may come from an LLM or a received home:
+    secrets are masked in every format, control characters escaped (JSON escapes them itself)."""
     import json
 
+    rows = [tuple(scrub(v) if isinstance(v, str) else v for v in r) for r in rows]
     if fmt == "json":
         typer.echo(json.dumps([dict(zip(names, r)) for r in rows], default=str, indent=1))
     elif fmt == "csv":
         import csv
 
         w = csv.writer(sys.stdout)
-        w.writerow(names)
-        w.writerows(rows)
+        w.writerow([printable(n) for n in names])
+        w.writerows([printable(v) if isinstance(v, str) else v for v in r] for r in rows)
     else:
         cells = [[_cell(v) for v in r] for r in rows]
+        names = [printable(n) for n in names]
         widths = [min(60, max([len(n)] + [len(c[i]) for c in cells])) for i, n in enumerate(names)]
         typer.echo("  ".join(n.ljust(w) for n, w in zip(names, widths)).rstrip())
         typer.echo("  ".join("-" * w for w in widths))
@@ -123,7 +127,7 @@ def print_rows(names: list[str], rows: list[tuple[Any, ...]], fmt: str) -> None:
 def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
-    return "NULL" if v is None else str(v).replace("\n", " ")
+    return "NULL" if v is None else printable(str(v).replace("\n", " "))
 
 
 def progress(items: list[Any], desc: str, unit: str) -> Any:

@@ -7,6 +7,7 @@ file's sha256), so an upstream rerun that yields identical content invalidates n
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache.catalog import Catalog, insert_rows, rows_as_dicts, utcnow
+from cache.catalog import Catalog, CatalogBusy, insert_rows, rows_as_dicts, utcnow
 from cache.errors import UserError, error_line, one_line
 from cache.keys import canonical_json, digest_value, plain_json, sha256_bytes
 from cache.lock import HomeLock
@@ -81,9 +82,12 @@ class Runner:
         if digest is None:
             digest = sha256_file(path)
             if st.st_size > (8 << 20):
-                with self.catalog.transaction() as con:
-                    insert_rows(con, "file_digests", [{"path": memo_key[0], "size": memo_key[1],
-                                                       "mtime_ns": memo_key[2], "sha256": digest}], "OR REPLACE")
+                try:
+                    with self.catalog.transaction() as con:
+                        insert_rows(con, "file_digests", [{"path": memo_key[0], "size": memo_key[1],
+                                                           "mtime_ns": memo_key[2], "sha256": digest}], "OR REPLACE")
+                except CatalogBusy:
+                    pass  # a memo only: the next run reads the file again
         self._file_memo[memo_key] = digest
         return digest
 
@@ -290,7 +294,7 @@ class Runner:
             raise
 
     def _fail(self, run_id: str, error: str, started: float) -> None:
-        with self.catalog.transaction() as con:
+        with self.catalog.transaction(wait=math.inf) as con:  # the outcome of work done: worth the wait
             con.execute("UPDATE runs SET status='failed', error=?, finished_at=?, seconds=? WHERE run_id=?",
                         [error, utcnow(), time.perf_counter() - started, run_id])
 
@@ -315,7 +319,8 @@ class Runner:
             raise ValueError("a stage output needs a table, data or a file")
         artifact = Artifact(digest, output.kind, path, dict(output.meta))
         file_sha = sha256_file(path)
-        with self.catalog.transaction() as con:
+        # A stage's finished work is recorded whatever another process's hold on the catalog costs.
+        with self.catalog.transaction(wait=math.inf) as con:
             insert_rows(con, "artifacts", [{
                 "digest": digest, "kind": output.kind, "path": self.store.relative(path), "file_sha256": file_sha,
                 "bytes": path.stat().st_size, "created_at": utcnow(),

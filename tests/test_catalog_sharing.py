@@ -1,0 +1,153 @@
+"""A reader never keeps a writer out, a busy catalog never ends a stage's work, a home works where
+it is (copied, moved or received), and what the catalog holds is printed safely."""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from cache.catalog import Catalog, CatalogBusy, Deferred, insert_rows
+
+from .conftest import ROOT, cli_env, described_toy_home, run_cli
+
+LONG_QUERY = "SELECT count(*) FROM range(1000000000000) a WHERE a.range % 7 = 3"  # hours of work for DuckDB
+
+
+@pytest.fixture(scope="module")
+def toy_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return described_toy_home(tmp_path_factory.mktemp("sharing"), "A video \x1b]0;pwned\x07 of a crowd.")
+
+
+def _sql(home: Path, query: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "sql", query, "--home", str(home), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+
+
+def _wait_started(home: Path) -> None:
+    """Until the query runs: the sql process has let go of the catalog once it has its copy."""
+    time.sleep(1.5)
+
+
+def test_a_long_query_never_keeps_a_writer_out(toy_home: Path) -> None:
+    reader = _sql(toy_home, LONG_QUERY, "--timeout", "120")
+    try:
+        _wait_started(toy_home)
+        assert reader.poll() is None, reader.stderr.read() if reader.stderr else ""
+        # a writer with a short wait, as a training's epoch write has
+        with Catalog(toy_home, wait_seconds=2).transaction() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS probe (x INTEGER)")
+            con.execute("DROP TABLE probe")
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_ctrl_c_stops_a_query_at_once(toy_home: Path) -> None:
+    reader = _sql(toy_home, LONG_QUERY, "--timeout", "120")
+    _wait_started(toy_home)
+    reader.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    _, err = reader.communicate(timeout=30)
+    assert reader.returncode == 130, err
+    assert time.monotonic() - start < 10  # generous: the old query ignored SIGINT for minutes
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_a_query_stops_at_its_time_limit(toy_home: Path) -> None:
+    start = time.monotonic()
+    r = run_cli("sql", LONG_QUERY, "--timeout", "1", "--home", toy_home, timeout=60)
+    assert r.returncode == 1 and "--timeout" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert time.monotonic() - start < 30
+    bad = run_cli("sql", "select 1", "--timeout", "0", "--home", toy_home)
+    assert bad.returncode == 2 and "--timeout" in bad.stderr
+
+
+def _holder(path: Path, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding the catalog file (a duckdb shell left open), for `seconds`."""
+    code = (f"import duckdb, sys, time; c = duckdb.connect({str(path)!r}); print('held', flush=True); "
+            f"time.sleep({seconds})")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_rows_wait_for_a_busy_catalog_instead_of_failing(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path, wait_seconds=0.3)
+    with catalog.transaction() as con:
+        con.execute("CREATE TABLE epochs_probe (epoch INTEGER)")
+    deferred = Deferred(catalog, lambda con, rows: insert_rows(con, "epochs_probe", rows), wait=0.3)
+    holder = _holder(catalog.path, 3)
+    try:
+        with pytest.raises(CatalogBusy):  # what a stage's epoch write met before
+            with catalog.transaction():
+                pass
+        with pytest.warns(UserWarning, match="recorded once it is free"):
+            deferred.add([{"epoch": 1}])
+        deferred.add([{"epoch": 2}])
+        assert len(deferred.pending) == 2
+        deferred.flush()  # waits for the holder to let go, however long that takes
+    finally:
+        holder.kill()
+        holder.wait()
+    with catalog.transaction() as con:
+        assert con.execute("SELECT list(epoch ORDER BY epoch) FROM epochs_probe").fetchone()[0] == [1, 2]
+
+
+def test_a_copied_home_reads_its_own_files(toy_home: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(toy_home, copy)
+    moved = tmp_path / "moved-away"
+    shutil.move(str(toy_home), moved)  # the original is gone
+    try:
+        r = run_cli("sql", "select count(*) as n from text_embeddings", "--home", copy, "--format", "csv")
+        assert r.returncode == 0 and r.stdout.splitlines()[1] != "0", r.stderr
+        stored = duckdb.connect(str(copy / "catalog.duckdb"), read_only=True)
+        try:
+            definition = stored.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'text_embeddings'"
+                                        ).fetchone()[0]
+        finally:
+            stored.close()
+        assert str(toy_home) not in definition  # the file's own views name paths relative to the home
+    finally:
+        shutil.move(str(moved), toy_home)
+
+
+def test_views_of_a_received_catalog_are_never_run(toy_home: Path, tmp_path: Path) -> None:
+    received = tmp_path / "received"
+    shutil.copytree(toy_home, received)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the-content-of-a-private-file")
+    con = duckdb.connect(str(received / "catalog.duckdb"))
+    try:
+        con.execute(f"CREATE OR REPLACE VIEW text_embeddings AS SELECT content AS text FROM read_text('{secret}')")
+        con.execute(f"CREATE VIEW evil AS SELECT content FROM read_text('{secret}')")
+        con.execute("UPDATE text_embedding_files SET path = ?", [str(secret)])
+    finally:
+        con.close()
+    for query in ("select * from text_embeddings", "select * from evil", "select * from frames"):
+        r = run_cli("sql", query, "--home", received, "--format", "json")
+        assert "the-content-of-a-private-file" not in r.stdout + r.stderr, query
+    r = run_cli("sql", "select count(*) as n from text_embeddings", "--home", received, "--format", "csv")
+    assert r.returncode == 0 and r.stdout.splitlines()[1] == "0" and "left out of the views" in r.stderr
+
+
+def test_sql_prints_control_characters_escaped_and_secrets_masked(toy_home: Path) -> None:
+    env = cli_env(OPENAI_API_KEY="sk-test-abcdefghijkl")
+    con = duckdb.connect(str(toy_home / "catalog.duckdb"))
+    try:
+        con.execute("CREATE TABLE IF NOT EXISTS notes AS SELECT 'the key is sk-test-abcdefghijkl' AS note")
+    finally:
+        con.close()
+    for fmt in ("table", "csv", "json"):
+        r = run_cli("sql", "select text from descriptions union all select note from notes", "--home", toy_home,
+                    "--format", fmt, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+        assert "sk-test-abcdefghijkl" not in r.stdout
+        assert "pwned" in r.stdout  # shown, escaped
