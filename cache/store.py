@@ -68,6 +68,11 @@ class Store:
         except FileNotFoundError:
             return False
 
+    def manages(self, path: Path) -> bool:
+        """Whether `path` lies in a folder whose files `gc` collects (artifacts/, runs/)."""
+        path = path.resolve()
+        return any(path.is_relative_to((self.home / folder).resolve()) for folder in ("artifacts", "runs"))
+
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.home))
 

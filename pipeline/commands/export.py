@@ -238,6 +238,9 @@ def export_command(out: Path, run: str | None, dataset: str | None, selection: s
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty folder; choose a new one", 2)
     runner = session.make_runner(home)
+    if runner.store.manages(out):
+        raise UserError(f"--out {out} lies in the home's artifacts/ or runs/, whose files `gc` collects; "
+                        "choose a folder outside them", 2)
     tr = trained_run(runner, dataset, run)
     cfg = export_run(runner, session.load_config(config), tr, selection, out.resolve(),
                      session.torch_device(resolve_device(device, "fp32")[0]), include_backbone)

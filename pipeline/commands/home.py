@@ -144,9 +144,14 @@ def gc_command(dry_run: bool, superseded: bool, failed: bool, home: Path | None)
         with session.writing(home):
             report = collect(runner.catalog, runner.store, superseded=superseded, dry_run=False, failed=failed)
     verb = "would delete" if dry_run else "deleted"
+    for path, why in report.notes:
+        typer.echo(f"{verb} {path}: {why}")
     for target, key in report.superseded:
         typer.echo(f"{verb} superseded run {key[:16]} of {target}")
     for target, key in report.cleared:
         typer.echo(f"{'would clear' if dry_run else 'cleared'} failed run {key[:16]} of {target}")
     typer.echo(f"{verb} {report.files} files ({report.bytes / 1e6:.1f} MB) and {report.rows} catalog rows")
+    if report.foreign:
+        typer.echo(f"left {len(report.foreign)} files msta-pipe did not write under artifacts/ and runs/ "
+                   f"(e.g. {', '.join(report.foreign[:3])}): move them out of the home's managed folders")
 
