@@ -250,13 +250,16 @@ class Deferred:
     `flush`, when the work is done, waits for the catalog as long as that takes."""
 
     def __init__(self, catalog: Catalog, write: Callable[[duckdb.DuckDBPyConnection, list[Any]], None],
-                 wait: float = 1.0) -> None:
-        self.catalog, self.write, self.wait = catalog, write, wait
+                 wait: float = 1.0, batch: int = 1) -> None:
+        self.catalog, self.write, self.wait, self.batch = catalog, write, wait, batch
         self.pending: list[Any] = []
         self._said = False
 
     def add(self, rows: Sequence[Any]) -> None:
+        """Record `rows` now if `batch` rows are waiting, else with a later call."""
         self.pending.extend(rows)
+        if len(self.pending) < self.batch:
+            return
         try:
             self._write(self.wait)
         except CatalogBusy as exc:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing import active_children, get_context
@@ -31,14 +31,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cache.catalog import Catalog, insert_rows, utcnow
+from cache.catalog import Catalog, Deferred, insert_rows, utcnow
 from cache.errors import UserError
 from cache.keys import digest_value
-from cache.store import sha256_file
+from cache.store import Store, sha256_file
 from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
-from stages.formats.videolists import draw_per_class, read_video_list, read_video_list_counted, resolve_videos
+from stages.formats.videolists import (VideoItem, draw_per_class, missing_videos, read_video_list,
+                                      read_video_list_counted)
 from stages.artifacts import clip_intact, read_classes, registered_clips
 
+CHUNK = 2048  # videos handled together: what stays in memory besides the index's columns
 INDEX_SCHEMA = pa.schema([("video", pa.string()), ("label", pa.int32()), ("entry_key", pa.string()),
                           ("clip_path", pa.string()), ("source", pa.string()), ("size", pa.int64()),
                           ("mtime_ns", pa.int64())])
@@ -141,72 +143,56 @@ class FramesStage(Stage):
             # a draw in test mode is the held-out one (training draws the shots in train mode)
             items = draw_per_class(items, select["per_class"], select["seed"], names,
                                    "--heldout-per-class" if p["mode"] == "test" else "--shots")
-        paths, missing = resolve_videos(items, root, list_path)
+        missing = missing_videos(items, root, list_path)
         if missing and not p["skip_missing"]:
             raise UserError(f"{len(missing)} of {len(items)} videos of {list_path} are missing under {root}, e.g. "
                             f"{', '.join(missing[:3])}; fix video_root or pass --skip-missing", 2)
         if missing:
             ctx.echo(f"       skipping {len(missing)} missing videos, e.g. {', '.join(missing[:3])}")
         missing_set = set(missing)
-        jobs: list[tuple[Job, int]] = []
-        for it, path in zip(items, paths):
-            if it.relpath in missing_set:
-                continue
-            st = path.stat()
-            key = digest_value({"video": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                "sampling": p["sampling"], "decoder": p["decoder"], "format": p["format"]})
-            dest = ctx.store.artifact_path("clips", key, ".clip")
-            jobs.append((Job(key, it.relpath, str(path), str(dest), st.st_size, st.st_mtime_ns), it.label))
-        known = registered_clips(ctx.catalog, [j.entry_key for j, _ in jobs], digests=True)
-        todo, adopt = [], []
-        for job, _ in jobs:
-            entry = known.get(job.entry_key)
-            if entry is not None and clip_intact(job.dest, *entry, verify=ctx.forced):
-                if entry[1] is None:  # registered before clips had digests: record its digest now
-                    adopt.append(job)
-                continue
-            (adopt if entry is None and _readable(job.dest) else todo).append(job)
-        if adopt:  # written by a killed run and never registered, or registered without a digest
-            self._register(ctx, [(j, _clip_of(j.dest)) for j in adopt], p)
+        present = [it for it in items if it.relpath not in missing_set]
+        clips = Deferred(ctx.catalog, partial(self._register, ctx.store, p), batch=64)
         failures: dict[str, str] = {}
-        decoded = 0
+        index: list[pa.RecordBatch] = []
+        decoded = total_bytes = 0
         started = time.perf_counter()
-        batch: list[tuple[Job, Clip]] = []
-
-        def flush() -> None:
-            self._register(ctx, batch, p)
-            batch.clear()
-
-        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"frames {p['list']}", unit="clip",
+        # In chunks: per-video objects (jobs, registered clips, rows) live for one chunk, so memory
+        # does not grow with the list; only the index itself (columns, ~0.3 kB a video) is kept.
+        with tqdm(total=len(present), desc=f"frames {p['list']}", unit="clip",
                   disable=not ctx.option("progress", True)) as bar, \
-                closing(self._decode(todo, p, int(req.locators.get("workers", 1)))) as results:
+                _Decoder(p, int(req.locators.get("workers", 1))) as decoder:
             try:
-                for job, clip, error in results:
-                    bar.update(1)
-                    if clip is None:
-                        failures[job.video] = error
-                        continue
-                    decoded += 1
-                    batch.append((job, clip))
-                    if len(batch) >= 64:
-                        flush()
+                for first in range(0, len(present), CHUNK):
+                    jobs = self._jobs(present[first:first + CHUNK], root, p, ctx, failures)
+                    todo = self._cached(jobs, ctx, clips)
+                    bar.update(len(present[first:first + CHUNK]) - len(todo))
+                    for job, clip, error in decoder.decode(todo):
+                        bar.update(1)
+                        if clip is None:
+                            failures[job.video] = error
+                            continue
+                        decoded += 1
+                        clips.add([(job, clip)])
+                    kept = [(j, label) for j, label in jobs if j.video not in failures]
+                    total_bytes += sum(os.path.getsize(j.dest) for j, _ in kept)
+                    index.append(pa.RecordBatch.from_pylist(
+                        [{"video": j.video, "label": label, "entry_key": j.entry_key,
+                          "clip_path": ctx.store.relative(Path(j.dest)), "source": j.source, "size": j.size,
+                          "mtime_ns": j.mtime_ns} for j, label in kept], schema=INDEX_SCHEMA))
             except KeyboardInterrupt:
-                results.close()  # the workers stop now, not after the list
-                flush()
+                clips.flush()
                 ctx.echo(f"       interrupted: the {decoded} clips decoded so far are cached; a rerun decodes "
-                         f"only the other {len(todo) - decoded - len(failures)}")
+                         "only the others")
                 raise
-            flush()
-        rows = [{"video": j.video, "label": label, "entry_key": j.entry_key,
-                 "clip_path": ctx.store.relative(Path(j.dest)), "source": j.source, "size": j.size, "mtime_ns": j.mtime_ns}
-                for j, label in jobs if j.video not in failures]
-        table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-        total_bytes = sum(Path(j.dest).stat().st_size for j, _ in jobs if j.video not in failures)
-        summary = {"videos": len(items), "clips": len(rows), "decoded": decoded, "cached": len(rows) - decoded,
+        clips.flush()
+        table = pa.Table.from_batches(index, schema=INDEX_SCHEMA)
+        del index
+        n = table.num_rows
+        summary = {"videos": len(items), "clips": n, "decoded": decoded, "cached": n - decoded,
                    "failed": len(failures), "missing": len(missing), "repeated": repeated, "bytes": total_bytes,
                    "seconds": round(time.perf_counter() - started, 3)}
-        ctx.echo(f"       {len(rows)} clips ({decoded} decoded, {len(rows) - decoded} cached), {len(failures)} failed, "
-                 f"{len(missing)} missing; {total_bytes / max(1, len(rows)) / 1e3:.1f} kB per clip")
+        ctx.echo(f"       {n} clips ({decoded} decoded, {n - decoded} cached), {len(failures)} failed, "
+                 f"{len(missing)} missing; {total_bytes / max(1, n) / 1e3:.1f} kB per clip")
         if failures:
             ctx.echo(f"       videos that could not be decoded ({len(failures)}; all in the frame_failures table):")
             for video, error in list(failures.items())[:10]:
@@ -215,9 +201,13 @@ class FramesStage(Stage):
         def publish(con, artifact: Artifact) -> None:
             target = ctx.target
             con.execute("DELETE FROM frame_index WHERE target = ?", [target])
-            insert_rows(con, "frame_index",
-                        [{"target": target, "artifact": artifact.digest, "dataset": p["dataset"], "list": p["list"],
-                          "video": r["video"], "label": r["label"], "entry_key": r["entry_key"]} for r in rows])
+            con.register("_index", table.select(["video", "label", "entry_key"]))
+            try:
+                con.execute("""INSERT INTO frame_index BY NAME SELECT ? AS target, ? AS artifact, ? AS dataset,
+                               ? AS list, video, label, entry_key FROM _index""",
+                            [target, artifact.digest, p["dataset"], p["list"]])
+            finally:
+                con.unregister("_index")
             con.execute("DELETE FROM frame_failures WHERE dataset = ? AND list = ?", [p["dataset"], p["list"]])
             insert_rows(con, "frame_failures",
                         [{"dataset": p["dataset"], "list": p["list"], "video": v, "error": e, "run_id": ctx.run_id,
@@ -230,65 +220,115 @@ class FramesStage(Stage):
                               "missing": len(missing), "repeated": repeated})
         if failures and req.locators.get("strict"):
             raise StageFailed(f"{len(failures)} videos could not be decoded (--strict)", output)
-        if not rows:
+        if not n:
             raise StageFailed(f"no video of {list_path} could be decoded", output)
         return output
 
-    def _decode(self, todo: Sequence[Job], p: Mapping[str, Any], workers: int
-                ) -> Iterator[tuple[Job, Clip | None, str]]:
-        work = partial(_decode_one, sampling=p["sampling"], decoder=p["decoder"], fmt=p["format"])
-        if workers <= 1 or len(todo) <= 1:
-            yield from map(work, todo)
-            return
-        # spawn: decord and torch threads do not survive fork reliably
-        before = set(active_children())
-        pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"), initializer=_worker_init,
-                                   initargs=(os.getpid(),))
-        try:
-            for future in as_completed([pool.submit(work, job) for job in todo]):
-                yield future.result()
-        except BaseException:  # Ctrl-C, an error, the generator closed: stop now, not after the list
-            for process in set(active_children()) - before:
-                process.terminate()
-            raise
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+    def _jobs(self, items: Sequence[VideoItem], root: Path, p: Mapping[str, Any], ctx: Context,
+              failures: dict[str, str]) -> list[tuple[Job, int]]:
+        """Each video's identity (path, size, mtime, sampling) and clip path; a video that cannot be
+        stat'ed (a symlink loop, a permission) is a failed video, not the end of the list."""
+        jobs = []
+        for it in items:
+            path = root / it.relpath
+            try:
+                st = path.stat()
+                path = path.resolve()
+            except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop, before Python 3.13
+                failures[it.relpath] = f"{path}: {getattr(exc, 'strerror', None) or exc}"
+                continue
+            if not stat.S_ISREG(st.st_mode):  # a folder or a FIFO (which would block the decoder)
+                failures[it.relpath] = f"{path}: not a regular file"
+                continue
+            key = digest_value({"video": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                "sampling": p["sampling"], "decoder": p["decoder"], "format": p["format"]})
+            dest = ctx.store.artifact_path("clips", key, ".clip")
+            jobs.append((Job(key, it.relpath, str(path), str(dest), st.st_size, st.st_mtime_ns), it.label))
+        return jobs
 
-    def _register(self, ctx: Context, clips: Sequence[tuple[Job, Clip]], p: Mapping[str, Any]) -> None:
+    def _cached(self, jobs: Sequence[tuple[Job, int]], ctx: Context, clips: Deferred) -> list[Job]:
+        """The jobs to decode; a clip written by a killed run and never registered (or registered
+        before clips had digests) is registered now, without decoding."""
+        known = registered_clips(ctx.catalog, [j.entry_key for j, _ in jobs], digests=True)
+        todo, adopt = [], []
+        for job, _ in jobs:
+            entry = known.get(job.entry_key)
+            if entry is not None and clip_intact(job.dest, *entry, verify=ctx.forced):
+                if entry[1] is None:
+                    adopt.append(job)
+                continue
+            (adopt if entry is None and _readable(job.dest) else todo).append(job)
+        clips.add([(j, _clip_of(j.dest)) for j in adopt])
+        return todo
+
+    @staticmethod
+    def _register(store: Store, p: Mapping[str, Any], con: Any, clips: Sequence[tuple[Job, Clip]]) -> None:
         import json
 
-        if not clips:
-            return
-        with ctx.catalog.transaction() as con:
-            insert_rows(con, "frame_clips",
-                        [{"entry_key": j.entry_key, "video": j.source, "size": j.size, "mtime_ns": j.mtime_ns,
-                          "sampling": json.dumps(p["sampling"]), "shape": c.shape,
-                          "path": ctx.store.relative(Path(j.dest)), "bytes": c.bytes, "sha256": c.sha256,
-                          "format": p["format"], "created_at": utcnow()} for j, c in clips], "OR REPLACE")
+        insert_rows(con, "frame_clips",
+                    [{"entry_key": j.entry_key, "video": j.source, "size": j.size, "mtime_ns": j.mtime_ns,
+                      "sampling": json.dumps(p["sampling"]), "shape": c.shape,
+                      "path": store.relative(Path(j.dest)), "bytes": c.bytes, "sha256": c.sha256,
+                      "format": p["format"], "created_at": utcnow()} for j, c in clips], "OR REPLACE")
 
     def check(self, artifact: Artifact, home: Path) -> str:
         """A cached index holds only while its clips have their registered sizes and its videos are
         unchanged (digests cost a read of every clip: they are checked where clips are read)."""
-        rows = pq.read_table(artifact.path, columns=["video", "entry_key", "clip_path", "source", "size",
-                                                     "mtime_ns"]).to_pylist()
-        registered = registered_clips(Catalog(home), [r["entry_key"] for r in rows], digests=False)
-        for row in rows:
-            clip = home / row["clip_path"]
-            if not clip.exists():
-                return f"the cached clip of {row['video']} is gone"
-            if not clip_intact(str(clip), *registered.get(row["entry_key"], (-1, None)), verify=False):
-                return f"the cached clip of {row['video']} was altered"
-            try:
-                st = os.stat(row["source"])
-            except FileNotFoundError:
-                return f"video {row['video']} was removed"
-            if (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"]):
-                return f"video {row['video']} changed"
+        index = pq.ParquetFile(artifact.path)
+        columns = ["video", "entry_key", "clip_path", "source", "size", "mtime_ns"]
+        for batch in index.iter_batches(batch_size=CHUNK, columns=columns):  # memory: one chunk, not the list
+            rows = batch.to_pylist()
+            registered = registered_clips(Catalog(home), [r["entry_key"] for r in rows], digests=False)
+            for row in rows:
+                clip = home / row["clip_path"]
+                if not clip.exists():
+                    return f"the cached clip of {row['video']} is gone"
+                if not clip_intact(str(clip), *registered.get(row["entry_key"], (-1, None)), verify=False):
+                    return f"the cached clip of {row['video']} was altered"
+                try:
+                    st = os.stat(row["source"])
+                except FileNotFoundError:
+                    return f"video {row['video']} was removed"
+                if (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+                    return f"video {row['video']} changed"
         return ""
 
     def plan(self, req: Request, inputs: Mapping[str, Resolved] | None, ctx: Context) -> str:
         p = req.params
         return f"decode the videos of list {p['list']} ({p['mode']} sampling {p['sampling']})"
+
+
+class _Decoder:
+    """Decoding processes for the whole command (spawned once, on the first clip to decode), fed one
+    chunk of jobs at a time. Leaving the scope on an error or Ctrl-C stops them at once."""
+
+    def __init__(self, p: Mapping[str, Any], workers: int) -> None:
+        self.work = partial(_decode_one, sampling=p["sampling"], decoder=p["decoder"], fmt=p["format"])
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.before: set[Any] = set()
+
+    def decode(self, todo: Sequence[Job]) -> Iterator[tuple[Job, Clip | None, str]]:
+        if self.workers <= 1 or len(todo) <= 1 and self.pool is None:
+            yield from map(self.work, todo)
+            return
+        if self.pool is None:  # spawn: decord and torch threads do not survive fork reliably
+            self.before = set(active_children())
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                            initializer=_worker_init, initargs=(os.getpid(),))
+        for future in as_completed([self.pool.submit(self.work, job) for job in todo]):
+            yield future.result()
+
+    def __enter__(self) -> _Decoder:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
+        if self.pool is None:
+            return
+        if exc_type is not None:  # Ctrl-C, an error: stop now, not after the chunk
+            for process in set(active_children()) - self.before:
+                process.terminate()
+        self.pool.shutdown(wait=exc_type is None, cancel_futures=True)
 
 
 def _readable(path: str) -> bool:

@@ -92,6 +92,19 @@ def test_missing_videos_fail_unless_skipped(tmp_path: Path, home: Path) -> None:
     assert r.returncode == 0 and "5 clips" in r.stdout
 
 
+def test_a_symlink_loop_or_a_fifo_in_a_list_is_a_failed_video(tmp_path: Path, home: Path) -> None:
+    config = make_dataset(tmp_path, per_class=2, broken=False)
+    loop, fifo = tmp_path / "videos/c0/v1.webm", tmp_path / "videos/c1/v0.webm"
+    loop.unlink()
+    loop.symlink_to(loop)
+    fifo.unlink()
+    os.mkfifo(fifo)
+    r = run_cli("frames", "-d", "toy", "--list", "train", "--config", config, "--home", home, timeout=120)
+    assert r.returncode == 0 and "4 clips" in r.stdout and "2 failed" in r.stdout, r.stdout + r.stderr
+    errors = dict(catalog_rows(home, "SELECT video, error FROM frame_failures"))
+    assert "not a regular file" in errors["c1/v0.webm"] and "c0/v1.webm" in errors
+
+
 def test_shots_draw_is_reproducible(tmp_path: Path, home: Path) -> None:
     config = make_dataset(tmp_path, per_class=4, broken=False)
     for seed in (0, 0, 1):

@@ -8,7 +8,7 @@ import pytest
 
 from cache.errors import UserError
 from stages.formats.classlists import read_class_list
-from stages.formats.videolists import VideoItem, draw_per_class, read_video_list, resolve_videos
+from stages.formats.videolists import VideoItem, draw_per_class, missing_videos, read_video_list
 
 NAMES = ["Pushing something from left to right", "Holding something"]
 
@@ -40,10 +40,12 @@ def test_paths_outside_the_root_are_rejected_and_missing_counted(tmp_path: Path)
     root = tmp_path / "videos"
     root.mkdir()
     (root / "ok.mp4").write_bytes(b"x")
-    paths, missing = resolve_videos([VideoItem("ok.mp4", 0), VideoItem("gone.mp4", 1)], root, tmp_path / "l")
-    assert paths[0] == root / "ok.mp4" and missing == ["gone.mp4"]
+    (root / "loop.mp4").symlink_to(root / "loop.mp4")  # fails as a video, in frames; not missing
+    missing = missing_videos([VideoItem("ok.mp4", 0), VideoItem("gone.mp4", 1), VideoItem("loop.mp4", 2)],
+                             root, tmp_path / "l")
+    assert missing == ["gone.mp4"]
     with pytest.raises(UserError, match="outside the video_root"):
-        resolve_videos([VideoItem("../secret.mp4", 0)], root, tmp_path / "l")
+        missing_videos([VideoItem("../secret.mp4", 0)], root, tmp_path / "l")
 
 
 def test_few_shot_draw_is_reproducible_stratified_and_seed_dependent() -> None:

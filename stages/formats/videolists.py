@@ -112,18 +112,21 @@ def _read_kinetics_csv(path: Path, raw: str, class_names: Sequence[str]) -> Loca
     return items
 
 
-def resolve_videos(items: Sequence[VideoItem], root: Path, list_path: Path) -> tuple[list[Path], list[str]]:
-    """Absolute paths (rejecting any that leave `root`) and the relative paths of missing files."""
+def missing_videos(items: Sequence[VideoItem], root: Path, list_path: Path) -> list[str]:
+    """The relative paths of listed files that do not exist, refusing any path that leaves `root`.
+    A path that cannot be resolved (a symlink loop) is not missing: it fails as a video."""
     root = root.resolve()
-    paths, missing = [], []
+    missing = []
     for it in items:
-        p = (root / it.relpath).resolve()
+        try:
+            p = (root / it.relpath).resolve()
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop, before Python 3.13
+            continue
         if not p.is_relative_to(root):
             raise UserError(f"{list_path}: {it.relpath!r} resolves outside the video_root {root}; refusing it", 2)
-        if not p.is_file():
+        if not p.exists():
             missing.append(it.relpath)
-        paths.append(p)
-    return paths, missing
+    return missing
 
 
 def draw_per_class(items: Sequence[VideoItem], k: int | None, seed: int, class_names: Sequence[str],
