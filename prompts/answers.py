@@ -5,6 +5,11 @@ a sentence over CLIP's context) makes an LLM answer unusable: the client asks ag
 files cannot be asked again, so there fatal problems leave the class out, and the softer
 defects of real files (typos, template drift, parentheses) are kept beside the row in
 `problems`, never hidden.
+
+Answers come from endpoints that may be hostile: every check here takes time linear in the
+answer (no regular expression that backtracks over it; CLIP's tokenizer, quadratic in a word's
+length, sees no phrase over MAX_PHRASE_CHARS), and JSON nested past Python's recursion limit is
+an answer that is not JSON like any other.
 """
 from __future__ import annotations
 
@@ -15,13 +20,17 @@ from dataclasses import dataclass, field
 
 from prompts import sentence_pattern
 
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+_FENCE_OPEN = re.compile(r"```[a-zA-Z]*")
 _NUMBERING = re.compile(r"^\s*(?:\(?\d+[\.\):]|[-*\u2022])\s+")
 _QUOTES = "\"'\u201c\u201d\u2018\u2019`"
 _SENTENCE_BREAK = re.compile(r"[.!?]\s+(?=\S)")
 _VIDEOS_TYPO = re.compile(r"^(an?\s+)videos\b", re.IGNORECASE)
 
 TokenCounter = Callable[[Sequence[str]], list[int]]
+# Far over CLIP's context (a phrase should be under 12 words); counting the tokens of a 100 kB
+# word took 92 s.
+MAX_PHRASE_CHARS = 1000
+_NOT_JSON = object()
 
 
 @dataclass
@@ -65,20 +74,31 @@ def _same_as_class(phrase: str, class_name: str) -> bool:
     return norm(phrase) == norm(class_name)
 
 
+def _unfence(text: str) -> str:
+    """`text` (stripped) without a Markdown code fence around it: ```json ... ```."""
+    opening = _FENCE_OPEN.match(text)
+    if opening:
+        text = text[opening.end():].lstrip()
+    return text[:-3].rstrip() if text.endswith("```") else text
+
+
+def _loads(text: str) -> object:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested past Python's limit, [[[[...]]]]
+        return _NOT_JSON
+
+
 def parse_answer(content: str | None, n: int) -> tuple[list[str] | None, list[str]]:
     """The list of raw phrase strings in an answer, or None with the reasons."""
     if not content or not content.strip():
         return None, ["the answer is empty"]
-    text = _FENCE.sub("", content.strip())
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        match = re.search(r"\{.*\}", text, re.DOTALL)
-        try:
-            data = json.loads(match.group(0)) if match else None
-        except json.JSONDecodeError:
-            data = None
-        if data is None:
+    text = _unfence(content.strip())
+    data = _loads(text)
+    if data is _NOT_JSON:  # perhaps an object in prose: try from its first { to the last }
+        start, end = text.find("{"), text.rfind("}")
+        data = _loads(text[start:end + 1]) if 0 <= start < end else _NOT_JSON
+        if data is _NOT_JSON:
             return None, [f"the answer is not JSON (it starts {text[:60]!r})"]
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -113,7 +133,11 @@ def validate_phrases(items: Sequence[str], n: int, class_name: str, sentence_fra
             fatal.append(f"phrases {seen[p.casefold()] + 1} and {i + 1} are the same")
         seen.setdefault(p.casefold(), i)
     texts = [sentence_frame.format(phrase=p, class_name=class_name) for p in phrases]
-    tokens = count_tokens(texts) if texts else []
+    fatal += [f"phrase {i + 1} is {len(p):,} characters long; keep phrases under 12 words"
+              for i, p in enumerate(phrases) if len(p) > MAX_PHRASE_CHARS]
+    # An overlong phrase is fatal already: its tokens are not counted (it shows 2, the empty text's).
+    counted = [t if len(p) <= MAX_PHRASE_CHARS else "" for p, t in zip(phrases, texts)]
+    tokens = count_tokens(counted) if counted else []
     for i, t in enumerate(tokens):
         if t > context_length:
             fatal.append(f"phrase {i + 1} makes a sentence of {t} tokens, over the "

@@ -3,9 +3,13 @@
 Every attempt (answer or error) is appended to a journal file and fsynced the moment it
 arrives, then copied into the catalog's `llm_requests` in small batches. A process killed
 between the two loses nothing: the next run ingests the journal first, so a paid answer is
-never asked for twice. The API key is never written anywhere and is scrubbed from errors.
+never asked for twice. The API key is never written anywhere: it is scrubbed from errors, masked
+in answers that quote it, and refused in --base-url.
 Whatever the endpoint sends (an event stream, an HTML page, an error object with HTTP 200, odd
-types, a negative Retry-After), one attempt ends as an answer or as one line saying what came.
+types, a negative Retry-After), one attempt ends as an answer or as one line saying what came,
+within the timeout as a wall clock (a server dripping a byte a second is cut there, not read for
+ever) and with at most MAX_ANSWER_BYTES (4 MB) of decoded body in memory: a gzip bomb is not
+inflated past it but ends as "answer larger than 4 MB".
 """
 from __future__ import annotations
 
@@ -15,26 +19,43 @@ import math
 import os
 import random
 import re
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from cache.catalog import Catalog, insert_rows, utcnow
-from cache.errors import UserError, one_line, register_secret
+from cache.errors import UserError, one_line, register_secret, scrub
 from cache.keys import digest_value
 
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"
+NO_KEY = "not-needed"  # sent to local servers named by --base-url when OPENAI_API_KEY is unset
+# A real answer is a few kB; 4 MB of decoded body is plenty, and bounds what a gzip bomb costs.
+MAX_ANSWER_BYTES = 4 * 2**20
 _COLUMNS = ("attempt_id", "request_key", "created_at", "dataset", "class_name", "kind", "model",
             "endpoint_host", "messages", "params", "response_format", "response", "finish_reason",
             "prompt_tokens", "completion_tokens", "latency_s", "status", "error")
 
 
-_CREDENTIAL_NAME = re.compile(r"(?i)key|token|secret|pass|sig|auth|cred")
+_CREDENTIAL_NAME = re.compile(r"(?i)key|token|secret|pass|sig|auth|cred|code")
+
+
+def _key_like(text: str) -> bool:
+    """A key pasted into a URL: a key prefix (sk-, pk_, rk-), a known secret (the API key), or a
+    run of 20+ letters and digits mixed, as random tokens are (deployment names, versions and
+    UUIDs break theirs with - or _)."""
+    if re.match(r"(?i)(?:sk|pk|rk)[-_]", text) or scrub(text) != text:
+        return True
+    return any(len(run) >= 20 and not run.isalpha() and not run.isdigit()
+               for run in re.findall(r"[A-Za-z0-9]+", text))
 
 
 def normalise_endpoint(base_url: str | None) -> str:
@@ -57,6 +78,13 @@ def normalise_endpoint(base_url: str | None) -> str:
     if secret:
         raise ValueError(f"--base-url must not carry credentials in its query ({', '.join(secret)}): it is stored "
                          "with every run; put the API key in OPENAI_API_KEY")
+    # Named by position only: the message must not print the secret it refuses.
+    segments = parts.path.strip("/").split("/")
+    where = [f"path segment {i}" for i, seg in enumerate(segments, 1) if _key_like(unquote(seg))]
+    where += [f"query parameter {i}" for i, pair in enumerate(query, 1) if any(map(_key_like, pair))]
+    if where:
+        raise ValueError(f"--base-url must not carry credentials in its path or query ({', '.join(where)} looks "
+                         "like a key): it is stored with every run; put the API key in OPENAI_API_KEY")
     tail = f"?{urlencode(sorted(query))}" if query else ""
     return f"{parts.scheme}://{parts.hostname}{f':{port}' if port else ''}{parts.path.rstrip('/')}{tail}"
 
@@ -105,6 +133,10 @@ class LLMError(Exception):
 
 class SchemaRejected(LLMError):
     """The endpoint does not take response_format json_schema (llama.cpp answers HTTP 500)."""
+
+
+class AnswerTimeout(Exception):
+    """An attempt still without its whole answer at its deadline: a timeout like the client's own."""
 
 
 def refuses_schema(status: int, detail: str) -> bool:
@@ -169,7 +201,7 @@ def _journal_row(line: bytes) -> dict[str, Any] | None:
     line must neither block the recovery of the others nor break the insert of its batch."""
     try:
         row = json.loads(line)
-    except ValueError:  # not JSON, or not UTF-8
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past Python's limit
         return None
     if not isinstance(row, dict) or not row.get("attempt_id") or not row.get("request_key"):
         return None
@@ -205,7 +237,10 @@ class LLMClient:
         self.endpoint, self.model, self.sampling = endpoint, model, sampling
         self.recorder = recorder
         self.http_retries = http_retries
+        self.timeout = timeout
         register_secret(api_key)
+        # Masked in answers as scrub() masks it in errors (a short key is no secret worth mangling words for).
+        self._key = api_key if len(api_key) >= 6 and api_key != NO_KEY else ""
         self._client = _openai_client(endpoint, api_key, timeout)
         self.sent = 0
         self.prompt_tokens = 0
@@ -214,7 +249,8 @@ class LLMClient:
 
     def complete(self, messages: Sequence[Mapping[str, str]], fmt: Mapping[str, Any], key: str,
                  context: Mapping[str, Any], probing_schema: bool = False) -> Completion:
-        """One answer, retrying 429 (honouring Retry-After), 5xx, timeouts and dropped connections."""
+        """One answer, retrying 429 (honouring Retry-After), 5xx, timeouts and dropped connections.
+        An answer quoting the API key comes back (and is recorded) with the key masked."""
         import openai
 
         last_error = ""
@@ -232,7 +268,7 @@ class LLMClient:
                                           "max_tokens": self.sampling.max_tokens, "response_format": dict(fmt)}
                 if self.sampling.seed is not None:
                     kwargs["seed"] = self.sampling.seed
-                resp = self._client.chat.completions.create(**kwargs)
+                resp = self._create(kwargs, time.monotonic() + self.timeout)
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 detail = _error_text(exc)
@@ -247,18 +283,23 @@ class LLMClient:
                     raise LLMError(last_error) from None
                 _sleep_before_retry(attempt, exc.response.headers.get("retry-after"))
                 continue
-            except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            except (openai.APIConnectionError, openai.APITimeoutError, AnswerTimeout) as exc:
                 last_error = one_line(f"{type(exc).__name__}: {exc}")
                 self.recorder.record({**row, "status": "error", "error": last_error,
                                       "latency_s": time.perf_counter() - started})
                 _sleep_before_retry(attempt, None)
                 continue
-            except (openai.APIError, ValueError) as exc:  # a reply the client could not even read
+            except LLMError as exc:  # a body over MAX_ANSWER_BYTES or not decodable: not retried, it comes again
+                self._give_up(row, started, str(exc))
+            except (openai.APIError, ValueError, RecursionError) as exc:  # a reply the client could not even read
                 self._give_up(row, started, f"the endpoint's answer could not be read: {type(exc).__name__}: {exc}")
             try:
                 done = _completion(resp)
             except LLMError as exc:  # not retried: an endpoint that answers this way does so again
                 self._give_up(row, started, str(exc))
+            if self._key:
+                done.content = done.content.replace(self._key, "***")
+                done.finish_reason = done.finish_reason and done.finish_reason.replace(self._key, "***")
             with self._count_lock:
                 self.prompt_tokens += done.prompt_tokens
                 self.completion_tokens += done.completion_tokens
@@ -269,21 +310,82 @@ class LLMClient:
             return done
         raise LLMError(f"no answer after {self.http_retries + 1} attempts; last: {last_error}")
 
+    def _create(self, kwargs: dict[str, Any], deadline: float) -> Any:
+        """The client's call, given up at `deadline`: its own timeout is per read, which a server
+        sending a byte a second resets for ever. Python cannot stop a thread, so the call is left
+        to end by itself (at its next body read, past the deadline; in the headers, when the server
+        falls silent for the timeout or closes); it records nothing."""
+        done: Future[Any] = Future()
+
+        def call() -> None:
+            _attempt.deadline = deadline
+            try:
+                done.set_result(self._client.chat.completions.create(**kwargs))
+            except BaseException as exc:  # raised in the waiting thread
+                done.set_exception(exc)
+
+        threading.Thread(target=call, name="llm-attempt", daemon=True).start()
+        try:
+            return done.result(timeout=max(0.0, deadline - time.monotonic()))
+        except (FutureTimeout, AnswerTimeout):  # the latter: the call saw the deadline pass first
+            raise AnswerTimeout(f"no whole answer within {self.timeout:g} s") from None
+
     def _give_up(self, row: dict[str, Any], started: float, error: str) -> NoReturn:
         error = one_line(error)
         self.recorder.record({**row, "status": "error", "error": error, "latency_s": time.perf_counter() - started})
         raise LLMError(error)
 
 
+_attempt = threading.local()  # .deadline: when the attempt running in this thread is given up
+
+
 @functools.cache
 def _openai_client(endpoint: str, api_key: str, timeout: float) -> Any:
     """One thread-safe client per endpoint in a process: describe's spatial and temporal stages
-    share its kept-alive connections, and build its TLS context (~30 ms) once."""
-    from openai import OpenAI
+    share its kept-alive connections, and build its TLS context (~30 ms) once. Its bodies are
+    decoded by _bounded_body, never by the HTTP library, which would inflate a gzip body whole."""
+    from openai import DefaultHttpxClient, OpenAI
 
+    http = sys.modules[DefaultHttpxClient.__mro__[1].__module__]  # httpx2 since openai 3, httpx before
+
+    class Body(http.SyncByteStream):
+        def __init__(self, raw: Any, coding: str) -> None:
+            self.raw, self.coding, self.deadline = raw, coding, getattr(_attempt, "deadline", math.inf)
+
+        def __iter__(self) -> Iterator[bytes]:
+            return _bounded_body(self.raw, self.coding, self.deadline)
+
+        def close(self) -> None:
+            self.raw.close()
+
+    def bound(response: Any) -> None:  # runs once the headers are in, before the body is read
+        response.stream = Body(response.stream, response.headers.pop("content-encoding", "identity"))
+
+    client = DefaultHttpxClient(headers={"Accept-Encoding": "gzip, deflate"}, event_hooks={"response": [bound]})
     base, _, query = endpoint.partition("?")
-    return OpenAI(base_url=base, api_key=api_key, max_retries=0, timeout=timeout,
+    return OpenAI(base_url=base, api_key=api_key, max_retries=0, timeout=timeout, http_client=client,
                   default_query=dict(parse_qsl(query, keep_blank_values=True)) or None)
+
+
+def _bounded_body(raw: Iterable[bytes], coding: str, deadline: float) -> Iterator[bytes]:
+    """The decoded body, never more than MAX_ANSWER_BYTES of it inflated, nor read past `deadline`."""
+    coding = coding.strip().lower() or "identity"
+    if coding not in ("identity", "gzip", "x-gzip", "deflate"):
+        raise LLMError(f"the endpoint's answer is in Content-Encoding {coding!r}, which is not read")
+    inflate = None if coding == "identity" else zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header
+    size = 0
+    for chunk in raw:
+        if time.monotonic() > deadline:  # the waiting thread gave up: stop reading a drip
+            raise AnswerTimeout("the answer was still arriving at the deadline")
+        if inflate is not None:
+            try:  # max_length: not one byte more than could still fit under the cap
+                chunk = inflate.decompress(chunk, MAX_ANSWER_BYTES + 1 - size)
+            except zlib.error as exc:
+                raise LLMError(f"the endpoint's {coding} answer cannot be decoded: {exc}") from None
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise LLMError(f"answer larger than {MAX_ANSWER_BYTES // 2**20} MB (decoded); not read further")
+        yield chunk
 
 
 def _completion(resp: Any) -> Completion:
@@ -350,7 +452,7 @@ def resolve_api_key(base_url_given: bool) -> str:
     if key:
         return key
     if base_url_given:
-        return "not-needed"  # local servers (llama.cpp, vLLM, Ollama) accept any key
+        return NO_KEY  # local servers (llama.cpp, vLLM, Ollama) accept any key
     raise UserError("no LLM endpoint configured: set OPENAI_API_KEY for OpenAI, or pass --base-url "
                     "(or OPENAI_BASE_URL) for another OpenAI-compatible server, or import descriptions "
                     "with --from-file", 2)

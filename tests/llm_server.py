@@ -18,11 +18,16 @@ prints its base URL as the first stdout line and serves until `--idle-timeout` s
 without requests, its parent dies, or its stdin pipe is closed.  `GET /_stats` answers the counters
 (`stats()`) without being counted; `--stats-file` rewrites them after every request, which costs
 milliseconds per request once many classes were asked.  Standard library only.
+
+Beyond the protocol, `leak_key=True` puts the presented API key into every answer's phrases,
+`drip=S` sends every chat reply, status line included, one byte per S seconds, and `gzip=True`
+compresses every chat reply (Content-Encoding: gzip), as api.openai.com does.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -34,9 +39,11 @@ import stat
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -68,7 +75,20 @@ HOSTILE: tuple[str, ...] = (
     "empty_choice",  # choices: [{}]
     "error_200",  # HTTP 200 whose body is an error object
     "tool_calls",  # the message holds tool_calls only, content null
+    "deep_nesting",  # content is the string [[[...]]], nested deeper than Python's recursion limit
+    "deep_body",  # content is that array itself, so the body is nested as deep
+    "gzip_bomb",  # Content-Encoding: gzip, ~100 kB that inflate to 100 MB of zeros
 )
+DEEP = 100_000  # nesting depth of "deep_nesting" and "deep_body"
+
+
+@functools.cache
+def gzip_bomb(size: int = 100 * 2**20) -> bytes:
+    """`size` zero bytes, gzip-compressed (about 1000:1)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(2**20)
+    return b"".join([*(packer.compress(zeros) for _ in range(size // len(zeros))), packer.flush()])
+
 
 _CLASS_RE = re.compile(r"^\s*Class:\s*(.+?)\s*$", re.MULTILINE)
 _KIND_RE = re.compile(r"^\s*Kind:\s*(spatial|temporal)\b", re.MULTILINE | re.IGNORECASE)
@@ -271,6 +291,9 @@ class LLMServer:
         stats_file: str | os.PathLike[str] | None = None,
         echo_key: bool = False,
         fail_first: int = 0,
+        leak_key: bool = False,
+        drip: float = 0.0,
+        gzip: bool = False,
     ) -> None:
         self._misbehaviours = list(MISBEHAVIOURS if misbehaviours is None else misbehaviours)
         self._always = dict(always_misbehave or {})
@@ -293,6 +316,9 @@ class LLMServer:
         self._retry_after = retry_after  # any string, e.g. "-5" or "nan" as broken proxies send
         self._echo_key = echo_key  # error bodies quote the presented key, as some endpoints do
         self._fail_first = fail_first  # the first N chat requests get a generic HTTP 500
+        self._leak_key = leak_key  # answers quote the presented key inside their phrases
+        self._drip = drip  # seconds between the bytes of a chat reply
+        self._gzip = gzip
         self._stats_file = Path(stats_file) if stats_file is not None else None
 
         self._lock = threading.Lock()
@@ -526,7 +552,8 @@ class LLMServer:
             message = "The server had an error while processing your request. Sorry about that!"
             return _Reply(500, _error("server_error", message), delay=self._latency)
 
-        content, finish_reason = self._content(ask, None if misbehaviour in HOSTILE else misbehaviour)
+        leak = authorization.removeprefix("Bearer ") if self._leak_key and authorization else ""
+        content, finish_reason = self._content(ask, None if misbehaviour in HOSTILE else misbehaviour, leak)
         if ask.max_tokens is not None and count_tokens(content) > ask.max_tokens:
             # Real endpoints stop generating at max_tokens: the answer is cut, finish_reason "length".
             content = content[: list(_TOKEN_RE.finditer(content))[ask.max_tokens - 1].end()]
@@ -581,6 +608,15 @@ class LLMServer:
                 completion["choices"] = [{}]
             case "error_200":
                 return _Reply(200, _error("server_error", "upstream model overloaded", 503), delay=self._latency)
+            case "deep_nesting":
+                message["content"] = "[" * DEEP + "]" * DEEP
+            case "deep_body":  # json.dumps cannot write it: splice it into the body
+                message["content"] = "@deep@"
+                data = json.dumps(completion).replace('"@deep@"', "[" * DEEP + "]" * DEEP).encode()
+                return _Reply(200, {}, raw=("application/json", data), delay=self._latency)
+            case "gzip_bomb":
+                return _Reply(200, {}, headers={"Content-Encoding": "gzip"}, raw=("application/json", gzip_bomb()),
+                              delay=self._latency)
             case "tool_calls":
                 message["content"] = None
                 message["tool_calls"] = [{"id": "call_0", "type": "function",
@@ -590,10 +626,11 @@ class LLMServer:
                 raise AssertionError(misbehaviour)
         return _Reply(200, completion, delay=self._latency, accepted_key=accepted)
 
-    def _content(self, ask: _Ask, misbehaviour: str | None) -> tuple[str, str]:
-        """(message content, finish_reason) for a 200 answer, well-formed or broken on purpose."""
+    def _content(self, ask: _Ask, misbehaviour: str | None, leak: str = "") -> tuple[str, str]:
+        """(message content, finish_reason) for a 200 answer, well-formed or broken on purpose;
+        `leak` is appended to every phrase."""
         n = ask.count
-        phrases = descriptions_for(ask.class_name, ask.kind, n)
+        phrases = [f"{p} (key {leak})" if leak else p for p in descriptions_for(ask.class_name, ask.kind, n)]
         digest = self._digest(ask.class_name, ask.kind)
         items: list[Any]
         match misbehaviour:
@@ -719,7 +756,14 @@ class _Handler(BaseHTTPRequestHandler):
             # Recorded before sending, so the stats are up to date once the client has the answer.
             if reply.accepted_key is not None:
                 app._record_accepted(reply.accepted_key)
-            self._send(reply)
+            if app._gzip and reply.raw is None:
+                packer = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+                data = packer.compress(json.dumps(reply.body).encode()) + packer.flush()
+                reply.raw, reply.headers = ("application/json", data), {**reply.headers, "Content-Encoding": "gzip"}
+            if app._drip > 0:
+                self._drip(reply, app._drip)
+            else:
+                self._send(reply)
 
     def _read_body(self) -> bytes:
         # Read the whole body even when it is not used, or the next request on this connection breaks.
@@ -746,6 +790,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+    def _drip(self, reply: _Reply, every: float) -> None:
+        """The reply, status line first, one byte per `every` seconds, until done or stopped."""
+        content_type, data = reply.raw or ("application/json", json.dumps(reply.body).encode())
+        headers = {"Content-Type": content_type, "Content-Length": str(len(data)), **reply.headers}
+        head = (f"HTTP/1.1 {reply.status} {HTTPStatus(reply.status).phrase}\r\n"
+                + "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n").encode()
+        self.close_connection = True
+        payload = head + data
+        for i in range(len(payload)):
+            if self.server.app._stopping.wait(every):
+                return
+            self.wfile.write(payload[i : i + 1])
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per request would drown test output

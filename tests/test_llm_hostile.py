@@ -23,6 +23,8 @@ NOT_AN_ANSWER = {
     "empty_choice": "holds no message",
     "error_200": "HTTP 200 with an error: upstream model overloaded",
     "tool_calls": "tool calls only",
+    "deep_body": "could not be read: RecursionError",
+    "gzip_bomb": "answer larger than 4 MB",
 }
 
 
