@@ -7,22 +7,43 @@ per-view softmax probabilities summed over the views. The evaluate stage, the fe
 """
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from msta.video.decode import Sampling, decode_clip
-from msta.video.transforms import multi_views
+from msta.video.transforms import Clip, multi_views
+
+# How much one forward pass of `predict` or `msta.classify` holds: a video's views (whole clips, at least
+# one) and class names are encoded this many at a time, so memory does not grow with --clips x --crops or
+# with the number of names (100,000 --labels in one batch took 10.5 GB).
+VIEW_BATCH = 8
+TEXT_BATCH = 256
 
 
-def video_views(path: str | os.PathLike[str], sampling: Sampling, size: int, crops: int, mean: Sequence[float],
-                std: Sequence[float], decoder: str) -> torch.Tensor:
-    """A video file's test views, float (clips * crops, T, 3, size, size): decoded and sampled as the
-    `frames` stage caches a test list, cropped as the evaluate stage crops it."""
-    return multi_views(decode_clip(path, sampling, decoder=decoder), size, crops, mean, std)
+def view_batches(clip_uint8: Clip, size: int, crops: int, mean: Sequence[float],
+                 std: Sequence[float]) -> Iterator[torch.Tensor]:
+    """The test views of decoded (S, T, H, W, 3) clips, as multi_views gives them and in its order, a few
+    whole clips (about VIEW_BATCH views) at a time: never all of a video's views as floats at once."""
+    step = max(1, VIEW_BATCH // crops)
+    for start in range(0, len(clip_uint8), step):
+        yield multi_views(clip_uint8[start:start + step], size, crops, mean, std)
+
+
+def video_probs(model: Any, batches: Iterable[torch.Tensor], class_emb: torch.Tensor) -> torch.Tensor:
+    """(C,): one video's per-view softmax averaged over all its views, given as (V, T, 3, H, W) batches."""
+    total, views = torch.zeros(class_emb.shape[0], device=class_emb.device), 0
+    for batch in batches:
+        total += view_scores(model, embed_views(model, batch[None].to(class_emb.device)), class_emb)[0]
+        views += batch.shape[0]
+    return total / views
+
+
+def encode_names(model: Any, names: Sequence[str]) -> torch.Tensor:
+    """(N, D) normalised embeddings of class names through the model's template and text branch,
+    TEXT_BATCH names at a time."""
+    return torch.cat([model.encode_classes(list(names[i:i + TEXT_BATCH])) for i in range(0, len(names), TEXT_BATCH)])
 
 
 def embed_views(model: Any, views: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ def catalog_rows(home: Path, sql: str) -> list[tuple]:
 
     con = duckdb.connect(str(home / "catalog.duckdb"), read_only=True)
     try:
+        con.execute("SET file_search_path = ?", [str(home)])  # the stored views name paths under the home
         return con.execute(sql).fetchall()
     finally:
         con.close()

@@ -3,7 +3,9 @@ frozen CLIP. A read-only consumer of artifacts: nothing is written unless `--sav
 
 Each video is decoded and sampled as the `frames` stage samples a test list, cropped and scored as
 the evaluate stage scores it (msta/inference.py); the probabilities shown are the per-view softmax
-averaged over the views. A video that cannot be read is a row with its error, never a crash.
+averaged over the views. A video that cannot be read is a row with its error, never a crash; one that
+is no regular file (a FIFO would block for ever) is such a row without being opened. Views and names
+are encoded a batch at a time, so memory does not grow with --clips x --crops or with --labels.
 """
 from __future__ import annotations
 
@@ -11,12 +13,16 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cache.errors import UserError
 from pipeline.commands.export import run_views
 from pipeline.commands.runs import TrainedRun, run_description
 
+if TYPE_CHECKING:
+    from stages.formats.classlists import ClassName
+
+NOT_REGULAR = "not a regular file (a pipe, socket or device)"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ogv")
 
 
@@ -32,11 +38,8 @@ class Classifier:
     name: str  # the model's identity in the output and in `predictions`: run key, folder or frozen:BACKBONE
     configuration: str  # what the model is, e.g. `MSTA w/o L_CC #1f0c9a2e (seed 1, split 1, last weights)`
 
-    def with_labels(self, path: Path) -> Classifier:
-        """Open vocabulary: the class names of a label file, encoded by this model's text branch."""
-        from stages.formats.classlists import read_class_list
-
-        classes = read_class_list(path)
+    def with_labels(self, classes: list[ClassName]) -> Classifier:
+        """Open vocabulary: the class names of a label file (read_labels), encoded by this model's text branch."""
         names = [c.name for c in classes]
         return replace(self, class_ids=[c.class_id for c in classes], class_names=names, prompts=names)
 
@@ -86,7 +89,7 @@ def from_export(folder: Path, backbone: str | None, pretrained: str | None, devi
     except (ExportError, BackboneError) as exc:  # other weights, a damaged adapter file, a wrong architecture
         raise UserError(str(exc).replace("pretrained=", "--pretrained "), 2) from None
     cfg = video.config
-    views = {k: int(cfg[k]) for k in ("frames", "test_clips", "test_crops", "test_short_side")}
+    views = {k: cfg[k] for k in ("frames", "test_clips", "test_crops", "test_short_side")}  # checked by read_config
     what = run_description(str(cfg.get("run_key", "?")), cfg.get("configuration", "exported run"), cfg.get("seed", "?"),
                            cfg.get("split", "?"), cfg.get("selection", "?"))
     return Classifier(video.model, video.model.backbone, [c["id"] for c in cfg["classes"]], video.class_names,
@@ -109,6 +112,27 @@ def frozen_clip(backbone: str, pretrained: str | None, config: Any, dataset: str
                       [c.name for c in classes], [c.name for c in classes], views, f"frozen:{backbone}", f"frozen CLIP (frame mean) {backbone}")
 
 
+def read_labels(path: Path) -> list[ClassName]:
+    """--labels: a class list in any format; refused (exit 2, naming the file) when it is no regular file,
+    holds more names than predict encodes, or names that describe would refuse as one (`moving up`,
+    `Moving Up`, `moving_up`: the same text to CLIP, so the same scores)."""
+    from msta.api import MAX_CLASSES
+    from stages.describe import refuse_shared_names
+    from stages.formats.classlists import read_class_list
+
+    if not path.is_file():
+        raise UserError(f"--labels {path}: {NOT_REGULAR if path.exists() else 'no such file'}", 2)
+    classes = read_class_list(path)
+    if len(classes) > MAX_CLASSES:
+        raise UserError(f"--labels {path}: {len(classes):,} class names, more than the {MAX_CLASSES:,} predict "
+                        "scores at once; split the file", 2)
+    try:
+        refuse_shared_names([(c.class_id, c.raw_name, c.name) for c in classes])
+    except UserError as exc:
+        raise UserError(f"--labels {path}: {exc}", 2) from None
+    return classes
+
+
 def find_videos(paths: Iterable[Path]) -> list[Path]:
     """Files as given (a non-video file becomes an error row), folders searched recursively for video files."""
     found: list[Path] = []
@@ -126,30 +150,32 @@ def predict(clf: Classifier, videos: list[Path], top_k: int, decoder: str, devic
     import torch
     from tqdm import tqdm
 
-    from msta.inference import embed_views, video_views, view_scores
+    from msta.api import Preprocess
+    from msta.inference import encode_names, video_probs
     from msta.method.runtime import autocast
-    from msta.video.decode import Sampling
 
     if not clf.class_names:
         raise UserError("no class names to score: give --labels FILE (or --dataset D with --frozen)", 2)
-    v = clf.views
-    sampling = Sampling("test", frames=v["frames"], clips=v["test_clips"], short_side=v["test_short_side"])
-    b = clf.backbone
+    v, b = clf.views, clf.backbone
+    preprocess = Preprocess(v["frames"], v["test_clips"], v["test_crops"], v["test_short_side"], b.image_size,
+                            tuple(b.mean), tuple(b.std), decoder)  # as msta.classify sees a video
     out = []
     with torch.no_grad(), autocast(device, precision):
-        class_emb = clf.model.encode_classes(clf.prompts)
+        class_emb = encode_names(clf.model, clf.prompts)
         for video in tqdm(videos, desc="predict", unit="video", disable=not progress):
             error = _unreadable(video)
             if not error:
                 try:
-                    views = video_views(video, sampling, b.image_size, v["test_crops"], b.mean, b.std, decoder)
+                    batches = preprocess.batches(video)
                 except Exception as exc:  # a broken file is a row of the output, whatever the decoder raised
                     error = _message(video, exc)
+            if not error:
+                probs = video_probs(clf.model, batches, class_emb)
+                if not torch.isfinite(probs).all():  # NaN weights (a diverged run, a frozen backbone): never NaN out
+                    error = f"{video}: the model's scores are not finite (NaN or inf); its weights are damaged"
             if error:
                 out.append(Prediction(str(video), [], error))
                 continue
-            probs = view_scores(clf.model, embed_views(clf.model, views[None].to(device)), class_emb)[0]
-            probs = probs / views.shape[0]  # summed over views -> their mean: a distribution over the classes
             top = probs.topk(min(top_k, len(clf.class_names)))
             out.append(Prediction(str(video), [(clf.class_ids[i], clf.class_names[i], float(p))
                                                for p, i in zip(top.values.tolist(), top.indices.tolist())]))
@@ -161,6 +187,8 @@ def _unreadable(path: Path) -> str:
         return f"{path}: no such file or folder"
     if path.is_dir():
         return f"{path}: no video files ({' '.join(VIDEO_SUFFIXES)}) in this folder"
+    if not path.is_file():
+        return f"{path}: {NOT_REGULAR}, not read"
     return ""
 
 
@@ -195,7 +223,8 @@ def jsonl(clf: Classifier, predictions: list[Prediction]) -> Iterable[str]:
     for p in predictions:
         yield json.dumps({"video": p.video, "error": p.error, **model} if p.error else
                          {"video": p.video, "top": [{"class_id": cid, "class": name, "prob": round(prob, 6)}
-                                                    for cid, name, prob in p.top], **model})
+                                                    for cid, name, prob in p.top], **model},
+                         allow_nan=False)  # strict JSON: predict() turns non-finite scores into error rows
 
 
 def save_predictions(catalog: Any, clf: Classifier, predictions: list[Prediction], echo: Callable[[str], None]) -> None:
@@ -219,14 +248,18 @@ def predict_command(videos: list[Path], run: str | None, dataset: str | None, mo
                     strict: bool, save: bool, no_progress: bool, home: Path | None, config: Path | None) -> None:
     import typer
 
+    from msta.api import VIEW_LIMITS
     from pipeline.commands import session
     from pipeline.commands.configs import resolve_device
     from pipeline.commands.dag import default_decoder
     from pipeline.commands.export import read_export
-    from pipeline.commands.flags import COUNT, check_flags
+    from pipeline.commands.flags import COUNT, Limit, check_flags
     from pipeline.commands.runs import trained_run
 
-    check_flags({"clips": clips, "crops": crops, "top_k": top_k}, {"clips": COUNT, "crops": COUNT, "top_k": COUNT})
+    # the bounds of an export's own views: 20000 clips were killed at 23.5 GB
+    check_flags({"clips": clips, "crops": crops, "top_k": top_k},
+                {"clips": Limit(1, VIEW_LIMITS["test_clips"]), "crops": Limit(1, VIEW_LIMITS["test_crops"]),
+                 "top_k": COUNT})
     if fmt not in ("table", "jsonl", "csv"):
         raise UserError("--format must be table, jsonl or csv", 2)
     if selection not in ("last", "best-heldout"):
@@ -241,11 +274,10 @@ def predict_command(videos: list[Path], run: str | None, dataset: str | None, mo
                         "--frozen", 2)
     if (backbone or pretrained) and not (frozen or model is not None):
         raise UserError("--backbone/--pretrained go with --frozen or --model; a run knows its backbone", 2)
-    if labels is not None and not labels.is_file():
-        raise UserError(f"--labels {labels}: no such file", 2)
-    # the model's files first: a wrong folder or key is told before torch loads
+    # the model's files and the labels first: a wrong folder, key or label file is told before a model loads
     if model is not None:
         read_export(model)
+    label_classes = read_labels(labels) if labels is not None else None
     tr = trained_run(session.make_runner(home), dataset, run) if not (frozen or model) else None
     device, precision = resolve_device(device, precision)
     torch_device = session.torch_device(device)
@@ -255,8 +287,8 @@ def predict_command(videos: list[Path], run: str | None, dataset: str | None, mo
         clf = frozen_clip(*session.backbone_pair(backbone, pretrained), session.load_config(config), dataset, torch_device)
     else:
         clf = from_run(session.home_dir(home), session.load_config(config), tr, selection, torch_device)
-    if labels is not None:
-        clf = clf.with_labels(labels)
+    if label_classes is not None:
+        clf = clf.with_labels(label_classes)
     clf = clf.with_views(clips, crops)
     predictions = predict(clf, find_videos(videos), top_k, decoder or default_decoder(), torch_device,
                             precision, not no_progress)
