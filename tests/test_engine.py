@@ -163,11 +163,11 @@ def test_crash_between_file_write_and_registration(home: Path, tmp_path: Path,
     real = runner.catalog.transaction
     calls = {"n": 0}
 
-    def dying_transaction():
+    def dying_transaction(wait=None):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 2:  # the 1st records the start; the 2nd would register the artifact
             raise KeyboardInterrupt("killed after the file was written")
-        return real()
+        return real(wait)
 
     monkeypatch.setattr(runner.catalog, "transaction", dying_transaction)
     with pytest.raises(KeyboardInterrupt):

@@ -188,7 +188,8 @@ class DescribeOptions:
                     limit=NON_NEGATIVE)
     max_reasks: int = opt(2, "How often an invalid answer is answered back per class", limit=NON_NEGATIVE)
     concurrency: int = opt(8, "Requests in flight", limit=COUNT, key=LOCATOR)
-    timeout: float = opt(60.0, "Seconds per request before it counts as failed", limit=POSITIVE, key=LOCATOR)
+    timeout: float = opt(60.0, "Seconds (wall clock) an attempt may take, answer included, before it counts "
+                               "as failed and is retried", limit=POSITIVE, key=LOCATOR)
     prompt_dir: str | None = opt(None, "Folder with your own system.j2, spatial.j2, temporal.j2, reask.j2, "
                                  "frames.toml", default_text="the packaged prompts/", key=INPUTS)
     from_file: str | None = opt(None, "Import descriptions instead of asking an LLM: the MSTA authors' "
