@@ -95,8 +95,7 @@ class Catalog:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def _open(self, read_only: bool, config: Mapping[str, Any] | None = None,
-              wait: float | None = None) -> duckdb.DuckDBPyConnection:
+    def _open(self, read_only: bool, wait: float | None = None) -> duckdb.DuckDBPyConnection:
         """A connection, retried for `wait` seconds (default: the catalog's) while another process
         holds the file; with wait=math.inf it waits as long as that takes, saying so once."""
         wait = self.wait_seconds if wait is None else wait
@@ -104,7 +103,7 @@ class Catalog:
         delay, said = 0.02, False
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only, config=dict(config or {}))
+                return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.IOException as exc:
                 m = _LOCK_HOLDER.search(str(exc))
                 if m is None:
@@ -142,16 +141,14 @@ class Catalog:
                         kept.close()
 
     @contextmanager
-    def _connection(self, read_only: bool, config: Mapping[str, Any] | None = None, wait: float | None = None
-                    ) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A cursor on the kept instance inside a `kept_open` scope, else (or with settings of its own)
-        a connection of its own."""
+    def _connection(self, read_only: bool, wait: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor on the kept instance inside a `kept_open` scope, else a connection of its own."""
         with _KEPT_LOCK:
-            kept = _KEPT.get(self.path.resolve()) if config is None else None
+            kept = _KEPT.get(self.path.resolve())
             if kept is not None:
                 con = kept.cursor(lambda: self._open(read_only=False, wait=wait))
         if kept is None:
-            con = self._open(read_only, config, wait)
+            con = self._open(read_only, wait)
         try:
             yield con
         finally:
@@ -183,20 +180,21 @@ class Catalog:
                 raise
 
     @contextmanager
-    def reader(self, config: Mapping[str, Any] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        self._require()
+        with self._connection(read_only=True) as con:
+            yield con
+
+    def _require(self) -> None:
         if not self.exists():
             raise UserError(f"no catalog at {self.path}: run a stage first "
                             "(e.g. `msta-pipe describe`), or pass the right --home", 2)
-        with self._connection(read_only=True, config=config) as con:
-            yield con
 
     @contextmanager
     def snapshot(self) -> Iterator[Path]:
         """A private copy of the catalog file, for a user's SQL. It is taken under a read-only hold
         of the file (a writer waits as long as copying takes, never for a query) and deleted after."""
-        if not self.exists():
-            raise UserError(f"no catalog at {self.path}: run a stage first "
-                            "(e.g. `msta-pipe describe`), or pass the right --home", 2)
+        self._require()
         with tempfile.TemporaryDirectory(prefix="msta-sql-") as tmp:
             copy = Path(tmp) / self.path.name
             with self._connection(read_only=True):  # a shared hold: no writer changes the file meanwhile

@@ -25,9 +25,9 @@ def opens(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     seen: list[bool] = []
     real = Catalog._open
 
-    def counting(self: Catalog, read_only: bool, config=None, wait=None):  # type: ignore[no-untyped-def]
+    def counting(self: Catalog, read_only: bool, wait=None):  # type: ignore[no-untyped-def]
         seen.append(read_only)
-        return real(self, read_only, config, wait)
+        return real(self, read_only, wait)
 
     monkeypatch.setattr(Catalog, "_open", counting)
     return seen
