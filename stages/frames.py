@@ -153,13 +153,14 @@ class FramesStage(Stage):
         present = [it for it in items if it.relpath not in missing_set]
         clips = Deferred(ctx.catalog, partial(self._register, ctx.store, p), batch=64)
         failures: dict[str, str] = {}
-        index: list[pa.RecordBatch] = []
         decoded = total_bytes = 0
         started = time.perf_counter()
-        # In chunks: per-video objects (jobs, registered clips, rows) live for one chunk, so memory
-        # does not grow with the list; only the index itself (columns, ~0.3 kB a video) is kept.
-        with tqdm(total=len(present), desc=f"frames {p['list']}", unit="clip",
-                  disable=not ctx.option("progress", True)) as bar, \
+        # In chunks: per-video objects (jobs, registered clips, rows) live for one chunk, and the
+        # index goes to disk chunk by chunk, so memory does not grow with the list.
+        index = ctx.store.table_sink("frame_index", INDEX_SCHEMA)
+        with index.discarded_on_error(), \
+                tqdm(total=len(present), desc=f"frames {p['list']}", unit="clip",
+                     disable=not ctx.option("progress", True)) as bar, \
                 _Decoder(p, int(req.locators.get("workers", 1))) as decoder:
             try:
                 for first in range(0, len(present), CHUNK):
@@ -175,7 +176,7 @@ class FramesStage(Stage):
                         clips.add([(job, clip)])
                     kept = [(j, label) for j, label in jobs if j.video not in failures]
                     total_bytes += sum(os.path.getsize(j.dest) for j, _ in kept)
-                    index.append(pa.RecordBatch.from_pylist(
+                    index.write(pa.RecordBatch.from_pylist(
                         [{"video": j.video, "label": label, "entry_key": j.entry_key,
                           "clip_path": ctx.store.relative(Path(j.dest)), "source": j.source, "size": j.size,
                           "mtime_ns": j.mtime_ns} for j, label in kept], schema=INDEX_SCHEMA))
@@ -184,10 +185,8 @@ class FramesStage(Stage):
                 ctx.echo(f"       interrupted: the {decoded} clips decoded so far are cached; a rerun decodes "
                          "only the others")
                 raise
-        clips.flush()
-        table = pa.Table.from_batches(index, schema=INDEX_SCHEMA)
-        del index
-        n = table.num_rows
+            clips.flush()
+        n = index.num_rows
         summary = {"videos": len(items), "clips": n, "decoded": decoded, "cached": n - decoded,
                    "failed": len(failures), "missing": len(missing), "repeated": repeated, "bytes": total_bytes,
                    "seconds": round(time.perf_counter() - started, 3)}
@@ -201,7 +200,10 @@ class FramesStage(Stage):
         def publish(con, artifact: Artifact) -> None:
             target = ctx.target
             con.execute("DELETE FROM frame_index WHERE target = ?", [target])
-            con.register("_index", table.select(["video", "label", "entry_key"]))
+            columns = ["video", "label", "entry_key"]
+            rows = pq.ParquetFile(artifact.path).iter_batches(batch_size=CHUNK, columns=columns)
+            schema = pa.schema([INDEX_SCHEMA.field(c) for c in columns])
+            con.register("_index", pa.RecordBatchReader.from_batches(schema, rows))  # streamed, not loaded
             try:
                 con.execute("""INSERT INTO frame_index BY NAME SELECT ? AS target, ? AS artifact, ? AS dataset,
                                ? AS list, video, label, entry_key FROM _index""",
@@ -214,7 +216,7 @@ class FramesStage(Stage):
                           "created_at": utcnow()} for v, e in failures.items()])
 
         # `failed` lets --strict judge a cached result too
-        output = Output(kind="frame_index", table=table, publish=publish, summary=summary,
+        output = Output(kind="frame_index", rows=index, publish=publish, summary=summary,
                         meta={"dataset": p["dataset"], "list": p["list"], "sampling": p["sampling"],
                               "failed": len(failures), "failed_videos": sorted(failures)[:3],
                               "missing": len(missing), "repeated": repeated})

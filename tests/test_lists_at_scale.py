@@ -72,3 +72,53 @@ def test_too_many_held_out_videos_names_the_held_out_flag(tmp_path: Path, world:
                 "--no-consistency", "--epochs", "1", *TINY, "--config", world / "msta.toml", "--home", tmp_path / "h")
     assert r.returncode == 2 and "cannot draw 20 videos per class" in r.stderr
     assert "lower --heldout-per-class" in r.stderr and "--shots" not in r.stderr.split("videos per class:")[1]
+
+
+def test_a_long_index_goes_to_disk_in_row_groups_with_a_digest_of_its_rows(tmp_path: Path) -> None:
+    """`frames` writes its index chunk by chunk (cache.store.TableSink): the same rows in the same
+    batches give the same digest, any other row another; the saved file carries the provenance and
+    is read one row group at a time; an error while writing leaves no temporary behind."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cache.store import ROW_GROUP, Store, table_digest
+
+    store = Store(tmp_path)
+    schema = pa.schema([("video", pa.string()), ("label", pa.int32())])
+
+    def batch(first: int, n: int) -> pa.RecordBatch:
+        return pa.RecordBatch.from_pylist([{"video": f"v{i}.mp4", "label": i % 7} for i in range(first, first + n)],
+                                          schema=schema)
+
+    def digest_of(batches: list[pa.RecordBatch]) -> str:
+        sink = store.table_sink("frame_index", schema)
+        for b in batches:
+            sink.write(b)
+        digest = sink.finish()
+        sink.discard()
+        return digest
+
+    rows = [batch(0, 3000), batch(3000, 2000)]
+    assert digest_of(rows) == digest_of([batch(0, 3000), batch(3000, 2000)])
+    assert digest_of(rows) != digest_of([batch(0, 3000), batch(3001, 2000)])
+    assert digest_of([batch(0, 10)]) == table_digest(pa.Table.from_batches([batch(0, 10)]))  # one batch: as before
+
+    sink = store.table_sink("frame_index", schema)
+    with sink.discarded_on_error():
+        for b in rows:
+            sink.write(b)
+    out = tmp_path / "index.parquet"
+    sink.save(out, {"stage": "frames", "list": "train"})
+    saved = pq.ParquetFile(out)
+    assert saved.metadata.num_rows == 5000 == sink.num_rows
+    assert max(saved.metadata.row_group(i).num_rows for i in range(saved.num_row_groups)) == ROW_GROUP
+    assert saved.schema_arrow.metadata[b"msta.list"] == b'"train"'
+    assert saved.read().to_pylist() == pa.Table.from_batches(rows).to_pylist()
+    assert list((tmp_path / "artifacts" / "frame_index").iterdir()) == []  # the temporary is gone
+
+    with pytest.raises(KeyboardInterrupt):
+        broken = store.table_sink("frame_index", schema)
+        with broken.discarded_on_error():
+            broken.write(batch(0, 5))
+            raise KeyboardInterrupt
+    assert list((tmp_path / "artifacts" / "frame_index").iterdir()) == []

@@ -306,6 +306,10 @@ class Runner:
             digest = table_digest(output.table)
             path = self.store.artifact_path(output.kind, digest, output.ext or ".parquet")
             write_parquet(path, output.table, {**provenance, **output.meta})
+        elif output.rows is not None:
+            digest = output.rows.finish()
+            path = self.store.artifact_path(output.kind, digest, ".parquet")
+            output.rows.save(path, {**provenance, **output.meta})
         elif output.data is not None:
             digest = sha256_bytes(output.data)
             path = self.store.artifact_path(output.kind, digest, output.ext)
@@ -316,7 +320,7 @@ class Runner:
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(output.file, path)
         else:
-            raise ValueError("a stage output needs a table, data or a file")
+            raise ValueError("a stage output needs a table, rows, data or a file")
         artifact = Artifact(digest, output.kind, path, dict(output.meta))
         file_sha = sha256_file(path)
         # A stage's finished work is recorded whatever another process's hold on the catalog costs.

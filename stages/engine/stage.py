@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from cache.catalog import Catalog
-    from cache.store import Store
+    from cache.store import Store, TableSink
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,16 @@ def path_of(r: Resolved) -> Path:
 
 @dataclass
 class Output:
-    """What `Stage.run` returns: exactly one of `table`, `data` or `file` is the artifact (a file's
-    digest is its sha256 unless the stage gives a logical `digest`).
+    """What `Stage.run` returns: exactly one of `table`, `rows`, `data` or `file` is the artifact (a
+    file's digest is its sha256 unless the stage gives a logical `digest`; `rows` is a table written
+    batch by batch, for one too long to hold).
 
     `publish` runs inside the transaction that registers the artifact, so catalog tables that
     mirror an artifact (descriptions, classes, ...) change together with it or not at all.
     """
     kind: str
     table: "pa.Table | None" = None
+    rows: "TableSink | None" = None
     digest: str | None = None  # a file output's logical digest, when its bytes are not stable
     data: bytes | None = None
     file: Path | None = None
