@@ -97,6 +97,26 @@ def test_a_kept_instance_is_let_go_between_frequent_transactions(home: Path, ope
     assert 3 <= len(opens) < i  # the file was free between some transactions, yet most shared one opening
 
 
+def test_a_stages_own_work_lets_the_kept_instance_go(home: Path, opens: list[bool],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage's run (`let_go`): the kept instance is closed on entry, its transactions open their
+    own (nothing accumulates in one instance over thousands of batches), and the scope's sharing
+    resumes after it."""
+    monkeypatch.setattr(catalog_module, "IDLE_SECONDS", 30.0)
+    catalog = Catalog(home)
+    with catalog.kept_open():
+        insert(catalog, "k0")
+        with catalog.let_go():
+            assert keys(catalog.path) == {"k0"}  # let go at once: another process opens the file
+            insert(catalog, "k1")
+            insert(catalog, "k2")
+            assert len(opens) == 3
+        insert(catalog, "k3")
+        insert(catalog, "k4")
+        assert len(opens) == 4  # shared again
+    assert keys(catalog.path) == {"k0", "k1", "k2", "k3", "k4"}
+
+
 def test_a_thread_still_in_a_transaction_at_the_scope_end_closes_it(home: Path) -> None:
     catalog = Catalog(home)
     inside, leave = threading.Event(), threading.Event()
@@ -147,7 +167,8 @@ def test_materialise_opens_the_catalog_once_for_a_chain_of_stages(home: Path, tm
     runner = Runner(home, toy_stage, echo=lambda s: None)
     _, count = requests(src)
     runner.materialise(count)  # two stages: ~8 catalog transactions and reads
-    assert opens == [False]
+    # once for the planning and once after each stage's own work (`let_go`), not once a transaction
+    assert opens == [False] * 3
     assert keys(home / "catalog.duckdb") == set()  # and the file is free once materialise returns
 
 

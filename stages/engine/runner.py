@@ -275,7 +275,8 @@ class Runner:
                          utcnow(), os.getpid()])
         self.echo(f"run    {target}")
         try:
-            output = stage.run(req, resolved, ctx)
+            with self.catalog.let_go():
+                output = stage.run(req, resolved, ctx)
             if output is None:
                 raise RuntimeError(f"stage {req.stage} returned no artifact on rank 0")
             return self._register(run_id, output, key, req, status="done", error=None,
