@@ -8,8 +8,8 @@ import io
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,14 +17,13 @@ from cache.errors import UserError
 from stages.formats.textfiles import is_int, parse_json, read_text
 
 
-@dataclass(frozen=True)
-class VideoItem:
+class VideoItem(NamedTuple):  # a tuple, not a dataclass: a Kinetics list holds 240k of them
     relpath: str
     label: int
 
 
-# Each reader returns (where in the file, item): "line N" or "entry N", for errors about the label.
-Located = list[tuple[str, VideoItem]]
+# Each reader returns what it counts ("line" or "entry") and (number, item) pairs, for errors.
+Located = tuple[str, list[tuple[int, VideoItem]]]
 
 
 def _norm(name: str) -> str:
@@ -46,39 +45,41 @@ def read_video_list_counted(path: Path, class_names: Sequence[str], dedupe: bool
     if not stripped:
         raise UserError(f"video list {path} is empty", 2)
     if stripped.startswith("["):
-        items = _read_ssv2_json(path, raw, class_names)
+        word, items = _read_ssv2_json(path, raw, class_names)
     elif stripped.split("\n", 1)[0].lower().replace(" ", "").startswith("label,youtube_id"):
-        items = _read_kinetics_csv(path, raw, class_names)
+        word, items = _read_kinetics_csv(path, raw, class_names)
     else:
-        items = _read_pairs(path, raw)
+        word, items = _read_pairs(path, raw)
+    del raw, stripped
     bad = [(where, it.label) for where, it in items if not 0 <= it.label < len(class_names)]
     if bad:
-        raise UserError(f"{path} {bad[0][0]}: label {bad[0][1]} is outside the class list's ids 0.."
+        raise UserError(f"{path} {word} {bad[0][0]}: label {bad[0][1]} is outside the class list's ids 0.."
                         f"{len(class_names) - 1} ({len(bad)} such entries; none is used). Is this list meant for "
                         "another label set (base/novel halves renumber their ids)?", 2)
-    first: dict[str, tuple[str, int]] = {}
+    first: dict[str, int] = {}  # relpath -> position in items
     kept: list[VideoItem] = []
-    for where, it in items:
-        seen = first.setdefault(it.relpath, (where, it.label))
-        if seen[0] == where:
+    for i, (where, it) in enumerate(items):
+        seen = first.setdefault(it.relpath, i)
+        if seen == i:
             kept.append(it)
         elif not dedupe:
-            labels = "" if seen[1] == it.label else f" with another label ({seen[1]} there, {it.label} here)"
-            raise UserError(f"{path} {where}: video {it.relpath} is listed again (first at {seen[0]}){labels}; "
-                            "remove one line, or pass --dedupe to keep each video's first line", 2)
+            there, before = items[seen]
+            labels = "" if before.label == it.label else f" with another label ({before.label} there, {it.label} here)"
+            raise UserError(f"{path} {word} {where}: video {it.relpath} is listed again (first at {word} {there})"
+                            f"{labels}; remove one line, or pass --dedupe to keep each video's first line", 2)
     return kept, len(items) - len(kept)
 
 
 def _read_pairs(path: Path, raw: str) -> Located:
     items = []
-    for lineno, line in enumerate(raw.splitlines(), start=1):
+    for lineno, line in enumerate(io.StringIO(raw), start=1):  # line by line: no second copy of the file
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not is_int(parts[1]):
             raise UserError(f"{path} line {lineno}: expected `relative/path.ext label_id`, got {line.strip()!r}", 2)
-        items.append((f"line {lineno}", VideoItem(parts[0].strip(), int(parts[1]))))
-    return items
+        items.append((lineno, VideoItem(parts[0].strip(), int(parts[1]))))
+    return "line", items
 
 
 def _read_ssv2_json(path: Path, raw: str, class_names: Sequence[str]) -> Located:
@@ -93,8 +94,8 @@ def _read_ssv2_json(path: Path, raw: str, class_names: Sequence[str]) -> Located
         label = index.get(_norm(entry["template"]))
         if label is None:
             raise UserError(f"{path}: entry {k + 1} has template {entry['template']!r}, not in the class list", 2)
-        items.append((f"entry {k + 1}", VideoItem(f"{entry['id']}.webm", label)))
-    return items
+        items.append((k + 1, VideoItem(f"{entry['id']}.webm", label)))
+    return "entry", items
 
 
 def _read_kinetics_csv(path: Path, raw: str, class_names: Sequence[str]) -> Located:
@@ -108,8 +109,8 @@ def _read_kinetics_csv(path: Path, raw: str, class_names: Sequence[str]) -> Loca
             raise UserError(f"{path} line {lineno}: label {row.get('label')!r} is not in the class list", 2) from None
         except (TypeError, ValueError):
             raise UserError(f"{path} line {lineno}: expected label,youtube_id,time_start,time_end,split", 2) from None
-        items.append((f"line {lineno}", VideoItem(f"{row.get('split') or 'train'}/{name}", label)))
-    return items
+        items.append((lineno, VideoItem(f"{row.get('split') or 'train'}/{name}", label)))
+    return "line", items
 
 
 def missing_videos(items: Sequence[VideoItem], root: Path, list_path: Path) -> list[str]:
