@@ -430,6 +430,9 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, 
 def main() -> None:
     import warnings
 
+    # Arrow's default mimalloc pool keeps what a command freed: +45 MB over writing one 16k-video
+    # index (benchmarks/scale.py). The C allocator gives it back; a user's own setting wins.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     warnings.showwarning = _one_line_warning  # a warning is a line for the user, not a source location
     try:
         # not standalone: click's usage errors become one line here, and Ctrl-C (which typer turns
