@@ -42,6 +42,7 @@ class _Kept:
         self.scopes = 0
         self.last_used = 0.0
         self.opened = 0.0
+        self.letting_go = 0  # let_go scopes: closed whenever unused
 
     def cursor(self, open_instance: Callable[[], duckdb.DuckDBPyConnection]) -> duckdb.DuckDBPyConnection:
         if self.con is None:
@@ -55,7 +56,8 @@ class _Kept:
         self.users -= 1
         self.last_used = time.monotonic()
         # A stage writing more often than the idle time would otherwise keep `msta-pipe sql` out.
-        if self.users == 0 and (self.scopes == 0 or self.last_used - self.opened >= HOLD_SECONDS):
+        if self.users == 0 and (self.scopes == 0 or self.letting_go
+                                or self.last_used - self.opened >= HOLD_SECONDS):
             self.close()
 
     def close(self) -> None:
@@ -142,21 +144,22 @@ class Catalog:
 
     @contextmanager
     def let_go(self) -> Iterator[None]:
-        """Within a `kept_open` scope, a stage's own long work: its few, spaced transactions (a clip
-        batch, an epoch) open connections of their own. One instance living through a stage's
-        thousands of clip registrations keeps what each reads: `frames` over 16k videos grew by
-        36 MB with it, 18 MB without. One open costs ~20 ms."""
-        key = self.path.resolve()
+        """Within a `kept_open` scope, a stage's own long work: the kept instance closes whenever no
+        transaction uses it, as outside a scope (threads that overlap still share one opening).
+        One instance living through a stage's thousands of clip registrations keeps what each
+        reads: `frames` over 16k videos grew by 36 MB with it, 18 MB without. One open: ~20 ms."""
         with _KEPT_LOCK:
-            kept = _KEPT.pop(key, None)
-            if kept is not None and kept.users == 0:
-                kept.close()
+            kept = _KEPT.get(self.path.resolve())
+            if kept is not None:
+                kept.letting_go += 1
+                if kept.users == 0:
+                    kept.close()
         try:
             yield
         finally:
             if kept is not None:
                 with _KEPT_LOCK:
-                    _KEPT[key] = kept
+                    kept.letting_go -= 1
 
     @contextmanager
     def _connection(self, read_only: bool, wait: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
