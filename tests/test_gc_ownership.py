@@ -11,6 +11,8 @@ from .conftest import run_cli
 from .test_predict import run_key, trained  # noqa: F401  (trained is a fixture)
 from .test_train import world  # noqa: F401  (a fixture)
 
+pytestmark = pytest.mark.slow  # a trained home (~40 s); CI runs them
+
 
 @pytest.mark.parametrize("inside", ["runs/my-model", "artifacts/my-model", "runs/0123456789abcdef/model"])
 def test_export_into_a_managed_folder_is_refused(trained: Path, world: Path, inside: str) -> None:  # noqa: F811

@@ -15,6 +15,8 @@ import pytest
 from .conftest import catalog_rows, readme_query, run_cli
 from .test_train import TINY, prepared_home, world  # noqa: F401  (world is a fixture)
 
+pytestmark = pytest.mark.slow  # a trained and exported model (~2 min together); CI runs them
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, world: Path) -> Path:  # noqa: F811
@@ -60,7 +62,6 @@ def jsonl(stdout: str) -> dict[str, dict]:
     return {(row := json.loads(line))["video"]: row for line in stdout.splitlines()}
 
 
-@pytest.mark.slow
 def test_export_then_predict_gives_evaluate_top1(trained: Path, exported: Path, world: Path) -> None:  # noqa: F811
     key, out = run_key(trained), exported
     assert {p.name for p in out.iterdir()} == {"adapters.safetensors", "config.json", "class_embeddings.safetensors",

@@ -6,8 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from .conftest import catalog_rows, run_cli
 from .test_train import TINY, prepared_home, world  # noqa: F401  (world is a fixture)
+
+pytestmark = pytest.mark.slow  # each trains several tiny runs (~3 min together); CI runs them
 
 
 def _train_meta(home: Path) -> dict:

@@ -130,6 +130,7 @@ def test_training_never_runs_the_frozen_description_branch(home: Path, world: Pa
     assert cc > 0 and loss > cc  # L_CC entered the loss from the cached embeddings
 
 
+@pytest.mark.slow  # trains and evaluates two halves (~45 s)
 def test_base_to_novel_evaluation_and_report(home: Path, world: Path) -> None:
     prepared_home(home, world, ("world-base",))
     config = world / "msta.toml"
