@@ -48,6 +48,42 @@ def test_a_long_query_never_keeps_a_writer_out(toy_home: Path) -> None:
         reader.wait()
 
 
+def _state(pid: int) -> str:
+    """A process's state letter from /proc ("" once it is gone; "Z": ended, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_sql_leaves_no_query_running(toy_home: Path) -> None:
+    """kill -9 of `sql` ends its query's process too: an orphan would run the query for hours."""
+    reader = _sql(toy_home, LONG_QUERY, "--timeout", "120")
+    _wait_started(toy_home)
+    children = _children(reader.pid)
+    assert children, "the query's process was not found"
+    reader.kill()
+    reader.wait()
+    deadline = time.monotonic() + 20
+    while any(_state(c) not in ("", "Z") for c in children):
+        assert time.monotonic() < deadline, f"the query's process {children} outlived sql"
+        time.sleep(0.1)
+
+
 def test_ctrl_c_stops_a_query_at_once(toy_home: Path) -> None:
     reader = _sql(toy_home, LONG_QUERY, "--timeout", "120")
     _wait_started(toy_home)

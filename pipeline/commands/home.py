@@ -2,6 +2,7 @@
 queries over the catalog) and `gc` (deleting what no catalog row reaches)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def _in_child(catalog: Any, copy: Path, query: str, views: list[str], timeout: f
 
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_query, args=(send, catalog, copy, query, views), daemon=True)
+    child = ctx.Process(target=_query, args=(send, catalog, copy, query, views, os.getpid()), daemon=True)
     child.start()
     send.close()
     deadline = time.monotonic() + timeout
@@ -107,13 +108,37 @@ def _in_child(catalog: Any, copy: Path, query: str, views: list[str], timeout: f
         child.join()
 
 
-def _query(send: Any, catalog: Any, copy: Path, query: str, views: list[str]) -> None:
+def _follow(parent: int) -> None:
+    """End this child when its parent ends, even by kill -9: else an hours-long query would run on
+    as an orphan. Linux kills it (PR_SET_PDEATHSIG); elsewhere a thread watches, DuckDB leaving
+    the GIL free while it works."""
+    import ctypes
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    else:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent ended before the request took hold
+        os._exit(1)
+
+
+def _query(send: Any, catalog: Any, copy: Path, query: str, views: list[str], parent: int) -> None:
     """The child: ("ok", names, rows), ("refused", line) or ("failed", line) through `send`."""
     import signal
 
     import duckdb
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (Ctrl-C reaches the whole group)
+    _follow(parent)
     try:
         con = catalog.sandboxed_reader(copy, views)
         statements = duckdb.extract_statements(query)
