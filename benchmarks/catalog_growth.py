@@ -1,0 +1,106 @@
+"""The catalog's share of `frames`' memory at Kinetics size, without decoding 240k videos.
+
+`scale.py` decodes every listed video, so its largest list is 16k-32k videos. What `frames` still
+does per video beyond that is catalog work: it registers its clips in `frame_clips` 64 at a time
+(each batch opens the catalog anew, as a stage's own work does) and looks up each chunk of 2048
+keys. This builds the catalog with 16k, 64k and 240k registered clips through the project's own
+schema, then runs, in a fresh process per size, what `frames` does for 16 chunks (32k videos):
+the lookups and the batched registration. Prints the peak RSS per size and 240k/16k.
+
+    python benchmarks/catalog_growth.py                        # about 80 s on 2 cores
+    python benchmarks/catalog_growth.py --parts registrations  # one part alone
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BUILD = """
+import sys
+from pathlib import Path
+from cache.catalog import Catalog, insert_rows
+from benchmarks.catalog_growth import clip_rows
+catalog, n = Catalog(Path(sys.argv[1])), int(sys.argv[2])
+for first in range(0, n, 20000):
+    with catalog.transaction() as con:
+        insert_rows(con, "frame_clips", clip_rows(first, min(n, first + 20000)))
+"""
+
+# What frames does for 16 chunks of new videos: look the chunk up, register its clips 64 at a time.
+WORK = """
+import resource, sys
+from pathlib import Path
+from cache.catalog import Catalog, Deferred, insert_rows
+from stages.artifacts import registered_clips
+from benchmarks.catalog_growth import clip_rows, key
+catalog, n = Catalog(Path(sys.argv[1])), int(sys.argv[2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+clips = Deferred(catalog, lambda con, rows: insert_rows(con, "frame_clips", rows, "OR REPLACE"), batch=64)
+with catalog.kept_open(), catalog.let_go():
+    for chunk in range(16):
+        first = n + chunk * 2048
+        if "lookups" in sys.argv[3]:
+            known = registered_clips(catalog, [key(i) for i in range(first, first + 2048)], digests=True)
+            assert not known
+        if "registrations" in sys.argv[3]:
+            for i in range(first, first + 2048, 64):
+                clips.add(clip_rows(i, i + 64))
+    clips.flush()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before / 1024)
+"""
+
+
+def key(i: int) -> str:
+    return f"{i:064x}"
+
+
+def clip_rows(first: int, last: int) -> list[dict]:
+    """`frame_clips` rows shaped like those of a Kinetics-sized list."""
+    import datetime
+
+    now = datetime.datetime(2026, 1, 1)
+    return [{"entry_key": key(i), "video": f"/data/kinetics400/train/c{i % 400:03d}/{i:011d}_000010_000020.mp4",
+             "size": 1_000_000 + i, "mtime_ns": 1_700_000_000_000_000_000 + i,
+             "sampling": '{"frames": 8, "mode": "train", "samplings": 2}', "shape": [2, 8, 3, 256, 340],
+             "path": f"artifacts/clips/{key(i)[:2]}/{key(i)}.clip", "bytes": 295_000, "format": "uint8",
+             "created_at": now, "sha256": key(i)[::-1]} for i in range(first, last)]
+
+
+def child(code: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode != 0:
+        sys.exit(out.stderr[-2000:])
+    return out.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="16000,64000,240000", help="registered clips per size, comma-separated")
+    parser.add_argument("--parts", default="lookups,registrations",
+                        help="what to run: lookups (a chunk's keys), registrations (64 clips a transaction)")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    peaks = []
+    with tempfile.TemporaryDirectory(prefix="msta-catalog-growth-") as tmp:
+        for n in sizes:
+            home = Path(tmp) / str(n)
+            child(BUILD, str(home), str(n))
+            peak, start = (float(x) for x in child(WORK, str(home), str(n), args.parts).split())
+            size_mb = (home / "catalog.duckdb").stat().st_size / 1e6
+            print(f"  {n:>7} clips registered (catalog {size_mb:.0f} MB): peak RSS {peak:.0f} MB "
+                  f"({peak - start:+.0f} MB over the process before the work)", flush=True)
+            peaks.append(peak)
+    print(f"frames' catalog work ({args.parts}) over 16 chunks of 2048 videos, fresh process per size: peak RSS "
+          f"{', '.join(f'{p:.0f}' for p in peaks)} MB at {', '.join(map(str, sizes))} registered clips; "
+          f"largest/smallest {peaks[-1] / peaks[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
