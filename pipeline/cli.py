@@ -430,8 +430,8 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, 
 def main() -> None:
     import warnings
 
-    # Arrow's default mimalloc pool keeps what a command freed: +45 MB over writing one 16k-video
-    # index (benchmarks/scale.py). The C allocator gives it back; a user's own setting wins.
+    # Arrow's default mimalloc pool keeps what a command freed: +60 MB resident after writing one
+    # 16k-video index, +15 MB with the C allocator. A user's own setting wins.
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     warnings.showwarning = _one_line_warning  # a warning is a line for the user, not a source location
     try:
