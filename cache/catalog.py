@@ -29,6 +29,11 @@ from cache.schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS, SCHEMA_VERSION
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
 IDLE_SECONDS = 0.2  # a kept instance outlives its last use by this long: others' waits stay short
 HOLD_SECONDS = 1.0  # and is let go between transactions once open this long, however often they come
+# Rows per DuckDB row group written through the catalog (DuckDB's own: 122,880). Each commit that
+# appends to a table rewrites its last, partly filled row group: registering 64 clips into a
+# 240k-clip `frame_clips` cost up to one full group in memory, 270 MB against 151 MB at 16k
+# clips; 8,192 bounds it (benchmarks/catalog_growth.py). DuckDB does not store the size in the file.
+ROW_GROUP_ROWS = 8192
 
 
 class _Kept:
@@ -50,7 +55,7 @@ class _Kept:
             self.opened = time.monotonic()
             threading.Thread(target=self._close_when_idle, args=(self.con,), daemon=True).start()
         self.users += 1
-        return self.con.cursor()
+        return _use_catalog(self.con.cursor())  # a cursor starts on DuckDB's in-memory database
 
     def release(self) -> None:
         self.users -= 1
@@ -76,6 +81,26 @@ class _Kept:
                     return
                 wait = IDLE_SECONDS - idle if self.users == 0 else IDLE_SECONDS
             time.sleep(wait)
+
+
+def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """A connection to the catalog file attached with ROW_GROUP_ROWS (only ATTACH takes it)."""
+    con = duckdb.connect()
+    try:
+        literal = str(path).replace("'", "''")
+        con.execute(f"ATTACH '{literal}' AS {_NAME} (READ_ONLY {read_only}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
+        return _use_catalog(con)
+    except BaseException:
+        con.close()
+        raise
+
+
+_NAME = "catalog"  # what duckdb.connect would name catalog.duckdb: the same in users' SQL and ours
+
+
+def _use_catalog(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    con.execute(f"USE {_NAME}")
+    return con
 
 
 class CatalogBusy(UserError):
@@ -105,7 +130,7 @@ class Catalog:
         delay, said = 0.02, False
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                return _connect(self.path, read_only)
             except duckdb.IOException as exc:
                 m = _LOCK_HOLDER.search(str(exc))
                 if m is None:
