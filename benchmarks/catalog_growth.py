@@ -1,13 +1,15 @@
-"""The catalog's share of `frames`' memory at Kinetics size, without decoding 240k videos.
+"""The catalog's share of `frames`' and `gc`'s memory at Kinetics size, without decoding 240k videos.
 
 `scale.py` decodes every listed video, so its largest list is 16k-32k videos. What `frames` still
 does per video beyond that is catalog work: it registers its clips in `frame_clips` 64 at a time
 (each batch opens the catalog anew, as a stage's own work does) and looks up each chunk of 2048
 keys. This builds the catalog with 16k, 64k and 240k registered clips through the project's own
 schema, then runs, in a fresh process per size, what `frames` does for 16 chunks (32k videos):
-the lookups and the batched registration. Prints the peak RSS per size and 240k/16k.
+the lookups and the batched registration. The `gc` part also writes a one-byte file per clip and
+indexes every clip, then runs `gc --dry-run`'s collection over them. Prints the peak RSS per size
+and 240k/16k, per part.
 
-    python benchmarks/catalog_growth.py                        # about 80 s on 2 cores
+    python benchmarks/catalog_growth.py                        # about 3 min on 2 cores
     python benchmarks/catalog_growth.py --parts registrations  # one part alone
 """
 from __future__ import annotations
@@ -26,10 +28,31 @@ import sys
 from pathlib import Path
 from cache.catalog import Catalog, insert_rows
 from benchmarks.catalog_growth import clip_rows
-catalog, n = Catalog(Path(sys.argv[1])), int(sys.argv[2])
+home, n, files = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "files"
+catalog = Catalog(home)
 for first in range(0, n, 20000):
+    rows = clip_rows(first, min(n, first + 20000))
     with catalog.transaction() as con:
-        insert_rows(con, "frame_clips", clip_rows(first, min(n, first + 20000)))
+        insert_rows(con, "frame_clips", rows)
+        if files:  # every clip current, as after `frames` over a 240k list
+            insert_rows(con, "frame_index", [{"target": "frames:k400:train", "artifact": "0" * 64,
+                                              "video": r["video"], "entry_key": r["entry_key"]} for r in rows])
+    for r in rows if files else ():
+        (home / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (home / r["path"]).write_bytes(b"c")
+"""
+
+GC = """
+import resource, sys
+from pathlib import Path
+from cache.catalog import Catalog
+from cache.gc import collect
+from cache.store import Store
+home = Path(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+report = collect(Catalog(home), Store(home), superseded=False, dry_run=True)
+assert report.files == 0 and not report.foreign, report
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before / 1024)
 """
 
 # What frames does for 16 chunks of new videos: look the chunk up, register its clips 64 at a time.
@@ -83,23 +106,30 @@ def child(code: str, *args: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="16000,64000,240000", help="registered clips per size, comma-separated")
-    parser.add_argument("--parts", default="lookups,registrations",
-                        help="what to run: lookups (a chunk's keys), registrations (64 clips a transaction)")
+    parser.add_argument("--parts", default="lookups,registrations,gc",
+                        help="what to run: lookups (a chunk's keys), registrations (64 clips a transaction), "
+                             "gc (its collection over that many clip files; the frames parts run together)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    peaks = []
+    parts = args.parts.split(",")
+    frames_parts = ",".join(p for p in parts if p in ("lookups", "registrations"))
+    peaks: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="msta-catalog-growth-") as tmp:
         for n in sizes:
             home = Path(tmp) / str(n)
-            child(BUILD, str(home), str(n))
-            peak, start = (float(x) for x in child(WORK, str(home), str(n), args.parts).split())
+            child(BUILD, str(home), str(n), "files" if "gc" in parts else "rows")
             size_mb = (home / "catalog.duckdb").stat().st_size / 1e6
-            print(f"  {n:>7} clips registered (catalog {size_mb:.0f} MB): peak RSS {peak:.0f} MB "
-                  f"({peak - start:+.0f} MB over the process before the work)", flush=True)
-            peaks.append(peak)
-    print(f"frames' catalog work ({args.parts}) over 16 chunks of 2048 videos, fresh process per size: peak RSS "
-          f"{', '.join(f'{p:.0f}' for p in peaks)} MB at {', '.join(map(str, sizes))} registered clips; "
-          f"largest/smallest {peaks[-1] / peaks[0]:.2f}")
+            # gc first: the frames parts register more clips
+            for name, code, extra in [("gc", GC, ()), (frames_parts, WORK, (str(n), frames_parts))]:
+                if name and (name != "gc" or "gc" in parts):
+                    peak, start = (float(x) for x in child(code, str(home), *extra).split())
+                    print(f"  {name}: {n:>7} clips registered (catalog {size_mb:.0f} MB): peak RSS {peak:.0f} MB "
+                          f"({peak - start:+.0f} MB over the process before the work)", flush=True)
+                    peaks.setdefault(name, []).append(peak)
+    for name, values in peaks.items():
+        what = "gc --dry-run's collection" if name == "gc" else f"frames' catalog work ({name}) over 16 chunks of 2048 videos"
+        print(f"{what}, fresh process per size: peak RSS {', '.join(f'{p:.0f}' for p in values)} MB at "
+              f"{', '.join(map(str, sizes))} registered clips; largest/smallest {values[-1] / values[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""`gc` over cached clips: the clips of current indexes stay, the others go with their rows, in
+every two-character folder (gc holds its kept paths one folder initial at a time)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from cache.catalog import Catalog, insert_rows
+from cache.gc import collect
+from cache.store import Store
+
+
+def _home_with_clips(home: Path, n: int) -> tuple[Store, list[Path], list[Path]]:
+    """n registered clips over many folders; the even ones are in a current index."""
+    store, catalog = Store(home), Catalog(home)
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
+    paths = [store.artifact_path("clips", k, ".clip") for k in keys]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"clip")
+    with catalog.transaction() as con:
+        insert_rows(con, "frame_clips", [{"entry_key": k, "path": store.relative(p), "bytes": 4}
+                                         for k, p in zip(keys, paths)])
+        insert_rows(con, "frame_index", [{"target": "frames:toy:train", "artifact": "a" * 64, "video": f"v{i}",
+                                          "entry_key": k} for i, k in enumerate(keys) if i % 2 == 0])
+    return store, paths[::2], paths[1::2]
+
+
+def test_gc_keeps_the_clips_of_current_indexes_in_every_folder(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    store, used, unused = _home_with_clips(home, 600)
+    assert len({p.parent.name[0] for p in used}) == 16 and len({p.parent.name for p in used}) > 150
+    catalog = Catalog(home)
+
+    dry = collect(catalog, store, superseded=False, dry_run=True)
+    assert (dry.files, dry.rows) == (300, 300) and all(p.exists() for p in unused)
+
+    done = collect(catalog, store, superseded=False, dry_run=False)
+    assert (done.files, done.rows, done.foreign) == (300, 300, [])
+    assert all(p.exists() for p in used) and not any(p.exists() for p in unused)
+    with catalog.reader() as con:
+        kept = {p for (p,) in con.execute("SELECT path FROM frame_clips").fetchall()}
+    assert kept == {store.relative(p) for p in used}
+    assert collect(catalog, store, superseded=False, dry_run=False).files == 0  # nothing left to do
