@@ -7,6 +7,7 @@ scope the transactions that follow each other share one instance, closed after a
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import shutil
@@ -84,11 +85,17 @@ class _Kept:
 
 
 def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    """A connection to the catalog file attached with ROW_GROUP_ROWS (only ATTACH takes it)."""
-    con = duckdb.connect()
+    """A connection to the catalog file attached with ROW_GROUP_ROWS (only ATTACH takes it).
+    Connections of one process in one mode share a named in-memory instance, with the file
+    attached once, as duckdb.connect(path) shares its instance: a second ATTACH of the file in
+    the process would fail. DuckDB spills beside the file, not into the working directory."""
+    full = str(path.resolve())
+    name = f":memory:msta-{hashlib.sha256(full.encode()).hexdigest()[:16]}-{'ro' if read_only else 'rw'}"
+    con = duckdb.connect(name, config={"temp_directory": full + ".tmp"})
     try:
-        literal = str(path).replace("'", "''")
-        con.execute(f"ATTACH '{literal}' AS {_NAME} (READ_ONLY {read_only}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
+        literal = full.replace("'", "''")
+        con.execute(f"ATTACH IF NOT EXISTS '{literal}' AS {_NAME} "
+                    f"(READ_ONLY {read_only}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
         return _use_catalog(con)
     except BaseException:
         con.close()

@@ -132,9 +132,10 @@ def test_a_thread_still_in_a_transaction_at_the_scope_end_closes_it(home: Path) 
         worker.start()
         assert inside.wait(10)
     assert not catalog_module._KEPT  # the scope is gone; its instance is in use by the worker
+    insert(catalog, "k2")  # meanwhile this thread writes too: one file, attached once per process
     leave.set()
     worker.join(10)
-    assert keys(catalog.path) == {"k1"}
+    assert keys(catalog.path) == {"k1", "k2"}
 
 
 def test_concurrent_transactions_in_a_scope_all_commit(home: Path) -> None:
@@ -147,6 +148,25 @@ def test_concurrent_transactions_in_a_scope_all_commit(home: Path) -> None:
         for t in threads:
             t.join()
     assert len(keys(catalog.path)) == 80
+
+
+def test_overlapping_transactions_without_a_scope_share_the_file(home: Path) -> None:
+    """Threads outside a scope each open the catalog; the file is attached once in the process."""
+    catalog = Catalog(home)
+    insert(catalog, "k0")
+    both = threading.Barrier(2, timeout=10)
+
+    def write(key: str) -> None:
+        with Catalog(home).transaction() as con:
+            con.execute("INSERT INTO meta (key, value) VALUES (?, 'x')", [key])
+            both.wait()  # each is inside its transaction while the other opens
+
+    threads = [threading.Thread(target=write, args=(f"k{i}",)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert keys(catalog.path) == {"k0", "k1", "k2"}
 
 
 def test_a_failed_transaction_in_a_scope_rolls_back_and_the_instance_stays_usable(home: Path) -> None:
