@@ -53,8 +53,8 @@ _OUTPUTS = """SELECT d FROM (SELECT output FROM runs WHERE true {scope}
     UNION SELECT artifact FROM frame_index UNION SELECT checkpoint_digest FROM results) reached(d)
     WHERE d IS NOT NULL"""
 _USED_CLIPS = "SELECT entry_key FROM frame_index WHERE entry_key IS NOT NULL"
-_KEPT_PATHS = f"""SELECT path FROM artifacts WHERE digest IN ({_OUTPUTS})
-    UNION ALL SELECT path FROM frame_clips WHERE entry_key IN ({_USED_CLIPS})"""
+_KEPT_PATHS = f"""SELECT path FROM artifacts WHERE digest IN ({_OUTPUTS}) AND path IS NOT NULL
+    UNION ALL SELECT path FROM frame_clips WHERE entry_key IN ({_USED_CLIPS}) AND path IS NOT NULL"""
 _SUPERSEDED = """
     AND (status <> 'done' OR (configuration IS NULL AND stage IN ('train', 'evaluate', 'features'))
          OR started_at = (SELECT max(started_at) FROM runs r2 WHERE r2.target = runs.target AND r2.status = 'done'))"""
@@ -160,8 +160,8 @@ class _KeptPaths:
                 for (path,) in batch:
                     f = self._file(path)
                     if f not in files:
-                        files[f] = f.open("w", encoding="utf-8")
-                    files[f].write(path + "\n")
+                        files[f] = f.open("w", encoding="utf-8", errors="surrogateescape", newline="")
+                    files[f].write(path + "\0")  # a path may hold any line break, never NUL
         finally:
             for f in files.values():
                 f.close()
@@ -170,7 +170,11 @@ class _KeptPaths:
         part = _part(path)
         if self.part[0] != part:
             f = self._file(path)
-            self.part = (part, set(f.read_text(encoding="utf-8").splitlines()) if f.exists() else set())
+            text = ""
+            if f.exists():  # newline="": a "\r" in a path stays one
+                with f.open(encoding="utf-8", errors="surrogateescape", newline="") as g:
+                    text = g.read()
+            self.part = (part, set(text.split("\0")))
         return path in self.part[1]
 
 

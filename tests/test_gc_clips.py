@@ -42,3 +42,24 @@ def test_gc_keeps_the_clips_of_current_indexes_in_every_folder(tmp_path: Path) -
         kept = {p for (p,) in con.execute("SELECT path FROM frame_clips").fetchall()}
     assert kept == {store.relative(p) for p in used}
     assert collect(catalog, store, superseded=False, dry_run=False).files == 0  # nothing left to do
+
+
+def test_gc_keeps_reachable_files_whatever_their_path_holds(tmp_path: Path) -> None:
+    """A path with a line break of any kind, and a row with no path, leave the rest intact."""
+    home = tmp_path / "home"
+    store, catalog = Store(home), Catalog(home)
+    files = {kind: store.artifact_path(kind, hashlib.sha256(kind.encode()).hexdigest(), ".parquet")
+             for kind in ("plain", "odd\nkind", "cr\rkind", "u\u2028kind")}
+    for path in files.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    with catalog.transaction() as con:
+        insert_rows(con, "artifacts", [{"digest": p.stem, "kind": k, "path": store.relative(p), "file_sha256": "0"}
+                                       for k, p in files.items()])
+        insert_rows(con, "text_embedding_files", [{"dataset": k, "backbone": "b", "artifact": p.stem}
+                                                  for k, p in files.items()])
+        insert_rows(con, "frame_clips", [{"entry_key": "e" * 64, "path": None, "bytes": 1}])
+        insert_rows(con, "frame_index", [{"target": "t", "video": "v", "entry_key": "e" * 64}])
+    report = collect(catalog, store, superseded=False, dry_run=False)
+    assert (report.files, report.rows) == (0, 0)
+    assert all(p.exists() for p in files.values())
