@@ -119,13 +119,14 @@ def main() -> None:
             home = Path(tmp) / str(n)
             child(BUILD, str(home), str(n), "files" if "gc" in parts else "rows")
             size_mb = (home / "catalog.duckdb").stat().st_size / 1e6
-            # gc first: the frames parts register more clips
-            for name, code, extra in [("gc", GC, ()), (frames_parts, WORK, (str(n), frames_parts))]:
-                if name and (name != "gc" or "gc" in parts):
-                    peak, start = (float(x) for x in child(code, str(home), *extra).split())
-                    print(f"  {name}: {n:>7} clips registered (catalog {size_mb:.0f} MB): peak RSS {peak:.0f} MB "
-                          f"({peak - start:+.0f} MB over the process before the work)", flush=True)
-                    peaks.setdefault(name, []).append(peak)
+            runs = [("gc", GC, ())] if "gc" in parts else []  # gc first: the frames parts register more clips
+            if frames_parts:
+                runs.append((frames_parts, WORK, (str(n), frames_parts)))
+            for name, code, extra in runs:
+                peak, start = (float(x) for x in child(code, str(home), *extra).split())
+                print(f"  {name}: {n:>7} clips registered (catalog {size_mb:.0f} MB): peak RSS {peak:.0f} MB "
+                      f"({peak - start:+.0f} MB over the process before the work)", flush=True)
+                peaks.setdefault(name, []).append(peak)
     for name, values in peaks.items():
         what = "gc --dry-run's collection" if name == "gc" else f"frames' catalog work ({name}) over 16 chunks of 2048 videos"
         print(f"{what}, fresh process per size: peak RSS {', '.join(f'{p:.0f}' for p in values)} MB at "

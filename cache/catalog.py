@@ -84,6 +84,9 @@ class _Kept:
             time.sleep(wait)
 
 
+_NAME = "catalog"  # what duckdb.connect would name catalog.duckdb: the same in users' SQL and ours
+
+
 def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     """A connection to the catalog file attached with ROW_GROUP_ROWS (only ATTACH takes it).
     Connections of one process in one mode share a named in-memory instance, with the file
@@ -100,9 +103,6 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     except BaseException:
         con.close()
         raise
-
-
-_NAME = "catalog"  # what duckdb.connect would name catalog.duckdb: the same in users' SQL and ours
 
 
 def _use_catalog(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:

@@ -22,12 +22,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
-
-import duckdb
+from typing import TYPE_CHECKING, TextIO
 
 from cache.catalog import Catalog
 from cache.store import TMP_PREFIX, Store
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 _DIGEST_NAME = re.compile(r"([0-9a-f]{64})(\.[A-Za-z0-9]+)*")

@@ -118,8 +118,10 @@ class TableSink:
                 for i in range(source.num_row_groups):
                     out.write_table(source.read_row_group(i).replace_schema_metadata(schema.metadata))
 
-        atomic_write(path, write)
-        source.close()
+        try:
+            atomic_write(path, write)
+        finally:
+            source.close()
         self.tmp.unlink(missing_ok=True)
 
     def discard(self) -> None:
