@@ -11,7 +11,6 @@ import hashlib
 import math
 import re
 import shutil
-import tempfile
 import threading
 import time
 import warnings
@@ -25,6 +24,7 @@ import duckdb
 
 from cache.errors import UserError
 from cache.lock import lock_wait_seconds
+from cache.scratch import scratch_dir
 from cache.schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS, SCHEMA_VERSION
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
@@ -246,10 +246,11 @@ class Catalog:
     @contextmanager
     def snapshot(self) -> Iterator[Path]:
         """A private copy of the catalog file, for a user's SQL. It is taken under a read-only hold
-        of the file (a writer waits as long as copying takes, never for a query) and deleted after."""
+        of the file (a writer waits as long as copying takes, never for a query) and deleted after, or by
+        the next snapshot when this process is killed."""
         self._require()
-        with tempfile.TemporaryDirectory(prefix="msta-sql-") as tmp:
-            copy = Path(tmp) / self.path.name
+        with scratch_dir("msta-sql-") as tmp:
+            copy = tmp / self.path.name
             with self._connection(read_only=True):  # a shared hold: no writer changes the file meanwhile
                 shutil.copyfile(self.path, copy)
                 wal = self.path.with_name(self.path.name + ".wal")  # left by a killed writer

@@ -18,13 +18,13 @@ from __future__ import annotations
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from cache.catalog import Catalog
+from cache.scratch import scratch_dir
 from cache.store import TMP_PREFIX, Store
 
 if TYPE_CHECKING:
@@ -64,8 +64,8 @@ _SUPERSEDED = """
 def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool, failed: bool = False) -> Report:
     report = Report()
     scope = _SUPERSEDED if superseded else ""
-    with tempfile.TemporaryDirectory(prefix="msta-gc-") as spill:
-        kept = _KeptPaths(Path(spill))
+    with scratch_dir("msta-gc-") as spill:
+        kept = _KeptPaths(spill)
         with catalog.transaction() as con:
             if failed:
                 report.cleared = con.execute("SELECT target, key FROM runs WHERE status = 'failed' "

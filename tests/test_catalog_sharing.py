@@ -24,9 +24,10 @@ def toy_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return described_toy_home(tmp_path_factory.mktemp("sharing"), "A video \x1b]0;pwned\x07 of a crowd.")
 
 
-def _sql(home: Path, query: str, *extra: str) -> subprocess.Popen[str]:
+def _sql(home: Path, query: str, *extra: str, tmp: Path | None = None) -> subprocess.Popen[str]:
+    env = cli_env(TMPDIR=str(tmp)) if tmp else cli_env()
     return subprocess.Popen([sys.executable, "-m", "pipeline", "sql", query, "--home", str(home), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 
 def _wait_started(home: Path) -> None:
@@ -70,18 +71,34 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_a_killed_sql_leaves_no_query_running(toy_home: Path) -> None:
-    """kill -9 of `sql` ends its query's process too: an orphan would run the query for hours."""
-    reader = _sql(toy_home, LONG_QUERY, "--timeout", "120")
+def test_a_killed_sql_leaves_no_query_running_and_no_copy(toy_home: Path, tmp_path: Path) -> None:
+    """kill -9 of `sql` ends its query's process too: an orphan would run the query for hours. Its
+    copy of the catalog (tens of MB at Kinetics size) is removed by the next `sql`, which leaves a
+    running query's copy alone."""
+    reader = _sql(toy_home, LONG_QUERY, "--timeout", "120", tmp=tmp_path)
     _wait_started(toy_home)
     children = _children(reader.pid)
     assert children, "the query's process was not found"
+    [killed_copy] = tmp_path.glob("msta-sql-*")
     reader.kill()
     reader.wait()
     deadline = time.monotonic() + 20
     while any(_state(c) not in ("", "Z") for c in children):
         assert time.monotonic() < deadline, f"the query's process {children} outlived sql"
         time.sleep(0.1)
+    assert (killed_copy / "catalog.duckdb").exists()
+    running = _sql(toy_home, LONG_QUERY, "--timeout", "120", tmp=tmp_path)
+    try:
+        _wait_started(toy_home)
+        [running_copy] = tmp_path.glob("msta-sql-*")
+        assert running_copy != killed_copy
+        r = run_cli("sql", "select 1", "--home", toy_home, env=cli_env(TMPDIR=str(tmp_path)))
+        assert r.returncode == 0, r.stderr
+        assert list(tmp_path.glob("msta-sql-*")) == [running_copy]
+    finally:
+        running.send_signal(signal.SIGINT)
+        running.communicate(timeout=30)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ctrl_c_stops_a_query_at_once(toy_home: Path) -> None:
