@@ -27,7 +27,9 @@ def _holder(tmp: Path) -> tuple[subprocess.Popen[str], Path]:
     proc = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.stdout is not None
-    return proc, Path(proc.stdout.readline().strip())
+    line = proc.stdout.readline().strip()  # "" if the child failed: the test fails, never hangs
+    assert line, "the holder did not start"
+    return proc, Path(line)
 
 
 def test_a_killed_owners_folder_goes_a_live_ones_stays(tmp_path: Path) -> None:
@@ -36,12 +38,17 @@ def test_a_killed_owners_folder_goes_a_live_ones_stays(tmp_path: Path) -> None:
     foreign = tmp_path / "msta-t-foreign"  # no owner file: someone else's, or an older msta-pipe's
     foreign.mkdir()
     (foreign / "data").write_text("keep")
+    elsewhere = tmp_path / "elsewhere"  # a link with the prefix, to a folder with an unlocked owner file
+    elsewhere.mkdir()
+    (elsewhere / OWNER).write_text("")
+    (tmp_path / "msta-t-link").symlink_to(elsewhere)
     try:
         killed.send_signal(signal.SIGKILL)
         killed.wait()
         assert (dead_dir / "copy").exists()  # kill -9 ran no cleanup
         assert remove_orphans(tmp_path, "msta-t-") == [dead_dir]
         assert not dead_dir.exists() and (live_dir / "copy").exists() and (foreign / "data").exists()
+        assert (tmp_path / "msta-t-link").is_symlink() and (elsewhere / OWNER).exists()
         assert remove_orphans(tmp_path, "msta-t-") == []
     finally:
         alive.kill()
