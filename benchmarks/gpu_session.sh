@@ -33,10 +33,9 @@ pipeline() {  # the CLI on the synthetic world, on the GPU, in a fresh home
   set -u
   local w=/tmp/gpu-world h=/tmp/gpu-home cli=("$py" -m pipeline)
   rm -rf "$w" "$h"
-  "${cli[@]}" synth --out "$w" --videos-per-class 36 || return
+  "${cli[@]}" synth --out "$w" --videos-per-class 36 || return  # writes the descriptions files too
   local common=(--dataset world --config "$w/msta.toml" --home "$h" --no-progress)
   for kind in spatial temporal; do
-    "$py" -c "import sys; from pathlib import Path; from pipeline.commands.demo import world_descriptions; world_descriptions(Path(sys.argv[1]))" "$w"
     "${cli[@]}" describe "${common[@]}" --from-file "$w/descriptions_$kind.json" --kind "$kind" || return
   done
   local train=(train --recipe demo "${common[@]}" --device "$dev" --workers 8 ${EPOCHS:+--epochs "$EPOCHS"})

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 OWNER = ".owner"
+_UNLOCKED = ".owner-new"  # the owner file until it is locked
 
 
 @contextmanager
@@ -29,11 +30,11 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     try:
         # Locked under another name, then renamed: a sweeper never sees an owner file not yet locked.
-        fd = os.open(folder / ".owner-new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(folder / _UNLOCKED, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                os.rename(folder / ".owner-new", folder / OWNER)
+                os.rename(folder / _UNLOCKED, folder / OWNER)
             except OSError:  # a filesystem without flock: the folder works, unswept if killed
                 pass
             yield folder
