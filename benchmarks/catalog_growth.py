@@ -35,8 +35,9 @@ for first in range(0, n, 20000):
     with catalog.transaction() as con:
         insert_rows(con, "frame_clips", rows)
         if files:  # every clip current, as after `frames` over a 240k list
-            insert_rows(con, "frame_index", [{"target": "frames:k400:train", "artifact": "0" * 64,
-                                              "video": r["video"], "entry_key": r["entry_key"]} for r in rows])
+            insert_rows(con, "frame_lists", [{"target": "frames:k400:train", "artifact": "0" * 64}], "OR REPLACE")
+            insert_rows(con, "frame_index", [{"target": "frames:k400:train", "video": r["video"],
+                                              "entry_key": r["entry_key"]} for r in rows])
     for r in rows if files else ():
         (home / r["path"]).parent.mkdir(parents=True, exist_ok=True)
         (home / r["path"]).write_bytes(b"c")

@@ -51,7 +51,7 @@ class Report:
 # What the catalog reaches: the outputs of kept runs and of current tables, and current indexes' clips.
 _OUTPUTS = """SELECT d FROM (SELECT output FROM runs WHERE true {scope}
     UNION SELECT artifact FROM text_embedding_files UNION SELECT artifact FROM video_embedding_files
-    UNION SELECT artifact FROM frame_index UNION SELECT checkpoint_digest FROM results) reached(d)
+    UNION SELECT artifact FROM frame_lists UNION SELECT checkpoint_digest FROM results) reached(d)
     WHERE d IS NOT NULL"""
 _USED_CLIPS = "SELECT entry_key FROM frame_index WHERE entry_key IS NOT NULL"
 _KEPT_PATHS = f"""SELECT path FROM artifacts WHERE digest IN ({_OUTPUTS}) AND path IS NOT NULL

@@ -19,9 +19,9 @@ from pathlib import Path
 import duckdb
 
 FRAMES = """
-    SELECT i.dataset, i.list, i.video, i.label, c.sampling, c.shape, c.format, c.bytes,
-           c.path AS clip_path, i.target, i.artifact
-    FROM frame_index i JOIN frame_clips c USING (entry_key)"""
+    SELECT l.dataset, l.list, i.video, i.label, c.sampling, c.shape, c.format, c.bytes,
+           c.path AS clip_path, i.target, l.artifact
+    FROM frame_index i JOIN frame_lists l USING (target) JOIN frame_clips c USING (entry_key)"""
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def define_views(con: duckdb.DuckDBPyConnection, home: Path, materialise: Collec
     for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall():
         con.execute(f'DROP VIEW "{name.replace(chr(34), chr(34) * 2)}"')
     tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-    if {"frame_index", "frame_clips"} <= tables:
+    if {"frame_index", "frame_lists", "frame_clips"} <= tables:
         con.execute(f"CREATE VIEW frames AS {FRAMES}")
     for view in FILE_VIEWS:
         files = _inside(home, view.files(con)) if view.table in tables else []

@@ -200,14 +200,15 @@ class FramesStage(Stage):
         def publish(con, artifact: Artifact) -> None:
             target = ctx.target
             con.execute("DELETE FROM frame_index WHERE target = ?", [target])
+            insert_rows(con, "frame_lists", [{"target": target, "artifact": artifact.digest, "dataset": p["dataset"],
+                                              "list": p["list"]}], "OR REPLACE")
             columns = ["video", "label", "entry_key"]
             rows = pq.ParquetFile(artifact.path).iter_batches(batch_size=CHUNK, columns=columns)
             schema = pa.schema([INDEX_SCHEMA.field(c) for c in columns])
             con.register("_index", pa.RecordBatchReader.from_batches(schema, rows))  # streamed, not loaded
             try:
-                con.execute("""INSERT INTO frame_index BY NAME SELECT ? AS target, ? AS artifact, ? AS dataset,
-                               ? AS list, video, label, entry_key FROM _index""",
-                            [target, artifact.digest, p["dataset"], p["list"]])
+                con.execute("INSERT INTO frame_index BY NAME SELECT ? AS target, video, label, entry_key FROM _index",
+                            [target])
             finally:
                 con.unregister("_index")
             con.execute("DELETE FROM frame_failures WHERE dataset = ? AND list = ?", [p["dataset"], p["list"]])

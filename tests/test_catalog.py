@@ -192,16 +192,47 @@ def test_materialise_opens_the_catalog_once_for_a_chain_of_stages(home: Path, tm
     assert keys(home / "catalog.duckdb") == set()  # and the file is free once materialise returns
 
 
+def _catalog_at(home: Path, version: int) -> duckdb.DuckDBPyConnection:
+    """A catalog file as an msta-pipe of schema `version` left it, open for writing old rows."""
+    from cache.schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS
+
+    home.mkdir(parents=True)
+    con = duckdb.connect(str(home / "catalog.duckdb"))
+    for migration in MIGRATIONS[:version]:
+        con.execute(migration)
+    con.execute(EMPTY_TEXT_EMBEDDINGS)
+    con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(version)])
+    return con
+
+
+def test_an_old_frame_index_moves_its_list_facts_to_frame_lists(tmp_path: Path) -> None:
+    """Rows `frames` registered before migration 7 read back through the `frames` view unchanged."""
+    home = tmp_path / "home"
+    con = _catalog_at(home, 6)
+    for key, video in (("e1", "a.mp4"), ("e2", "b.mp4")):
+        con.execute("INSERT INTO frame_clips (entry_key, path, bytes) VALUES (?, ?, 10)", [key, f"artifacts/{key}"])
+        con.execute("INSERT INTO frame_index VALUES ('frames:toy:train:train', 'd1', 'toy', 'train', ?, 3, ?)",
+                    [video, key])
+    con.execute("INSERT INTO frame_index VALUES ('frames:toy:test:test', 'd2', 'toy', 'test', 'a.mp4', 3, 'e1')")
+    before = con.execute("SELECT * FROM frames ORDER BY target, video").fetchall()
+    con.close()
+    with Catalog(home).transaction():  # the next command that writes migrates
+        pass
+    with Catalog(home).reader() as c:
+        assert c.execute("SELECT * FROM frames ORDER BY target, video").fetchall() == before
+        assert c.execute("SELECT * FROM frame_lists ORDER BY target").fetchall() == [
+            ("frames:toy:test:test", "d2", "toy", "test"), ("frames:toy:train:train", "d1", "toy", "train")]
+        assert [d[0] for d in c.execute("SELECT * FROM frame_index").description] == [
+            "target", "video", "label", "entry_key"]
+    assert len(before) == 3
+
+
 def test_an_old_catalog_gets_plain_params(tmp_path: Path) -> None:
     """A catalog written before migration 6 (floats in the key's marker) reads as plain JSON after it."""
     import json
 
     home = tmp_path / "home"
-    with Catalog(home).transaction():
-        pass
-    con = duckdb.connect(str(home / "catalog.duckdb"))
-    con.execute("ALTER TABLE runs DROP COLUMN configuration")
-    con.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+    con = _catalog_at(home, 5)
     con.execute("""INSERT INTO runs (run_id, key, stage, target, code_version, params, status)
                    VALUES ('r', 'k', 'train', 't', '2', '{"alpha":{"__float__":"0.0"},"lr":{"__float__":"1e-05"},"epochs":3}',
                            'done')""")

@@ -21,8 +21,9 @@ def _home_with_clips(home: Path, n: int) -> tuple[Store, list[Path], list[Path]]
     with catalog.transaction() as con:
         insert_rows(con, "frame_clips", [{"entry_key": k, "path": store.relative(p), "bytes": 4}
                                          for k, p in zip(keys, paths)])
-        insert_rows(con, "frame_index", [{"target": "frames:toy:train", "artifact": "a" * 64, "video": f"v{i}",
-                                          "entry_key": k} for i, k in enumerate(keys) if i % 2 == 0])
+        insert_rows(con, "frame_lists", [{"target": "frames:toy:train", "artifact": "a" * 64}])
+        insert_rows(con, "frame_index", [{"target": "frames:toy:train", "video": f"v{i}", "entry_key": k}
+                                         for i, k in enumerate(keys) if i % 2 == 0])
     return store, paths[::2], paths[1::2]
 
 
