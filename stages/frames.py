@@ -132,14 +132,12 @@ class FramesStage(Stage):
         if repeated:
             ctx.echo(f"       kept {repeated} repeated list lines once (--dedupe): each video's first line counts")
         if "exclude" in inputs:
-            excluded = {it.relpath for it in read_video_list(path_of(inputs["exclude"]), names, p.get("dedupe", False))}
-            items = [it for it in items if it.relpath not in excluded]
+            items = items.without(read_video_list(path_of(inputs["exclude"]), names, p.get("dedupe", False)))
         select = p["select"]
         if select is not None:
             if select["exclude_draw"]:
                 k, seed = select["exclude_draw"]
-                drawn = {it.relpath for it in draw_per_class(items, k, seed, names)}
-                items = [it for it in items if it.relpath not in drawn]
+                items = items.without(draw_per_class(items, k, seed, names))
             # a draw in test mode is the held-out one (training draws the shots in train mode)
             items = draw_per_class(items, select["per_class"], select["seed"], names,
                                    "--heldout-per-class" if p["mode"] == "test" else "--shots")
@@ -149,8 +147,7 @@ class FramesStage(Stage):
                             f"{', '.join(missing[:3])}; fix video_root or pass --skip-missing", 2)
         if missing:
             ctx.echo(f"       skipping {len(missing)} missing videos, e.g. {', '.join(missing[:3])}")
-        missing_set = set(missing)
-        present = [it for it in items if it.relpath not in missing_set]
+        present = items.without(missing)
         clips = Deferred(ctx.catalog, partial(self._register, ctx.store, p), batch=64)
         failures: dict[str, str] = {}
         decoded = total_bytes = 0

@@ -88,3 +88,43 @@ def test_a_negative_draw_is_refused() -> None:
     items = [VideoItem(f"{c}/{i}.mp4", c) for c in range(3) for i in range(4)]
     with pytest.raises(UserError, match="--shots must be at least 1"):
         draw_per_class(items, -2, 0, ["a", "b", "c"])  # once: every video of a class but the last two
+
+
+def test_a_label_past_int64_is_refused_by_line(tmp_path: Path) -> None:
+    p = tmp_path / "l.txt"
+    p.write_text("a.mp4 0\nb.mp4 99999999999999999999999\n")
+    with pytest.raises(UserError, match=r"line 2: label 99999999999999999999999 is outside"):
+        read_video_list(p, NAMES)
+
+
+def test_more_lines_than_a_chunk_keep_their_numbers_and_order(tmp_path: Path) -> None:
+    """Lists are held as arrays built a chunk at a time: a repeat far down names both lines."""
+    p = tmp_path / "l.txt"
+    lines = [f"v{i}/é.mp4 {i % 2}" for i in range(20_000)]
+    p.write_text("\n".join([*lines[:15_000], "", lines[3], *lines[15_000:]]) + "\n")
+    with pytest.raises(UserError, match=r"line 15002: video v3/é.mp4 is listed again \(first at line 4\)"):
+        read_video_list(p, NAMES)
+    kept = read_video_list(p, NAMES, dedupe=True)
+    assert len(kept) == 20_000 and kept[19_999] == kept[-1] == VideoItem("v19999/é.mp4", 1)
+    assert list(kept[:2]) == [VideoItem("v0/é.mp4", 0), VideoItem("v1/é.mp4", 1)]
+
+
+def test_without_drops_exactly_the_named_paths_in_order() -> None:
+    from stages.formats.videolists import VideoList
+
+    items = VideoList.of([VideoItem(f"v{i}.mp4", i % 3) for i in range(20_000)])
+    kept = items.without([f"v{i}.mp4" for i in range(0, 20_000, 7)] + ["not-listed.mp4"])
+    assert list(kept) == [VideoItem(f"v{i}.mp4", i % 3) for i in range(20_000) if i % 7]
+    assert items.without([]) is items and len(items.without(items)) == 0
+
+
+def test_the_draw_from_the_real_kinetics_list_is_the_one_earlier_versions_made(shared_data: Path) -> None:
+    """Pinned: 8 videos per class, seed 1, from K400's real val list, as drawn by the Python-tuple
+    implementation before lists became arrays (a changed draw would silently change every few-shot run)."""
+    import hashlib
+
+    names = [c.raw_name for c in read_class_list(shared_data / "labels" / "kinetics_400_labels.csv")]
+    drawn = draw_per_class(read_video_list(shared_data / "splits" / "k400_splits" / "val.txt", names), 8, 1, names)
+    assert len(drawn) == 3200 and drawn[0] == VideoItem("val/9eTXpQq9QTA_000126_000136.mp4", 0)
+    text = "\n".join(f"{it.relpath} {it.label}" for it in drawn)
+    assert hashlib.sha256(text.encode()).hexdigest() == "f155a5e8cb7ad5b34ea520b338d31360915cc318e0145730d583079265d658bb"
