@@ -101,12 +101,13 @@ MIGRATIONS: list[str] = [
     # 7: a frame index's own facts once, in frame_lists, and only what differs per video in frame_index
     #    (the `frames` view, the interface, keeps its columns): at registration DuckDB holds the rows
     #    being inserted uncompressed, and the three columns alike on every row of a list were half
-    #    of them (benchmarks/scale.py)
+    #    of them (benchmarks/scale.py). frame_index was never documented; an older msta-pipe's
+    #    `sql` cannot bind its `frames` view on a migrated catalog.
     """
     CREATE TABLE frame_lists (target VARCHAR PRIMARY KEY, artifact VARCHAR, dataset VARCHAR, list VARCHAR);
     INSERT INTO frame_lists SELECT target, any_value(artifact), any_value(dataset), any_value(list)
-        FROM frame_index GROUP BY target;
-    DROP VIEW frames;
+        FROM frame_index WHERE target IS NOT NULL GROUP BY target;
+    DROP VIEW IF EXISTS frames;
     ALTER TABLE frame_index DROP COLUMN artifact;
     ALTER TABLE frame_index DROP COLUMN dataset;
     ALTER TABLE frame_index DROP COLUMN list;

@@ -22,6 +22,12 @@ FRAMES = """
     SELECT l.dataset, l.list, i.video, i.label, c.sampling, c.shape, c.format, c.bytes,
            c.path AS clip_path, i.target, l.artifact
     FROM frame_index i JOIN frame_lists l USING (target) JOIN frame_clips c USING (entry_key)"""
+# A catalog not yet migrated to schema 7 (`sql` never migrates: it only reads) holds a list's facts
+# on every row of frame_index.
+FRAMES_BEFORE_7 = """
+    SELECT i.dataset, i.list, i.video, i.label, c.sampling, c.shape, c.format, c.bytes,
+           c.path AS clip_path, i.target, i.artifact
+    FROM frame_index i JOIN frame_clips c USING (entry_key)"""
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,8 @@ def define_views(con: duckdb.DuckDBPyConnection, home: Path, materialise: Collec
     for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall():
         con.execute(f'DROP VIEW "{name.replace(chr(34), chr(34) * 2)}"')
     tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-    if {"frame_index", "frame_lists", "frame_clips"} <= tables:
-        con.execute(f"CREATE VIEW frames AS {FRAMES}")
+    if {"frame_index", "frame_clips"} <= tables:
+        con.execute(f"CREATE VIEW frames AS {FRAMES if 'frame_lists' in tables else FRAMES_BEFORE_7}")
     for view in FILE_VIEWS:
         files = _inside(home, view.files(con)) if view.table in tables else []
         kind = "TABLE" if view.name in materialise else "VIEW"

@@ -227,6 +227,29 @@ def test_an_old_frame_index_moves_its_list_facts_to_frame_lists(tmp_path: Path) 
     assert len(before) == 3
 
 
+def test_sql_on_a_catalog_not_yet_migrated_still_has_the_frames_view(tmp_path: Path) -> None:
+    """`sql` only reads (it never migrates): on a schema-6 catalog its `frames` view reads the old columns."""
+    from cache.views import define_views
+
+    home = tmp_path / "home"
+    con = _catalog_at(home, 6)
+    con.execute("INSERT INTO frame_clips (entry_key, path, bytes) VALUES ('e1', 'artifacts/e1', 10)")
+    con.execute("INSERT INTO frame_index VALUES ('frames:toy:train:train', 'd1', 'toy', 'train', 'a.mp4', 3, 'e1')")
+    define_views(con, home)
+    assert con.execute("SELECT dataset, list, video, label, artifact FROM frames").fetchall() == [
+        ("toy", "train", "a.mp4", 3, "d1")]
+    con.close()
+
+
+def test_migration_7_runs_when_the_stored_frames_view_was_dropped(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    con = _catalog_at(home, 6)
+    con.execute("DROP VIEW frames")  # e.g. by hand in a duckdb shell
+    con.close()
+    with Catalog(home).transaction() as c:
+        assert c.execute("SELECT count(*) FROM frames").fetchone() == (0,)
+
+
 def test_an_old_catalog_gets_plain_params(tmp_path: Path) -> None:
     """A catalog written before migration 6 (floats in the key's marker) reads as plain JSON after it."""
     import json

@@ -128,3 +128,15 @@ def test_the_draw_from_the_real_kinetics_list_is_the_one_earlier_versions_made(s
     assert len(drawn) == 3200 and drawn[0] == VideoItem("val/9eTXpQq9QTA_000126_000136.mp4", 0)
     text = "\n".join(f"{it.relpath} {it.label}" for it in drawn)
     assert hashlib.sha256(text.encode()).hexdigest() == "f155a5e8cb7ad5b34ea520b338d31360915cc318e0145730d583079265d658bb"
+
+
+def test_an_id_that_is_not_valid_unicode_keeps_its_path(tmp_path: Path) -> None:
+    """JSON may name any code point, a lone surrogate included: the path comes back as it was read."""
+    ssv2 = tmp_path / "validation.json"
+    ssv2.write_text('[{"id": "a\\udcff", "template": "Holding [something]"}]')
+    assert read_video_list(ssv2, NAMES) == [VideoItem("a\udcff.webm", 1)]
+
+
+def test_a_draw_refuses_labels_outside_the_class_list() -> None:
+    with pytest.raises(UserError, match="outside the class list"):
+        draw_per_class([VideoItem("a.mp4", -1)], None, 0, ["a"])

@@ -70,7 +70,7 @@ class VideoList(Sequence[VideoItem]):
         at = self.positions[start:stop]
         ends = self._ends[at]
         starts = np.where(at > 0, self._ends[np.maximum(at - 1, 0)], 0)
-        return [self._blob[a:b].decode() for a, b in zip(starts.tolist(), ends.tolist())]
+        return [self._blob[a:b].decode(errors="surrogatepass") for a, b in zip(starts.tolist(), ends.tolist())]
 
     def take(self, indices: Sequence[int] | np.ndarray) -> VideoList:
         indices = np.asarray(indices, dtype=np.int64)
@@ -122,7 +122,7 @@ class _Collector:
     def _flush(self) -> None:
         if self.pending:
             where, paths, labels = zip(*self.pending)
-            encoded = [p.encode() for p in paths]
+            encoded = [p.encode(errors="surrogatepass") for p in paths]  # any str, as it came
             self.blobs.append(b"".join(encoded))
             self.lengths.append(np.array([len(e) for e in encoded], dtype=np.int64))
             self.labels.append(np.array(labels, dtype=np.int64))
@@ -293,6 +293,8 @@ def draw_per_class(items: Sequence[VideoItem], k: int | None, seed: int, class_n
     items = VideoList.of(items)
     if k is not None and k < 1:  # a negative k would slice off the last -k videos of every class instead
         raise UserError(f"cannot draw {k} videos per class: --shots must be at least 1", 2)
+    if len(items) and not 0 <= items.labels.min() <= items.labels.max() < len(class_names):
+        raise UserError(f"cannot draw from labels outside the class list's ids 0..{len(class_names) - 1}", 2)
     counts = np.bincount(items.labels, minlength=len(class_names))
     short = np.flatnonzero(counts[:len(class_names)] < (k or 0))
     if len(short):
