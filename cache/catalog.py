@@ -48,13 +48,19 @@ class _Kept:
         self.scopes = 0
         self.last_used = 0.0
         self.opened = 0.0
+        self.openings = 0  # which opening a watcher thread watches
         self.letting_go = 0  # let_go scopes: closed whenever unused
 
     def cursor(self, open_instance: Callable[[], duckdb.DuckDBPyConnection]) -> duckdb.DuckDBPyConnection:
         if self.con is None:
             self.con = open_instance()
             self.opened = time.monotonic()
-            threading.Thread(target=self._close_when_idle, args=(self.con,), daemon=True).start()
+            self.openings += 1
+            # The watcher is told which opening, never given the connection: were it to drop the last
+            # reference, the DuckDB instance would be torn down in that thread with the GIL released,
+            # and an interpreter finalising meanwhile makes glibc abort the process (exit -6,
+            # "FATAL: exception not rethrown", seen once in CI after a command's error).
+            threading.Thread(target=self._close_when_idle, args=(self.openings,), daemon=True).start()
         self.users += 1
         return _use_catalog(self.con.cursor())  # a cursor starts on DuckDB's in-memory database
 
@@ -71,10 +77,10 @@ class _Kept:
             self.con.close()  # DuckDB checkpoints its write-ahead log here
             self.con = None
 
-    def _close_when_idle(self, con: duckdb.DuckDBPyConnection) -> None:
+    def _close_when_idle(self, opening: int) -> None:
         while True:
             with _KEPT_LOCK:
-                if self.con is not con:  # closed already (the scope ended)
+                if self.con is None or self.openings != opening:  # closed already (the scope ended)
                     return
                 idle = time.monotonic() - self.last_used
                 if self.users == 0 and idle >= IDLE_SECONDS:

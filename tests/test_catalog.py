@@ -54,6 +54,20 @@ def test_without_a_scope_every_transaction_opens_and_closes(home: Path, opens: l
     assert keys(catalog.path) == {"k0", "k1", "k2"}  # nothing held open
 
 
+def test_the_idle_watcher_holds_no_reference_to_the_instance(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the kept state holds the connection: the watcher thread, dropping a last reference,
+    would tear DuckDB down with the GIL released, which aborts an interpreter that is finalising."""
+    monkeypatch.setattr(catalog_module, "IDLE_SECONDS", 30.0)  # the watcher sleeps through the test
+    catalog = Catalog(home)
+    with catalog.kept_open():
+        insert(catalog, "k0")
+        con = catalog_module._KEPT[catalog.path.resolve()].con
+        assert con is not None
+        held = sys.getrefcount(con)
+    del con
+    assert held == 3  # the kept state, `con` and getrefcount's argument: no watcher thread
+
+
 def test_a_scope_shares_one_instance_between_transactions_and_readers(home: Path, opens: list[bool],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(catalog_module, "IDLE_SECONDS", 30.0)  # no pause of a loaded machine may close it
