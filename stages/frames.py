@@ -162,7 +162,8 @@ class FramesStage(Stage):
             try:
                 for first in range(0, len(present), CHUNK):
                     jobs = self._jobs(present[first:first + CHUNK], root, p, ctx, failures)
-                    todo = self._cached(jobs, ctx, clips)
+                    clips.flush()  # the lookup below sees every clip this run registered
+                    todo, replaced = self._cached(jobs, ctx, clips)
                     bar.update(len(present[first:first + CHUNK]) - len(todo))
                     for job, clip, error in decoder.decode(todo):
                         bar.update(1)
@@ -170,7 +171,7 @@ class FramesStage(Stage):
                             failures[job.video] = error
                             continue
                         decoded += 1
-                        clips.add([(job, clip)])
+                        clips.add([(job, clip, job.entry_key in replaced)])
                     kept = [(j, label) for j, label in jobs if j.video not in failures]
                     total_bytes += sum(os.path.getsize(j.dest) for j, _ in kept)
                     index.write(pa.RecordBatch.from_pylist(
@@ -246,30 +247,39 @@ class FramesStage(Stage):
             jobs.append((Job(key, it.relpath, str(path), str(dest), st.st_size, st.st_mtime_ns), it.label))
         return jobs
 
-    def _cached(self, jobs: Sequence[tuple[Job, int]], ctx: Context, clips: Deferred) -> list[Job]:
-        """The jobs to decode; a clip written by a killed run and never registered (or registered
+    def _cached(self, jobs: Sequence[tuple[Job, int]], ctx: Context, clips: Deferred) -> tuple[list[Job], set[str]]:
+        """The jobs to decode, and which of their keys have a row to replace (an altered clip, a
+        second path to one file); a clip written by a killed run and never registered (or registered
         before clips had digests) is registered now, without decoding."""
         known = registered_clips(ctx.catalog, [j.entry_key for j, _ in jobs], digests=True)
-        todo, adopt = [], []
+        todo, adopt, replaced, seen = [], [], set(), set()
         for job, _ in jobs:
             entry = known.get(job.entry_key)
             if entry is not None and clip_intact(job.dest, *entry, verify=ctx.forced):
                 if entry[1] is None:
                     adopt.append(job)
                 continue
+            if entry is not None or job.entry_key in seen:  # a symlink's target listed twice, say
+                replaced.add(job.entry_key)
+            seen.add(job.entry_key)
             (adopt if entry is None and _readable(job.dest) else todo).append(job)
-        clips.add([(j, _clip_of(j.dest)) for j in adopt])
-        return todo
+        clips.add([(j, _clip_of(j.dest), j.entry_key in replaced or j.entry_key in known) for j in adopt])
+        return todo, replaced
 
     @staticmethod
-    def _register(store: Store, p: Mapping[str, Any], con: Any, clips: Sequence[tuple[Job, Clip]]) -> None:
+    def _register(store: Store, p: Mapping[str, Any], con: Any, clips: Sequence[tuple[Job, Clip, bool]]) -> None:
+        """Insert the clips' rows, each key once: frame_clips has no key constraint (checking one
+        made every commit load a growing index), so a row to replace is deleted first."""
         import json
 
-        insert_rows(con, "frame_clips",
-                    [{"entry_key": j.entry_key, "video": j.source, "size": j.size, "mtime_ns": j.mtime_ns,
-                      "sampling": json.dumps(p["sampling"]), "shape": c.shape,
-                      "path": store.relative(Path(j.dest)), "bytes": c.bytes, "sha256": c.sha256,
-                      "format": p["format"], "created_at": utcnow()} for j, c in clips], "OR REPLACE")
+        rows = {j.entry_key: {"entry_key": j.entry_key, "video": j.source, "size": j.size, "mtime_ns": j.mtime_ns,
+                              "sampling": json.dumps(p["sampling"]), "shape": c.shape,
+                              "path": store.relative(Path(j.dest)), "bytes": c.bytes, "sha256": c.sha256,
+                              "format": p["format"], "created_at": utcnow()} for j, c, _ in clips}
+        replaced = sorted({j.entry_key for j, _, replace in clips if replace})
+        if replaced:  # rare: a scan of the table
+            con.execute("DELETE FROM frame_clips WHERE entry_key IN (SELECT unnest(?::VARCHAR[]))", [replaced])
+        insert_rows(con, "frame_clips", list(rows.values()))
 
     def check(self, artifact: Artifact, home: Path) -> str:
         """A cached index holds only while its clips have their registered sizes and its videos are

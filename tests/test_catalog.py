@@ -241,6 +241,27 @@ def test_an_old_frame_index_moves_its_list_facts_to_frame_lists(tmp_path: Path) 
     assert len(before) == 3
 
 
+def test_migration_8_keeps_every_clip_row_and_drops_the_key(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    con = _catalog_at(home, 7)
+    con.execute("INSERT INTO frame_clips (entry_key, video, shape, path, bytes, sha256, sampling) "
+                "VALUES ('e1', '/v/a.mp4', [4, 8, 8, 3], 'artifacts/e1', 10, 's1', '{\"frames\": 4}'), "
+                "('e2', '/v/b.mp4', NULL, 'artifacts/e2', 20, NULL, NULL)")
+    con.execute("INSERT INTO frame_lists VALUES ('frames:toy:train:train', 'd1', 'toy', 'train')")
+    con.execute("INSERT INTO frame_index VALUES ('frames:toy:train:train', 'a.mp4', 3, 'e1')")
+    before = con.execute("SELECT * FROM frame_clips ORDER BY entry_key").fetchall()
+    types = con.execute("SELECT column_name, data_type FROM information_schema.columns "
+                        "WHERE table_name = 'frame_clips' ORDER BY ordinal_position").fetchall()
+    con.close()
+    with Catalog(home).transaction() as c:
+        assert c.execute("SELECT * FROM frame_clips ORDER BY entry_key").fetchall() == before
+        assert c.execute("SELECT column_name, data_type FROM information_schema.columns "
+                         "WHERE table_name = 'frame_clips' ORDER BY ordinal_position").fetchall() == types
+        assert c.execute("SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'frame_clips' "
+                         "AND constraint_type = 'PRIMARY KEY'").fetchone() == (0,)
+        assert c.execute("SELECT video, bytes, artifact FROM frames").fetchall() == [("a.mp4", 10, "d1")]
+
+
 def test_sql_on_a_catalog_not_yet_migrated_still_has_the_frames_view(tmp_path: Path) -> None:
     """`sql` only reads (it never migrates): on a schema-6 catalog its `frames` view reads the old columns."""
     from cache.views import define_views

@@ -105,6 +105,27 @@ def test_a_symlink_loop_or_a_fifo_in_a_list_is_a_failed_video(tmp_path: Path, ho
     assert "not a regular file" in errors["c1/v0.webm"] and "c0/v1.webm" in errors
 
 
+def test_two_paths_to_one_file_and_an_altered_clip_keep_one_row_a_clip(tmp_path: Path, home: Path) -> None:
+    """frame_clips has no key constraint (checking one cost every commit a growing index): `frames`
+    registers each clip once, and replaces the row of a clip it decodes anew."""
+    config = make_dataset(tmp_path, per_class=2, broken=False)
+    (tmp_path / "videos/c0/alias.webm").symlink_to(tmp_path / "videos/c0/v1.webm")  # one file, two list lines
+    listing = tmp_path / "lists/train.txt"
+    listing.write_text(listing.read_text() + "c0/alias.webm 0\n")
+    unique = "SELECT count(*), count(DISTINCT entry_key) FROM frame_clips"
+    r = run_cli("frames", "-d", "toy", "--list", "train", "--config", config, "--home", home)
+    assert r.returncode == 0 and "7 clips" in r.stdout, r.stdout + r.stderr
+    assert catalog_rows(home, unique) == [(6, 6)] and catalog_rows(home, "SELECT count(*) FROM frames") == [(7,)]
+    clip = home / catalog_rows(home, "SELECT clip_path FROM frames WHERE video = 'c1/v0.webm'")[0][0]
+    with clip.open("ab") as f:
+        f.write(b"x")  # altered: its registered size no longer holds
+    r = run_cli("frames", "-d", "toy", "--list", "train", "--config", config, "--home", home)
+    assert r.returncode == 0 and "1 decoded, 6 cached" in r.stdout, r.stdout + r.stderr
+    assert catalog_rows(home, unique) == [(6, 6)]
+    assert catalog_rows(home, "SELECT c.bytes FROM frames f JOIN frame_clips c ON c.path = f.clip_path "
+                              "WHERE f.video = 'c1/v0.webm'") == [(clip.stat().st_size,)]
+
+
 def test_shots_draw_is_reproducible(tmp_path: Path, home: Path) -> None:
     config = make_dataset(tmp_path, per_class=4, broken=False)
     for seed in (0, 0, 1):
