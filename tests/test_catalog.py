@@ -54,6 +54,11 @@ def test_without_a_scope_every_transaction_opens_and_closes(home: Path, opens: l
     assert keys(catalog.path) == {"k0", "k1", "k2"}  # nothing held open
 
 
+def test_the_catalog_draws_no_progress_bar_on_stdout(home: Path) -> None:
+    with Catalog(home).transaction() as con:
+        assert con.execute("SELECT current_setting('enable_progress_bar')").fetchone() == (False,)
+
+
 def test_the_idle_watcher_holds_no_reference_to_the_instance(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the kept state holds the connection: the watcher thread, dropping a last reference,
     would tear DuckDB down with the GIL released, which aborts an interpreter that is finalising."""
