@@ -9,13 +9,18 @@ size. Prints seconds per 1k videos at each size, the exponent fitted to seconds 
 for train start-up the goal is 0: it must not grow with the list) and each command's peak RSS.
 
     python benchmarks/scale.py                    # sizes 250, 1000, 4000 (a few minutes on 2 cores)
-    python benchmarks/scale.py --sizes 1000,4000,16000
+    python benchmarks/scale.py --sizes 1000,4000,16000 --repeats 3
+
+Peak RSS of the same command moves by ~5 MB from run to run (when DuckDB's instances open and
+close follows the clock), so with --repeats every size is built once and run R times in fresh
+homes: the table gives the median and the range.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,16 +115,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="250,1000,4000", help="training videos per size, comma-separated")
     parser.add_argument("--workers", type=int, default=2, help="decoding processes of `frames`")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per size, each in a fresh home (medians reported)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     cli = [sys.executable, "-m", "pipeline"]
-    results: dict[str, list[tuple[float, float]]] = {}
+    results: dict[str, list[list[tuple[float, float]]]] = {}  # command -> per size -> (seconds, MB) per run
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "clip.mp4"
         tiny_clip(clip)
-        for n in sizes:
-            config = build(Path(tmp) / f"n{n}", n, clip)
-            home = Path(tmp) / f"home{n}"
+        for n, repeat in ((n, r) for n in sizes for r in range(args.repeats)):
+            config = Path(tmp) / f"n{n}" / "msta.toml"
+            if not repeat:
+                build(Path(tmp) / f"n{n}", n, clip)
+            home = Path(tmp) / f"home{n}-{repeat}"
             common = ["--config", str(config), "--home", str(home)]
             steps = {
                 "frames (first run)": [*cli, "frames", "-d", "k", "--list", "train", "--workers", str(args.workers),
@@ -138,21 +146,25 @@ def main() -> None:
                                                    "--workers", "0", "--no-progress", *common],
             }
             for name, cmd in steps.items():
-                results.setdefault(name, []).append(run(cmd))
-                print(f"  n={n:>6} {name:<32} {results[name][-1][0]:8.2f} s", file=sys.stderr, flush=True)
-    print(f"Kinetics-shaped lists ({CLASSES} classes, one hard-linked 16-frame 32 px clip), sizes {sizes}; "
-          f"{os.cpu_count()} cores. Seconds per 1k videos at each size (train start-up: seconds), fitted exponent "
-          "k of seconds ~ N^k, peak RSS in MB at each size.")
+                per_size = results.setdefault(name, [[] for _ in sizes])[sizes.index(n)]
+                per_size.append(run(cmd))
+                print(f"  n={n:>6} run {repeat + 1} {name:<32} {per_size[-1][0]:8.2f} s {per_size[-1][1]:6.0f} MB",
+                      file=sys.stderr, flush=True)
+    print(f"Kinetics-shaped lists ({CLASSES} classes, one hard-linked 16-frame 32 px clip), sizes {sizes}, "
+          f"{args.repeats} run(s) each; {os.cpu_count()} cores. Seconds per 1k videos at each size (train start-up: "
+          "seconds), fitted exponent k of seconds ~ N^k, peak RSS in MB at each size (medians; the range in brackets).")
     head = " | ".join(f"N={n}" for n in sizes)
     print(f"\n| command | {head} | exponent | peak RSS MB ({', '.join(map(str, sizes))}) | RSS largest/smallest |")
     print("|---|" + "---|" * len(sizes) + "---|---|---|")
-    for name, rows in results.items():
-        seconds = [s for s, _ in rows]
+    for name, per_size in results.items():
+        seconds = [statistics.median(s for s, _ in runs) for runs in per_size]
         per_k = [s if name.startswith("train") else s / (test_count(n) if "evaluate" in name else n) * 1000
                  for s, n in zip(seconds, sizes)]
-        rss = [r for _, r in rows]
+        rss = [statistics.median(r for _, r in runs) for runs in per_size]
+        spread = [f" [{min(r for _, r in runs):.0f}-{max(r for _, r in runs):.0f}]" if len(runs) > 1 else ""
+                  for runs in per_size]
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in per_k) + f" | {exponent(sizes, seconds):.2f} | "
-              + ", ".join(f"{r:.0f}" for r in rss) + f" | {rss[-1] / rss[0]:.2f} |")
+              + ", ".join(f"{r:.0f}{w}" for r, w in zip(rss, spread)) + f" | {rss[-1] / rss[0]:.2f} |")
 
 
 if __name__ == "__main__":
