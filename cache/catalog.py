@@ -11,6 +11,7 @@ import hashlib
 import math
 import re
 import shutil
+import signal
 import threading
 import time
 import warnings
@@ -220,9 +221,11 @@ class Catalog:
                     kept.release()
 
     @contextmanager
-    def transaction(self, wait: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    def transaction(self, wait: float | None = None, on_commit: Callable[[], None] | None = None
+                    ) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write connection for one transaction: committed on success, else rolled back.
-        `wait`: how long another process's hold on the file is waited for (CatalogBusy after)."""
+        `wait`: how long another process's hold on the file is waited for (CatalogBusy after).
+        `on_commit` runs right after the commit, with Ctrl-C held off between the two."""
         self.home.mkdir(parents=True, exist_ok=True)
         with self._connection(read_only=False, wait=wait) as con:
             if not self._migrated:
@@ -231,7 +234,10 @@ class Catalog:
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
-                con.execute("COMMIT")
+                with _interrupts_held():
+                    con.execute("COMMIT")
+                    if on_commit is not None:
+                        on_commit()
             except BaseException as exc:
                 try:
                     con.execute("ROLLBACK")
@@ -333,9 +339,27 @@ class Deferred:
 
     def _write(self, wait: float) -> None:
         if self.pending:
-            with self.catalog.transaction(wait=wait) as con:
-                self.write(con, self.pending)
-            self.pending = []
+            rows = self.pending
+
+            def committed() -> None:  # at once: a Ctrl-C while the connection closes must not write them again
+                self.pending = self.pending[len(rows):]
+
+            with self.catalog.transaction(wait=wait, on_commit=committed) as con:
+                self.write(con, rows)
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT (Ctrl-C) is delivered after the block, not inside it; elsewhere than in the main
+    thread of a POSIX process, where Python takes no signal anyway, this does nothing."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def utcnow() -> datetime:

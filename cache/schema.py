@@ -124,6 +124,7 @@ MIGRATIONS: list[str] = [
     DROP VIEW IF EXISTS frames;
     DROP TABLE frame_clips;
     ALTER TABLE frame_clips_unkeyed RENAME TO frame_clips;
+    ALTER TABLE frame_clips ALTER COLUMN entry_key SET NOT NULL;
     CREATE VIEW frames AS
         SELECT l.dataset, l.list, i.video, i.label, c.sampling, c.shape, c.format, c.bytes,
                c.path AS clip_path, i.target, l.artifact

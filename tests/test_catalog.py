@@ -54,6 +54,36 @@ def test_without_a_scope_every_transaction_opens_and_closes(home: Path, opens: l
     assert keys(catalog.path) == {"k0", "k1", "k2"}  # nothing held open
 
 
+def test_a_ctrl_c_after_the_commit_does_not_write_deferred_rows_twice(home: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing the connection after COMMIT can take a while (DuckDB checkpoints): a Ctrl-C there
+    used to leave the committed rows queued, and the interrupt's flush wrote them again."""
+    from contextlib import contextmanager
+
+    from cache.catalog import Deferred, insert_rows
+
+    catalog = Catalog(home)
+    with catalog.transaction() as con:
+        con.execute("CREATE TABLE t (k INTEGER)")  # no key: nothing else would refuse a second copy
+    real = Catalog._connection
+
+    @contextmanager
+    def interrupted_while_closing(self: Catalog, read_only: bool, wait=None):  # type: ignore[no-untyped-def]
+        with real(self, read_only, wait) as con:
+            yield con
+        raise KeyboardInterrupt
+
+    rows = Deferred(catalog, lambda con, ks: insert_rows(con, "t", [{"k": k} for k in ks]), batch=2)
+    monkeypatch.setattr(Catalog, "_connection", interrupted_while_closing)
+    with pytest.raises(KeyboardInterrupt):
+        rows.add([1, 2])
+    monkeypatch.setattr(Catalog, "_connection", real)
+    rows.add([3])
+    rows.flush()  # as frames' interrupt handler does
+    with catalog.reader() as con:
+        assert con.execute("SELECT k FROM t ORDER BY k").fetchall() == [(1,), (2,), (3,)]
+
+
 def test_the_catalog_draws_no_progress_bar_on_stdout(home: Path) -> None:
     with Catalog(home).transaction() as con:
         assert con.execute("SELECT current_setting('enable_progress_bar')").fetchone() == (False,)
