@@ -54,7 +54,7 @@ class VideoList(Sequence[VideoItem]):
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return self.take(np.arange(len(self))[i])
-        return VideoItem(self.paths(i, i + 1 if i != -1 else None)[0], int(self.labels[i]))
+        return VideoItem(self.take([i]).paths()[0], int(self.labels[i]))
 
     def __iter__(self) -> Iterator[VideoItem]:
         for first in range(0, len(self), _CHUNK):
