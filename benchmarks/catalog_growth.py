@@ -27,21 +27,32 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = """
 import sys
 from pathlib import Path
+import pyarrow as pa, pyarrow.parquet as pq
 from cache.catalog import Catalog, insert_rows
+from cache.views import refresh_frames
 from benchmarks.catalog_growth import clip_rows
 home, n, files = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "files"
 catalog = Catalog(home)
-for first in range(0, n, 20000):
-    rows = clip_rows(first, min(n, first + 20000))
+index = home / "artifacts" / "frame_index" / "00" / ("0" * 64 + ".parquet")  # every clip current, as after
+index.parent.mkdir(parents=True, exist_ok=True)                            # `frames` over a 240k list
+schema = pa.schema([("video", pa.string()), ("label", pa.int32()), ("entry_key", pa.string())])
+with pq.ParquetWriter(index, schema) as writer:
+    for first in range(0, n, 20000):
+        rows = clip_rows(first, min(n, first + 20000))
+        with catalog.transaction() as con:
+            insert_rows(con, "frame_clips", rows)
+        if files:
+            writer.write_table(pa.Table.from_pylist([{"video": r["video"], "label": 0, "entry_key": r["entry_key"]}
+                                                     for r in rows], schema=schema))
+            for r in rows:
+                (home / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+                (home / r["path"]).write_bytes(b"c")
+if files:
     with catalog.transaction() as con:
-        insert_rows(con, "frame_clips", rows)
-        if files:  # every clip current, as after `frames` over a 240k list
-            insert_rows(con, "frame_lists", [{"target": "frames:k400:train", "artifact": "0" * 64}], "OR REPLACE")
-            insert_rows(con, "frame_index", [{"target": "frames:k400:train", "video": r["video"],
-                                              "entry_key": r["entry_key"]} for r in rows])
-    for r in rows if files else ():
-        (home / r["path"]).parent.mkdir(parents=True, exist_ok=True)
-        (home / r["path"]).write_bytes(b"c")
+        path = str(index.relative_to(home))
+        insert_rows(con, "artifacts", [{"digest": "0" * 64, "kind": "frame_index", "path": path, "file_sha256": "0"}])
+        insert_rows(con, "frame_lists", [{"target": "frames:k400:train", "artifact": "0" * 64, "path": path}])
+        refresh_frames(con, home)
 """
 
 GC = """

@@ -27,6 +27,7 @@ from cache.errors import UserError
 from cache.lock import lock_wait_seconds
 from cache.scratch import scratch_dir
 from cache.schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS, SCHEMA_VERSION
+from cache.views import define_views, refresh_frames
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
 IDLE_SECONDS = 0.2  # a kept instance outlives its last use by this long: others' waits stay short
@@ -279,7 +280,6 @@ class Catalog:
         INSTALL, LOAD and extension autoloading) and any change of settings. Its views are defined
         from code (cache.views), never taken from the file; those named in `materialise` become
         tables first, read while files may still be read."""
-        from cache.views import define_views
 
         con = duckdb.connect(str(copy), config={"autoinstall_known_extensions": False,
                                                 "autoload_known_extensions": False,
@@ -305,6 +305,8 @@ class Catalog:
             con.execute(MIGRATIONS[v])
             if v == 0:
                 con.execute(EMPTY_TEXT_EMBEDDINGS)
+            if v == 8:
+                refresh_frames(con, self.home)
             con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", [str(v + 1)])
             con.execute("COMMIT")
         self._migrated = True

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, TextIO
 from cache.catalog import Catalog
 from cache.scratch import scratch_dir
 from cache.store import TMP_PREFIX, Store
+from cache.views import index_files, quoted
 
 if TYPE_CHECKING:
     import duckdb
@@ -53,9 +54,8 @@ _OUTPUTS = """SELECT d FROM (SELECT output FROM runs WHERE true {scope}
     UNION SELECT artifact FROM text_embedding_files UNION SELECT artifact FROM video_embedding_files
     UNION SELECT artifact FROM frame_lists UNION SELECT checkpoint_digest FROM results) reached(d)
     WHERE d IS NOT NULL"""
-_USED_CLIPS = "SELECT entry_key FROM frame_index WHERE entry_key IS NOT NULL"
-_KEPT_PATHS = f"""SELECT path FROM artifacts WHERE digest IN ({_OUTPUTS}) AND path IS NOT NULL
-    UNION ALL SELECT path FROM frame_clips WHERE entry_key IN ({_USED_CLIPS}) AND path IS NOT NULL"""
+_KEPT_PATHS = """SELECT path FROM artifacts WHERE digest IN ({outputs}) AND path IS NOT NULL
+    UNION ALL SELECT path FROM frame_clips WHERE entry_key IN ({used}) AND path IS NOT NULL"""
 _SUPERSEDED = """
     AND (status <> 'done' OR (configuration IS NULL AND stage IN ('train', 'evaluate', 'features'))
          OR started_at = (SELECT max(started_at) FROM runs r2 WHERE r2.target = runs.target AND r2.status = 'done'))"""
@@ -74,10 +74,11 @@ def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool, fai
                     con.execute("UPDATE runs SET status = 'cleared' WHERE status = 'failed'")
             report.superseded = con.execute(f"SELECT target, key FROM runs WHERE NOT (true {scope}) "
                                             "ORDER BY target, started_at").fetchall()
-            kept.write(con.execute(_KEPT_PATHS.format(scope=scope)))
+            used = _used_clips(con, store.home)
+            kept.write(con.execute(_KEPT_PATHS.format(outputs=_OUTPUTS.format(scope=scope), used=used)))
             # Set-wise, one statement per table: a row at a time, a changed 240k list took N^2.
             for rows in (f"artifacts WHERE digest NOT IN ({_OUTPUTS.format(scope=scope)})",
-                         f"frame_clips WHERE entry_key NOT IN ({_USED_CLIPS})"):
+                         f"frame_clips WHERE entry_key NOT IN ({used})"):
                 report.rows += con.execute(f"SELECT count(*) FROM {rows}").fetchone()[0]
                 if not dry_run:
                     con.execute(f"DELETE FROM {rows}")
@@ -88,6 +89,14 @@ def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool, fai
     if (store.home / "runs").exists():
         _sweep_runs(store, run_keys, done, report, dry_run)
     return report
+
+
+def _used_clips(con: duckdb.DuckDBPyConnection, home: Path) -> str:
+    """The clip keys the current frame indexes name, read from their Parquet files (streamed)."""
+    files = ", ".join(f"'{quoted(str(home / path))}'" for _, path in index_files(con, home))
+    if not files:
+        return "SELECT NULL::VARCHAR AS entry_key WHERE false"
+    return f"SELECT entry_key FROM read_parquet([{files}]) WHERE entry_key IS NOT NULL"
 
 
 def _sweep_artifacts(store: Store, kept: _KeptPaths, report: Report, dry_run: bool) -> None:

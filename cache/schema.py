@@ -130,6 +130,16 @@ MIGRATIONS: list[str] = [
                c.path AS clip_path, i.target, l.artifact
         FROM frame_index i JOIN frame_lists l USING (target) JOIN frame_clips c USING (entry_key);
     """,
+    # 9: a frame index only in its Parquet artifact, which frame_lists now names by path (as the
+    #    embedding tables do); the `frames` view reads it there (cache.views). Copying a 240k list
+    #    into frame_index held all of its rows in memory until the commit (+46 MB), and the
+    #    artifact already held every one of them.
+    """
+    ALTER TABLE frame_lists ADD COLUMN path VARCHAR;
+    UPDATE frame_lists SET path = a.path FROM artifacts a WHERE a.digest = frame_lists.artifact;
+    DROP VIEW IF EXISTS frames;
+    DROP TABLE frame_index;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

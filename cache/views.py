@@ -18,16 +18,49 @@ from pathlib import Path
 
 import duckdb
 
-FRAMES = """
+# A list's index is its Parquet artifact (video, label, entry_key per line), registered in
+# frame_lists; the view joins each index file to its list's facts and its clips' rows.
+_FRAMES = """
     SELECT l.dataset, l.list, i.video, i.label, c.sampling, c.shape, c.format, c.bytes,
            c.path AS clip_path, i.target, l.artifact
-    FROM frame_index i JOIN frame_lists l USING (target) JOIN frame_clips c USING (entry_key)"""
-# A catalog not yet migrated to schema 7 (`sql` never migrates: it only reads) holds a list's facts
-# on every row of frame_index.
+    FROM ({index}) i JOIN frame_lists l USING (target) JOIN frame_clips c USING (entry_key)"""
+EMPTY_FRAMES = """
+    SELECT NULL::VARCHAR AS dataset, NULL::VARCHAR AS list, NULL::VARCHAR AS video, NULL::INTEGER AS label,
+           NULL::JSON AS sampling, NULL::INTEGER[] AS shape, NULL::VARCHAR AS format, NULL::BIGINT AS bytes,
+           NULL::VARCHAR AS clip_path, NULL::VARCHAR AS target, NULL::VARCHAR AS artifact WHERE false"""
+# A catalog not yet migrated to schema 9 (`sql` never migrates: it only reads) keeps the index in
+# frame_index; before schema 7 with a list's facts on every row.
+FRAMES_BEFORE_9 = _FRAMES.format(index="SELECT target, video, label, entry_key FROM frame_index")
 FRAMES_BEFORE_7 = """
     SELECT i.dataset, i.list, i.video, i.label, c.sampling, c.shape, c.format, c.bytes,
            c.path AS clip_path, i.target, i.artifact
     FROM frame_index i JOIN frame_clips c USING (entry_key)"""
+
+
+def frames_select(sources: list[tuple[str, str]]) -> str:
+    """The `frames` view over (target, a FROM item reading that list's index file) pairs."""
+    if not sources:
+        return EMPTY_FRAMES
+    return _FRAMES.format(index="\n        UNION ALL ".join(
+        f"SELECT '{quoted(target)}' AS target, video, label, entry_key FROM {source}" for target, source in sources))
+
+
+def index_files(con: duckdb.DuckDBPyConnection, home: Path) -> list[tuple[str, str]]:
+    """(target, path under the home) of each current frame index whose file is there."""
+    rows = con.execute("SELECT target, path FROM frame_lists WHERE path IS NOT NULL ORDER BY target").fetchall()
+    kept = set(_inside(home, [path for _, path in rows]))
+    return [(target, path) for target, path in rows if path in kept]
+
+
+def refresh_frames(con: duckdb.DuckDBPyConnection, home: Path) -> None:
+    """Redefine the stored `frames` view after frame_lists changed (paths relative to the home, as
+    `refresh_stored`)."""
+    sources = [(target, f"read_parquet('{quoted(path)}')") for target, path in index_files(con, home)]
+    con.execute("SET file_search_path = ?", [str(home)])
+    try:
+        con.execute(f"CREATE OR REPLACE VIEW frames AS {frames_select(sources)}")
+    finally:
+        con.execute("RESET file_search_path")
 
 
 @dataclass(frozen=True)
@@ -50,7 +83,7 @@ class FileView:
         cast = f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]"  # mixed widths cannot share one type
         return "\nUNION ALL\n".join(
             f"SELECT {self.columns}, embedding::{cast} AS embedding "
-            f"FROM read_parquet('{_quote(str(base / path if base else path))}')" for path, _ in files)
+            f"FROM read_parquet('{quoted(str(base / path if base else path))}')" for path, _ in files)
 
 
 TEXT_EMBEDDINGS = FileView(
@@ -88,26 +121,39 @@ def define_views(con: duckdb.DuckDBPyConnection, home: Path, materialise: Collec
         con.execute(f'DROP VIEW "{name.replace(chr(34), chr(34) * 2)}"')
     tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     if {"frame_index", "frame_clips"} <= tables:
-        con.execute(f"CREATE VIEW frames AS {FRAMES if 'frame_lists' in tables else FRAMES_BEFORE_7}")
+        con.execute(f"CREATE VIEW frames AS {FRAMES_BEFORE_9 if 'frame_lists' in tables else FRAMES_BEFORE_7}")
+    elif {"frame_lists", "frame_clips"} <= tables:
+        import pyarrow.dataset as ds
+
+        # Registered Arrow datasets: read lazily through pyarrow, so `frames` needs neither DuckDB's
+        # file access, which the sandbox switches off, nor a copy of every list in memory.
+        sources = []
+        for n, (target, path) in enumerate(index_files(con, home)):
+            con.register(f"_frame_index_{n}", ds.dataset(str(home / path), format="parquet"))
+            sources.append((target, f"_frame_index_{n}"))
+        con.execute(f"CREATE VIEW frames AS {frames_select(sources)}")
     for view in FILE_VIEWS:
-        files = _inside(home, view.files(con)) if view.table in tables else []
+        registered = view.files(con) if view.table in tables else []
+        kept = set(_inside(home, [path for path, dim in registered if isinstance(dim, int)]))
+        files = [(path, dim) for path, dim in registered if path in kept]
         kind = "TABLE" if view.name in materialise else "VIEW"
         con.execute(f"CREATE {kind} {view.name} AS {view.select(files, home)}")
 
 
-def _inside(home: Path, files: list[tuple[str, int]]) -> list[tuple[str, int]]:
+def _inside(home: Path, paths: list[str]) -> list[str]:
     """The registered files that are regular files under the home's artifacts/ (a received catalog
     may name any path)."""
     root = (home / "artifacts").resolve()
     kept = []
-    for path, dim in files:
+    for path in paths:
         full = (home / str(path)).resolve()
-        if full.is_relative_to(root) and full.is_file() and isinstance(dim, int):
-            kept.append((path, dim))
+        if full.is_relative_to(root) and full.is_file():
+            kept.append(path)
         else:
-            warnings.warn(f"the catalog names {path!r}, which is not a file under {root}: left out of the views")
+            warnings.warn(f"the catalog names {path!r}, which is not a file under {root}: its rows are left out")
     return kept
 
 
-def _quote(path: str) -> str:
-    return path.replace("'", "''")
+def quoted(text: str) -> str:
+    """`text` inside a SQL string literal."""
+    return text.replace("'", "''")

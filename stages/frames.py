@@ -35,6 +35,7 @@ from cache.catalog import Catalog, Deferred, insert_rows, utcnow
 from cache.errors import UserError
 from cache.keys import digest_value
 from cache.store import Store, sha256_file
+from cache.views import refresh_frames
 from stages.engine.stage import Artifact, Context, Output, Request, Resolved, Stage, StageFailed, artifact_of, path_of
 from stages.formats.videolists import (VideoItem, draw_per_class, missing_videos, read_video_list,
                                       read_video_list_counted)
@@ -196,19 +197,11 @@ class FramesStage(Stage):
                 ctx.echo(f"         {video}: {error[:150]}")
 
         def publish(con, artifact: Artifact) -> None:
-            target = ctx.target
-            con.execute("DELETE FROM frame_index WHERE target = ?", [target])
-            insert_rows(con, "frame_lists", [{"target": target, "artifact": artifact.digest, "dataset": p["dataset"],
-                                              "list": p["list"]}], "OR REPLACE")
-            columns = ["video", "label", "entry_key"]
-            rows = pq.ParquetFile(artifact.path).iter_batches(batch_size=CHUNK, columns=columns)
-            schema = pa.schema([INDEX_SCHEMA.field(c) for c in columns])
-            con.register("_index", pa.RecordBatchReader.from_batches(schema, rows))  # streamed, not loaded
-            try:
-                con.execute("INSERT INTO frame_index BY NAME SELECT ? AS target, video, label, entry_key FROM _index",
-                            [target])
-            finally:
-                con.unregister("_index")
+            # the index stays in its Parquet file: the `frames` view reads it there
+            insert_rows(con, "frame_lists", [{"target": ctx.target, "artifact": artifact.digest, "dataset": p["dataset"],
+                                              "list": p["list"], "path": ctx.store.relative(artifact.path)}],
+                        "OR REPLACE")
+            refresh_frames(con, ctx.home)
             con.execute("DELETE FROM frame_failures WHERE dataset = ? AND list = ?", [p["dataset"], p["list"]])
             insert_rows(con, "frame_failures",
                         [{"dataset": p["dataset"], "list": p["list"], "video": v, "error": e, "run_id": ctx.run_id,

@@ -98,3 +98,29 @@ def described_toy_home(root: Path, last_text: str = "A video about a crowd.") ->
                 "--pretrained", "random", "--device", "cpu", "--home", root / "home")
     assert r.returncode == 0, r.stderr
     return root / "home"
+
+
+def register_index(con, home: Path, target: str, rows: list[dict]) -> str:
+    """A frame index as `frames` publishes one: its Parquet artifact (video, label, entry_key per line),
+    registered in `artifacts` and `frame_lists` (dataset toy, list train); its digest."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cache.catalog import insert_rows
+    from cache.store import Store
+    from cache.views import refresh_frames
+
+    store = Store(home)
+    digest = hashlib.sha256(f"{target}{rows}".encode()).hexdigest()
+    path = store.artifact_path("frame_index", digest, ".parquet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("video", pa.string()), ("label", pa.int32()), ("entry_key", pa.string())])
+    pq.write_table(pa.Table.from_pylist([{"label": 0, **r} for r in rows], schema=schema), path)
+    insert_rows(con, "artifacts", [{"digest": digest, "kind": "frame_index", "path": store.relative(path),
+                                    "file_sha256": digest}])
+    insert_rows(con, "frame_lists", [{"target": target, "artifact": digest, "dataset": "toy", "list": "train",
+                                      "path": store.relative(path)}], "OR REPLACE")
+    refresh_frames(con, home)
+    return digest

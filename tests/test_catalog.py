@@ -13,9 +13,10 @@ import pytest
 
 import cache.catalog as catalog_module
 from cache.catalog import Catalog
+from cache.schema import MIGRATIONS
 from stages.engine.runner import Runner
 
-from .conftest import ROOT
+from .conftest import ROOT, catalog_rows
 from .test_engine import requests, toy_stage
 
 
@@ -243,7 +244,7 @@ def test_materialise_opens_the_catalog_once_for_a_chain_of_stages(home: Path, tm
 
 def _catalog_at(home: Path, version: int) -> duckdb.DuckDBPyConnection:
     """A catalog file as an msta-pipe of schema `version` left it, open for writing old rows."""
-    from cache.schema import EMPTY_TEXT_EMBEDDINGS, MIGRATIONS
+    from cache.schema import EMPTY_TEXT_EMBEDDINGS
 
     home.mkdir(parents=True)
     con = duckdb.connect(str(home / "catalog.duckdb"))
@@ -264,16 +265,14 @@ def test_an_old_frame_index_moves_its_list_facts_to_frame_lists(tmp_path: Path) 
                     [video, key])
     con.execute("INSERT INTO frame_index VALUES ('frames:toy:test:test', 'd2', 'toy', 'test', 'a.mp4', 3, 'e1')")
     before = con.execute("SELECT * FROM frames ORDER BY target, video").fetchall()
-    con.close()
-    with Catalog(home).transaction():  # the next command that writes migrates
-        pass
-    with Catalog(home).reader() as c:
-        assert c.execute("SELECT * FROM frames ORDER BY target, video").fetchall() == before
-        assert c.execute("SELECT * FROM frame_lists ORDER BY target").fetchall() == [
-            ("frames:toy:test:test", "d2", "toy", "test"), ("frames:toy:train:train", "d1", "toy", "train")]
-        assert [d[0] for d in c.execute("SELECT * FROM frame_index").description] == [
-            "target", "video", "label", "entry_key"]
+    con.execute(MIGRATIONS[6])
+    assert con.execute("SELECT * FROM frames ORDER BY target, video").fetchall() == before
+    assert con.execute("SELECT * FROM frame_lists ORDER BY target").fetchall() == [
+        ("frames:toy:test:test", "d2", "toy", "test"), ("frames:toy:train:train", "d1", "toy", "train")]
+    assert [d[0] for d in con.execute("SELECT * FROM frame_index").description] == [
+        "target", "video", "label", "entry_key"]
     assert len(before) == 3
+    con.close()
 
 
 def test_migration_8_keeps_every_clip_row_and_drops_the_key(tmp_path: Path) -> None:
@@ -287,14 +286,51 @@ def test_migration_8_keeps_every_clip_row_and_drops_the_key(tmp_path: Path) -> N
     before = con.execute("SELECT * FROM frame_clips ORDER BY entry_key").fetchall()
     types = con.execute("SELECT column_name, data_type FROM information_schema.columns "
                         "WHERE table_name = 'frame_clips' ORDER BY ordinal_position").fetchall()
+    c = con
+    c.execute(MIGRATIONS[7])
+    assert c.execute("SELECT * FROM frame_clips ORDER BY entry_key").fetchall() == before
+    assert c.execute("SELECT column_name, data_type FROM information_schema.columns "
+                     "WHERE table_name = 'frame_clips' ORDER BY ordinal_position").fetchall() == types
+    assert c.execute("SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'frame_clips' "
+                     "AND constraint_type = 'PRIMARY KEY'").fetchone() == (0,)
+    assert c.execute("SELECT video, bytes, artifact FROM frames").fetchall() == [("a.mp4", 10, "d1")]
     con.close()
-    with Catalog(home).transaction() as c:
-        assert c.execute("SELECT * FROM frame_clips ORDER BY entry_key").fetchall() == before
-        assert c.execute("SELECT column_name, data_type FROM information_schema.columns "
-                         "WHERE table_name = 'frame_clips' ORDER BY ordinal_position").fetchall() == types
-        assert c.execute("SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'frame_clips' "
-                         "AND constraint_type = 'PRIMARY KEY'").fetchone() == (0,)
-        assert c.execute("SELECT video, bytes, artifact FROM frames").fetchall() == [("a.mp4", 10, "d1")]
+
+
+def test_migration_9_reads_each_index_from_its_artifact(tmp_path: Path) -> None:
+    """frame_index goes: the `frames` view reads the same rows from the index files `frames` wrote;
+    a list whose file is gone is left out, with a warning, and does not stop the migration."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    home = tmp_path / "home"
+    con = _catalog_at(home, 8)
+    rows = [{"video": "a.mp4", "label": 3, "entry_key": "e1", "clip_path": "artifacts/e1", "source": "/v/a.mp4",
+             "size": 1, "mtime_ns": 2}, {"video": "b.mp4", "label": 5, "entry_key": "e2",
+                                        "clip_path": "artifacts/e2", "source": "/v/b.mp4", "size": 1, "mtime_ns": 2}]
+    index = home / "artifacts" / "frame_index" / "d1" / "d1.parquet"
+    index.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), index)
+    for key in ("e1", "e2"):
+        con.execute("INSERT INTO frame_clips (entry_key, path, bytes, shape) VALUES (?, ?, 10, [8, 4, 4, 3])",
+                    [key, f"artifacts/{key}"])
+    con.execute("INSERT INTO artifacts (digest, kind, path, file_sha256) VALUES "
+                "('d1', 'frame_index', 'artifacts/frame_index/d1/d1.parquet', 'x'), "
+                "('d2', 'frame_index', 'artifacts/frame_index/d2/d2.parquet', 'x')")  # d2's file is gone
+    con.execute("INSERT INTO frame_lists VALUES ('frames:toy:train:train', 'd1', 'toy', 'train'), "
+                "('frames:toy:test:test', 'd2', 'toy', 'test')")
+    con.execute("INSERT INTO frame_index VALUES ('frames:toy:train:train', 'a.mp4', 3, 'e1'), "
+                "('frames:toy:train:train', 'b.mp4', 5, 'e2')")
+    before = con.execute("SELECT * FROM frames ORDER BY video").fetchall()
+    con.close()
+    with pytest.warns(UserWarning, match="d2.parquet"), Catalog(home).transaction():
+        pass
+    assert catalog_rows(home, "SELECT * FROM frames ORDER BY video") == before
+    assert catalog_rows(home, "SELECT target, path FROM frame_lists ORDER BY target") == [
+        ("frames:toy:test:test", "artifacts/frame_index/d2/d2.parquet"),
+        ("frames:toy:train:train", "artifacts/frame_index/d1/d1.parquet")]
+    assert catalog_rows(home, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'frame_index'") == [(0,)]
+    assert len(before) == 2
 
 
 def test_sql_on_a_catalog_not_yet_migrated_still_has_the_frames_view(tmp_path: Path) -> None:

@@ -181,13 +181,16 @@ def test_views_of_a_received_catalog_are_never_run(toy_home: Path, tmp_path: Pat
         con.execute(f"CREATE OR REPLACE VIEW text_embeddings AS SELECT content AS text FROM read_text('{secret}')")
         con.execute(f"CREATE VIEW evil AS SELECT content FROM read_text('{secret}')")
         con.execute("UPDATE text_embedding_files SET path = ?", [str(secret)])
+        con.execute("INSERT INTO frame_lists VALUES ('frames:toy:t:t', 'd', 'toy', 't', ?)", [str(secret)])
     finally:
         con.close()
     for query in ("select * from text_embeddings", "select * from evil", "select * from frames"):
         r = run_cli("sql", query, "--home", received, "--format", "json")
         assert "the-content-of-a-private-file" not in r.stdout + r.stderr, query
     r = run_cli("sql", "select count(*) as n from text_embeddings", "--home", received, "--format", "csv")
-    assert r.returncode == 0 and r.stdout.splitlines()[1] == "0" and "left out of the views" in r.stderr
+    assert r.returncode == 0 and r.stdout.splitlines()[1] == "0" and "its rows are left out" in r.stderr
+    r = run_cli("sql", "select count(*) as n from frames", "--home", received, "--format", "csv")
+    assert r.returncode == 0 and r.stdout.splitlines()[1] == "0" and "secret.txt" in r.stderr
 
 
 def test_sql_prints_control_characters_escaped_and_secrets_masked(toy_home: Path) -> None:

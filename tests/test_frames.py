@@ -68,6 +68,10 @@ def test_good_clips_cached_broken_ones_reported_and_rerun_decodes_nothing(tmp_pa
     assert clip.dtype == np.uint8 and clip.shape[-1] == 3
     again = run_cli("frames", "-d", "toy", "--list", "train", "--config", config, "--home", home)
     assert again.returncode == 0 and "fresh  frames:toy:train:train" in again.stdout
+    # `sql`'s sandbox reads the index files without DuckDB's file access, and from any folder
+    sandboxed = run_cli("sql", "SELECT dataset, list, count(*), count(DISTINCT clip_path) FROM frames "
+                        "GROUP BY ALL", "--format", "csv", "--home", home, cwd=tmp_path / "videos")
+    assert sandboxed.returncode == 0 and sandboxed.stdout.splitlines()[1:] == ["toy,train,12,12"], sandboxed
     strict = run_cli("frames", "-d", "toy", "--list", "train", "--config", config, "--home", home, "--strict", "--force")
     assert strict.returncode == 1 and "3 videos could not be decoded" in strict.stderr
     assert "0 decoded, 12 cached" in strict.stdout  # --force reruns the stage; the clip cache still holds

@@ -8,6 +8,7 @@ from pathlib import Path
 from cache.catalog import Catalog, insert_rows
 from cache.gc import collect
 from cache.store import Store
+from .conftest import register_index
 
 
 def _home_with_clips(home: Path, n: int) -> tuple[Store, list[Path], list[Path]]:
@@ -21,9 +22,8 @@ def _home_with_clips(home: Path, n: int) -> tuple[Store, list[Path], list[Path]]
     with catalog.transaction() as con:
         insert_rows(con, "frame_clips", [{"entry_key": k, "path": store.relative(p), "bytes": 4}
                                          for k, p in zip(keys, paths)])
-        insert_rows(con, "frame_lists", [{"target": "frames:toy:train", "artifact": "a" * 64}])
-        insert_rows(con, "frame_index", [{"target": "frames:toy:train", "video": f"v{i}", "entry_key": k}
-                                         for i, k in enumerate(keys) if i % 2 == 0])
+        register_index(con, home, "frames:toy:train",
+                       [{"video": f"v{i}", "entry_key": k} for i, k in enumerate(keys) if i % 2 == 0])
     return store, paths[::2], paths[1::2]
 
 
@@ -60,7 +60,7 @@ def test_gc_keeps_reachable_files_whatever_their_path_holds(tmp_path: Path) -> N
         insert_rows(con, "text_embedding_files", [{"dataset": k, "backbone": "b", "artifact": p.stem}
                                                   for k, p in files.items()])
         insert_rows(con, "frame_clips", [{"entry_key": "e" * 64, "path": None, "bytes": 1}])
-        insert_rows(con, "frame_index", [{"target": "t", "video": "v", "entry_key": "e" * 64}])
+        register_index(con, home, "t", [{"video": "v", "entry_key": "e" * 64}])
     report = collect(catalog, store, superseded=False, dry_run=False)
     assert (report.files, report.rows) == (0, 0)
     assert all(p.exists() for p in files.values())
