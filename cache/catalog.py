@@ -274,18 +274,16 @@ class Catalog:
                     shutil.copyfile(wal, copy.with_name(copy.name + ".wal"))
             yield copy
 
-    def sandboxed_reader(self, copy: Path, materialise: Collection[str] = ()) -> duckdb.DuckDBPyConnection:
+    def sandboxed_reader(self, copy: Path, named: Collection[str] = ()) -> duckdb.DuckDBPyConnection:
         """A connection to a snapshot on which DuckDB itself refuses every file and network access
         (COPY/EXPORT ... TO, even under EXPLAIN ANALYZE; IMPORT, ATTACH, read_csv of any path;
         INSTALL, LOAD and extension autoloading) and any change of settings. Its views are defined
-        from code (cache.views), never taken from the file; those named in `materialise` become
-        tables first, read while files may still be read."""
-
+        from code (cache.views), never taken from the file, for the views the query names (`named`)."""
         con = duckdb.connect(str(copy), config={"autoinstall_known_extensions": False,
                                                 "autoload_known_extensions": False,
                                                 "allow_community_extensions": False})
         con.execute("SET enable_progress_bar = false")  # its bar would garble the output
-        define_views(con, self.home, materialise)
+        define_views(con, self.home, named)
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")  # last: no statement may undo the above
         return con

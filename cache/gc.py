@@ -47,6 +47,7 @@ class Report:
     foreign: list[str] = field(default_factory=list)  # paths under artifacts/ or runs/ the store did not write
     superseded: list[tuple[str, str]] = field(default_factory=list)  # (target, run key) dropped
     cleared: list[tuple[str, str]] = field(default_factory=list)  # (target, run key) of failed runs forgotten
+    unreadable_indexes: list[str] = field(default_factory=list)  # targets whose index is gone: every clip stays
 
 
 # What the catalog reaches: the outputs of kept runs and of current tables, and current indexes' clips.
@@ -74,7 +75,7 @@ def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool, fai
                     con.execute("UPDATE runs SET status = 'cleared' WHERE status = 'failed'")
             report.superseded = con.execute(f"SELECT target, key FROM runs WHERE NOT (true {scope}) "
                                             "ORDER BY target, started_at").fetchall()
-            used = _used_clips(con, store.home)
+            used = _used_clips(con, store.home, report)
             kept.write(con.execute(_KEPT_PATHS.format(outputs=_OUTPUTS.format(scope=scope), used=used)))
             # Set-wise, one statement per table: a row at a time, a changed 240k list took N^2.
             for rows in (f"artifacts WHERE digest NOT IN ({_OUTPUTS.format(scope=scope)})",
@@ -91,9 +92,13 @@ def collect(catalog: Catalog, store: Store, superseded: bool, dry_run: bool, fai
     return report
 
 
-def _used_clips(con: duckdb.DuckDBPyConnection, home: Path) -> str:
-    """The clip keys the current frame indexes name, read from their Parquet files (streamed)."""
-    files = ", ".join(f"'{quoted(str(home / path))}'" for _, path in index_files(con, home))
+def _used_clips(con: duckdb.DuckDBPyConnection, home: Path, report: Report) -> str:
+    """The clip keys the current frame indexes name, read from their Parquet files (streamed); every
+    clip while an index cannot be read (its clips cannot be told from the unused)."""
+    usable, report.unreadable_indexes = index_files(con, home)
+    if report.unreadable_indexes:
+        return "SELECT entry_key FROM frame_clips"
+    files = ", ".join(f"'{quoted(str(home / path))}'" for _, path in usable)
     if not files:
         return "SELECT NULL::VARCHAR AS entry_key WHERE false"
     return f"SELECT entry_key FROM read_parquet([{files}]) WHERE entry_key IS NOT NULL"

@@ -1,8 +1,9 @@
 """The catalog's views, defined from code.
 
-`msta-pipe sql` never trusts a view stored in the file (a catalog copied from someone else may
-define `text_embeddings` over any file): on its private copy of the catalog every stored view is
-dropped and the project's are defined anew, over this home's artifact files only. The views kept
+`msta-pipe sql` never trusts a view or macro stored in the file (a catalog copied from someone else
+may define `text_embeddings` over any file, or a `read_parquet` macro): on its private copy of the
+catalog every stored view and macro is dropped and the project's views are defined anew, over this
+home's artifact files only. The views kept
 in the file itself (for a `duckdb` shell) name their Parquet files relative to the home, so a
 copied or moved home never reads the original's files: open it from the home folder.
 
@@ -37,28 +38,45 @@ FRAMES_BEFORE_7 = """
     FROM frame_index i JOIN frame_clips c USING (entry_key)"""
 
 
-def frames_select(sources: list[tuple[str, str]]) -> str:
-    """The `frames` view over (target, a FROM item reading that list's index file) pairs."""
+def index_select(sources: list[tuple[str, str]]) -> str:
+    """(target, video, label, entry_key) of each (target, a FROM item reading that list's index file)."""
     if not sources:
-        return EMPTY_FRAMES
-    return _FRAMES.format(index="\n        UNION ALL ".join(
-        f"SELECT '{quoted(target)}' AS target, video, label, entry_key FROM {source}" for target, source in sources))
+        return "SELECT NULL::VARCHAR AS target, NULL::VARCHAR AS video, NULL::INTEGER AS label, " \
+               "NULL::VARCHAR AS entry_key WHERE false"
+    return "\n        UNION ALL ".join(f"SELECT '{quoted(target)}' AS target, video, label, entry_key FROM {source}"
+                                      for target, source in sources)
 
 
-def index_files(con: duckdb.DuckDBPyConnection, home: Path) -> list[tuple[str, str]]:
-    """(target, path under the home) of each current frame index whose file is there."""
-    rows = con.execute("SELECT target, path FROM frame_lists WHERE path IS NOT NULL ORDER BY target").fetchall()
-    kept = set(_inside(home, [path for _, path in rows]))
-    return [(target, path) for target, path in rows if path in kept]
+def index_files(con: duckdb.DuckDBPyConnection, home: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """(target, path under the home) of each current frame index that can be read, and the targets
+    of those that cannot (no path, a file gone or outside the home's artifacts/, not an index), each
+    with a warning."""
+    rows = con.execute("SELECT target, path FROM frame_lists ORDER BY target").fetchall()
+    usable, unusable = [], []
+    probe = duckdb.connect()  # its own: an error inside the caller's transaction would end it
+    for target, path in rows:
+        try:
+            readable = path is not None and _is_inside(home, path) and {"video", "label", "entry_key"} <= {
+                name for (name,) in probe.execute("SELECT name FROM parquet_schema(?)", [str(home / path)]).fetchall()}
+        except duckdb.Error:  # a damaged file
+            readable = False
+        if readable:
+            usable.append((target, path))
+        else:
+            unusable.append(target)
+            warnings.warn(f"the frame index of {target} ({path}) is gone, damaged or outside the home's artifacts/: "
+                          "its rows are left out; rerun its `frames` to rebuild it")
+    probe.close()
+    return usable, unusable
 
 
 def refresh_frames(con: duckdb.DuckDBPyConnection, home: Path) -> None:
     """Redefine the stored `frames` view after frame_lists changed (paths relative to the home, as
     `refresh_stored`)."""
-    sources = [(target, f"read_parquet('{quoted(path)}')") for target, path in index_files(con, home)]
+    sources = [(target, f"read_parquet('{quoted(path)}')") for target, path in index_files(con, home)[0]]
     con.execute("SET file_search_path = ?", [str(home)])
     try:
-        con.execute(f"CREATE OR REPLACE VIEW frames AS {frames_select(sources)}")
+        con.execute(f"CREATE OR REPLACE VIEW frames AS {_FRAMES.format(index=index_select(sources))}")
     finally:
         con.execute("RESET file_search_path")
 
@@ -101,6 +119,7 @@ VIDEO_EMBEDDINGS = FileView(
               NULL::INTEGER AS label, NULL::VARCHAR AS class_name, NULL::VARCHAR AS level, NULL::INTEGER AS view,
               NULL::INTEGER AS clip, NULL::INTEGER AS crop, NULL::FLOAT[] AS embedding WHERE false""")
 FILE_VIEWS = (TEXT_EMBEDDINGS, VIDEO_EMBEDDINGS)
+VIEW_NAMES = ("frames", *(view.name for view in FILE_VIEWS))
 
 
 def refresh_stored(con: duckdb.DuckDBPyConnection, view: FileView, home: Path) -> None:
@@ -113,45 +132,59 @@ def refresh_stored(con: duckdb.DuckDBPyConnection, view: FileView, home: Path) -
         con.execute("RESET file_search_path")
 
 
-def define_views(con: duckdb.DuckDBPyConnection, home: Path, materialise: Collection[str] = ()) -> None:
-    """On a private copy of a catalog: drop every stored view, define the project's from code over
-    `home`'s own artifact files, and turn those named in `materialise` into tables (read now,
-    before file access is switched off)."""
-    for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall():
-        con.execute(f'DROP VIEW "{name.replace(chr(34), chr(34) * 2)}"')
+def define_views(con: duckdb.DuckDBPyConnection, home: Path, named: Collection[str] = ()) -> None:
+    """On a private copy of a catalog: drop every stored view and macro, and define the project's
+    views from code over `home`'s own artifact files. Of the views a query names (`named`), the file
+    views become tables and `frames` gets its lists' index columns as a temporary table, read now,
+    before file access is switched off; `frames` unnamed is not defined (it would read every index)."""
+    for schema, name in con.execute("SELECT schema_name, view_name FROM duckdb_views() WHERE NOT internal").fetchall():
+        con.execute(f"DROP VIEW {_identifier(schema)}.{_identifier(name)}")
+    # a stored macro named like a built-in (read_parquet) would run in its place below, files allowed
+    for schema, name, kind in con.execute("SELECT DISTINCT schema_name, function_name, function_type "
+                                          "FROM duckdb_functions() WHERE NOT internal").fetchall():
+        con.execute(f"DROP MACRO {'TABLE ' if kind == 'table_macro' else ''}{_identifier(schema)}.{_identifier(name)}")
     tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     if {"frame_index", "frame_clips"} <= tables:
         con.execute(f"CREATE VIEW frames AS {FRAMES_BEFORE_9 if 'frame_lists' in tables else FRAMES_BEFORE_7}")
-    elif {"frame_lists", "frame_clips"} <= tables:
-        import pyarrow.dataset as ds
-
-        # Registered Arrow datasets: read lazily through pyarrow, so `frames` needs neither DuckDB's
-        # file access, which the sandbox switches off, nor a copy of every list in memory.
-        sources = []
-        for n, (target, path) in enumerate(index_files(con, home)):
-            con.register(f"_frame_index_{n}", ds.dataset(str(home / path), format="parquet"))
-            sources.append((target, f"_frame_index_{n}"))
-        con.execute(f"CREATE VIEW frames AS {frames_select(sources)}")
+    elif {"frame_lists", "frame_clips"} <= tables and "frames" in named:
+        # The index columns only, read now while files may be read (~150 bytes a video); the join to
+        # the clips stays lazy. One thread: each of DuckDB's Parquet readers holds its own buffers.
+        sources = [(target, f"read_parquet('{quoted(str(home / path))}')") for target, path in index_files(con, home)[0]]
+        con.execute("SET threads = 1")
+        con.execute(f"CREATE TEMP TABLE _frame_index AS {index_select(sources)}")
+        con.execute("RESET threads")
+        con.execute(f"CREATE VIEW frames AS {_FRAMES.format(index='FROM _frame_index')}")
     for view in FILE_VIEWS:
         registered = view.files(con) if view.table in tables else []
-        kept = set(_inside(home, [path for path, dim in registered if isinstance(dim, int)]))
-        files = [(path, dim) for path, dim in registered if path in kept]
-        kind = "TABLE" if view.name in materialise else "VIEW"
+        kept = set(_inside(home, [path for path, _ in registered]))
+        files = [(path, dim) for path, dim in registered if path in kept and isinstance(dim, int)]
+        kind = "TABLE" if view.name in named else "VIEW"
         con.execute(f"CREATE {kind} {view.name} AS {view.select(files, home)}")
 
 
 def _inside(home: Path, paths: list[str]) -> list[str]:
     """The registered files that are regular files under the home's artifacts/ (a received catalog
     may name any path)."""
-    root = (home / "artifacts").resolve()
     kept = []
     for path in paths:
-        full = (home / str(path)).resolve()
-        if full.is_relative_to(root) and full.is_file():
+        if _is_inside(home, path):
             kept.append(path)
         else:
-            warnings.warn(f"the catalog names {path!r}, which is not a file under {root}: its rows are left out")
+            warnings.warn(f"the catalog names {path!r}, which is not a file under {home / 'artifacts'}: "
+                          "its rows are left out")
     return kept
+
+
+def _is_inside(home: Path, path: str) -> bool:
+    try:
+        full = (home / str(path)).resolve()
+        return full.is_relative_to((home / "artifacts").resolve()) and full.is_file()
+    except (OSError, ValueError, RuntimeError):  # no access, a NUL byte, a symlink loop
+        return False
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def quoted(text: str) -> str:

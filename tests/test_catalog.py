@@ -12,7 +12,7 @@ import duckdb
 import pytest
 
 import cache.catalog as catalog_module
-from cache.catalog import Catalog
+from cache.catalog import Catalog, insert_rows
 from cache.schema import MIGRATIONS
 from stages.engine.runner import Runner
 
@@ -372,3 +372,23 @@ def test_an_old_catalog_gets_plain_params(tmp_path: Path) -> None:
         alpha, lr, epochs, conf = c.execute("SELECT (params->>'alpha')::DOUBLE, params->'lr', params->>'epochs', "
                                             "configuration FROM runs").fetchone()
     assert (alpha, json.loads(lr), epochs, conf) == (0.0, 1e-05, "3", None)
+
+
+def test_an_index_that_cannot_be_read_is_left_out_and_blocks_nothing(tmp_path: Path) -> None:
+    """A damaged index file (here a Git LFS pointer) neither stops another list's registration nor
+    `sql`: its rows are left out with one warning line naming it."""
+    from .conftest import register_index, run_cli
+
+    home = tmp_path / "home"
+    with Catalog(home).transaction() as con:
+        insert_rows(con, "frame_clips", [{"entry_key": k, "path": f"artifacts/clips/{k}", "bytes": 1}
+                                         for k in ("e1", "e2")])
+        register_index(con, home, "frames:toy:a", [{"video": "a.mp4", "entry_key": "e1"}])
+        (index,) = con.execute("SELECT path FROM frame_lists").fetchone()
+    (home / index).write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.warns(UserWarning, match="frames:toy:a"), Catalog(home).transaction() as con:
+        register_index(con, home, "frames:toy:b", [{"video": "b.mp4", "entry_key": "e2"}])
+    r = run_cli("sql", "SELECT target, video FROM frames", "--home", home, "--format", "csv")
+    assert r.returncode == 0 and r.stdout.splitlines()[1:] == ["frames:toy:b,b.mp4"], r
+    assert "warning: the frame index of frames:toy:a" in r.stderr
+    assert catalog_rows(home, "SELECT target, video FROM frames") == [("frames:toy:b", "b.mp4")]

@@ -171,12 +171,17 @@ def test_a_copied_home_reads_its_own_files(toy_home: Path, tmp_path: Path) -> No
         shutil.move(str(moved), toy_home)
 
 
-def test_views_of_a_received_catalog_are_never_run(toy_home: Path, tmp_path: Path) -> None:
+def _received(toy_home: Path, tmp_path: Path) -> tuple[Path, Path, duckdb.DuckDBPyConnection]:
+    """A copy of the toy home as someone else's, a private file, and a connection to the copy's catalog."""
     received = tmp_path / "received"
     shutil.copytree(toy_home, received)
     secret = tmp_path / "secret.txt"
     secret.write_text("the-content-of-a-private-file")
-    con = duckdb.connect(str(received / "catalog.duckdb"))
+    return received, secret, duckdb.connect(str(received / "catalog.duckdb"))
+
+
+def test_views_of_a_received_catalog_are_never_run(toy_home: Path, tmp_path: Path) -> None:
+    received, secret, con = _received(toy_home, tmp_path)
     try:
         con.execute(f"CREATE OR REPLACE VIEW text_embeddings AS SELECT content AS text FROM read_text('{secret}')")
         con.execute(f"CREATE VIEW evil AS SELECT content FROM read_text('{secret}')")
@@ -207,3 +212,23 @@ def test_sql_prints_control_characters_escaped_and_secrets_masked(toy_home: Path
         assert "\x1b" not in r.stdout and "\x07" not in r.stdout
         assert "sk-test-abcdefghijkl" not in r.stdout
         assert "pwned" in r.stdout  # shown, escaped
+
+
+def test_macros_of_a_received_catalog_are_never_run(toy_home: Path, tmp_path: Path) -> None:
+    """A stored macro named like the built-in `read_parquet` would run while the sandbox still reads
+    files; a view in another schema must not stop the query either."""
+    received, secret, con = _received(toy_home, tmp_path)
+    try:
+        for schema in ("main", "elsewhere"):
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            con.execute(f"CREATE MACRO {schema}.read_parquet(p) AS TABLE "
+                        f"SELECT content AS text, * FROM read_text('{secret}')")
+            con.execute(f"CREATE VIEW {schema}.evil_view AS SELECT 1 AS x")
+    finally:
+        con.close()
+    for query in ("select text from text_embeddings", "select * from frames"):
+        r = run_cli("sql", query, "--home", received, "--format", "json")
+        assert r.returncode == 0, r.stderr
+        assert "the-content-of-a-private-file" not in r.stdout + r.stderr, query
+    r = run_cli("sql", "select count(*) from text_embeddings", "--home", received, "--format", "csv")
+    assert r.returncode == 0 and int(r.stdout.splitlines()[1]) > 0

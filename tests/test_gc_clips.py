@@ -5,10 +5,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
 from cache.catalog import Catalog, insert_rows
 from cache.gc import collect
 from cache.store import Store
-from .conftest import register_index
+from .conftest import register_index, run_cli
 
 
 def _home_with_clips(home: Path, n: int) -> tuple[Store, list[Path], list[Path]]:
@@ -64,3 +68,25 @@ def test_gc_keeps_reachable_files_whatever_their_path_holds(tmp_path: Path) -> N
     report = collect(catalog, store, superseded=False, dry_run=False)
     assert (report.files, report.rows) == (0, 0)
     assert all(p.exists() for p in files.values())
+
+
+@pytest.mark.parametrize("damage", ["removed", "not parquet", "no entry_key"])
+def test_gc_keeps_every_clip_while_an_index_cannot_be_read(tmp_path: Path, damage: str) -> None:
+    """A current list whose index file is gone or damaged names clips nobody can list: none is collected,
+    and the command says why and what to do."""
+    home = tmp_path / "home"
+    store, used, unused = _home_with_clips(home, 40)
+    with Catalog(home).reader() as con:
+        (index,) = con.execute("SELECT path FROM frame_lists").fetchone()
+    if damage == "removed":
+        (home / index).unlink()
+    elif damage == "not parquet":
+        (home / index).write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    else:
+        pq.write_table(pa.table({"video": ["v0"], "label": [0]}), home / index)
+    with pytest.warns(UserWarning, match="frames:toy:train"):
+        report = collect(Catalog(home), store, superseded=False, dry_run=False)
+    assert report.unreadable_indexes == ["frames:toy:train"]
+    assert report.rows == 0 and all(p.exists() for p in used + unused)
+    r = run_cli("gc", "--dry-run", "--home", home)
+    assert r.returncode == 0 and "kept every cached clip: the frame index of frames:toy:train cannot be read" in r.stdout

@@ -54,7 +54,7 @@ def sql_command(query: str, fmt: str, timeout: float, home: Path | None) -> None
     import duckdb
 
     from cache.catalog import Catalog
-    from cache.views import FILE_VIEWS
+    from cache.views import VIEW_NAMES
 
     if fmt not in ("table", "csv", "json"):
         raise UserError("--format must be table, csv or json", 2)
@@ -70,7 +70,7 @@ def sql_command(query: str, fmt: str, timeout: float, home: Path | None) -> None
         raise UserError(f"`msta-pipe sql` is read-only: {', '.join(refused)} statements are refused", 2)
     if not statements:
         raise UserError("the query is empty", 2)
-    views = [v.name for v in FILE_VIEWS if v.name in query.lower()]
+    views = [name for name in VIEW_NAMES if name in query.lower()]
     catalog = Catalog(session.home_dir(home))
     with catalog.snapshot() as copy:
         outcome = _in_child(catalog, copy, query, views, timeout)
@@ -179,4 +179,7 @@ def gc_command(dry_run: bool, superseded: bool, failed: bool, home: Path | None)
     if report.foreign:
         typer.echo(f"left {len(report.foreign)} files msta-pipe did not write under artifacts/ and runs/ "
                    f"(e.g. {', '.join(report.foreign[:3])}): move them out of the home's managed folders")
+    if report.unreadable_indexes:
+        typer.echo(f"kept every cached clip: the frame index of {', '.join(report.unreadable_indexes[:3])} cannot be "
+                   "read, so its clips cannot be told from unused ones; rerun its `frames` to rebuild it")
 
