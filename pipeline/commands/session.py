@@ -17,6 +17,9 @@ def home_dir(home: Path | None) -> Path:
     path = (home or Path(os.environ.get("MSTA_HOME", ".msta"))).resolve()
     if path.exists() and not path.is_dir():
         raise UserError(f"the home {path} (--home / MSTA_HOME) is a file, not a folder", 2)
+    if "," in str(path):  # the stored views bind their files through DuckDB's file_search_path, a comma list
+        raise UserError(f"the home {path} (--home / MSTA_HOME) has a comma in its path, which DuckDB's file "
+                        "search path cannot hold: choose a folder without one", 2)
     return path
 
 
