@@ -25,10 +25,6 @@ _FRAMES = """
     SELECT l.dataset, l.list, i.video, i.label, c.sampling, c.shape, c.format, c.bytes,
            c.path AS clip_path, i.target, l.artifact
     FROM ({index}) i JOIN frame_lists l USING (target) JOIN frame_clips c USING (entry_key)"""
-EMPTY_FRAMES = """
-    SELECT NULL::VARCHAR AS dataset, NULL::VARCHAR AS list, NULL::VARCHAR AS video, NULL::INTEGER AS label,
-           NULL::JSON AS sampling, NULL::INTEGER[] AS shape, NULL::VARCHAR AS format, NULL::BIGINT AS bytes,
-           NULL::VARCHAR AS clip_path, NULL::VARCHAR AS target, NULL::VARCHAR AS artifact WHERE false"""
 # A catalog not yet migrated to schema 9 (`sql` never migrates: it only reads) keeps the index in
 # frame_index; before schema 7 with a list's facts on every row.
 FRAMES_BEFORE_9 = _FRAMES.format(index="SELECT target, video, label, entry_key FROM frame_index")
@@ -137,19 +133,27 @@ def define_views(con: duckdb.DuckDBPyConnection, home: Path, named: Collection[s
     views from code over `home`'s own artifact files. Of the views a query names (`named`), the file
     views become tables and `frames` gets its lists' index columns as a temporary table, read now,
     before file access is switched off; `frames` unnamed is not defined (it would read every index)."""
-    for schema, name in con.execute("SELECT schema_name, view_name FROM duckdb_views() WHERE NOT internal").fetchall():
-        con.execute(f"DROP VIEW {_identifier(schema)}.{_identifier(name)}")
+    # Built-ins by their full names, objects by the database's: a stored macro shadows any unqualified
+    # function (duckdb_functions itself), and its `internal` flag is the file's to set.
+    db = con.execute("SELECT system.main.current_database()").fetchone()[0]
+    for schema, name in con.execute("SELECT DISTINCT schema_name, view_name FROM system.main.duckdb_views() "
+                                    "WHERE database_name = ?", [db]).fetchall():
+        con.execute(f"DROP VIEW {_identifier(db)}.{_identifier(schema)}.{_identifier(name)}")
     # a stored macro named like a built-in (read_parquet) would run in its place below, files allowed
-    for schema, name, kind in con.execute("SELECT DISTINCT schema_name, function_name, function_type "
-                                          "FROM duckdb_functions() WHERE NOT internal").fetchall():
-        con.execute(f"DROP MACRO {'TABLE ' if kind == 'table_macro' else ''}{_identifier(schema)}.{_identifier(name)}")
-    tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    macros = con.execute("SELECT DISTINCT schema_name, function_name, function_type "
+                         "FROM system.main.duckdb_functions() WHERE database_name = ?", [db]).fetchall()
+    for schema, name, kind in macros:
+        con.execute(f"DROP MACRO {'TABLE ' if kind == 'table_macro' else ''}"
+                    f"{_identifier(db)}.{_identifier(schema)}.{_identifier(name)}")
+    tables = {t for (t,) in con.execute("SELECT table_name FROM system.main.duckdb_tables() "
+                                        "WHERE database_name = ? AND schema_name = 'main'", [db]).fetchall()}
     if {"frame_index", "frame_clips"} <= tables:
         con.execute(f"CREATE VIEW frames AS {FRAMES_BEFORE_9 if 'frame_lists' in tables else FRAMES_BEFORE_7}")
     elif {"frame_lists", "frame_clips"} <= tables and "frames" in named:
-        # The index columns only, read now while files may be read (~150 bytes a video); the join to
+        # The index columns only, read now while files may be read (~170 bytes a video); the join to
         # the clips stays lazy. One thread: each of DuckDB's Parquet readers holds its own buffers.
-        sources = [(target, f"read_parquet('{quoted(str(home / path))}')") for target, path in index_files(con, home)[0]]
+        sources = [(target, f"read_parquet('{quoted(str(home / path))}')")
+                   for target, path in index_files(con, home)[0]]
         con.execute("SET threads = 1")
         con.execute(f"CREATE TEMP TABLE _frame_index AS {index_select(sources)}")
         con.execute("RESET threads")

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cache.errors import UserError, error_line, one_line
+from cache.errors import UserError, error_line, one_line, printable
 from pipeline.commands.configs import DescribeOptions, FramesOptions, ParamsOptions, TrainOptions
 from pipeline.commands.options import with_options
 
@@ -424,7 +424,8 @@ def features(
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-    typer.echo(f"warning: {one_line(str(message), limit=4000)}", err=True)
+    # printable: a warning may quote a received catalog's rows
+    typer.echo(f"warning: {printable(one_line(str(message), limit=4000))}", err=True)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from cache.catalog import Catalog, CatalogBusy, Deferred, insert_rows
 
-from .conftest import ROOT, cli_env, described_toy_home, run_cli
+from .conftest import ROOT, cli_env, described_toy_home, register_index, run_cli
 
 LONG_QUERY = "SELECT count(*) FROM range(1000000000000) a WHERE a.range % 7 = 3"  # hours of work for DuckDB
 
@@ -216,19 +216,25 @@ def test_sql_prints_control_characters_escaped_and_secrets_masked(toy_home: Path
 
 def test_macros_of_a_received_catalog_are_never_run(toy_home: Path, tmp_path: Path) -> None:
     """A stored macro named like the built-in `read_parquet` would run while the sandbox still reads
-    files; a view in another schema must not stop the query either."""
+    files, and one named `duckdb_functions` would hide it from the clean-up; a schema named `system`
+    or a view in another schema must not stop the query either."""
     received, secret, con = _received(toy_home, tmp_path)
     try:
-        for schema in ("main", "elsewhere"):
-            con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-            con.execute(f"CREATE MACRO {schema}.read_parquet(p) AS TABLE "
-                        f"SELECT content AS text, * FROM read_text('{secret}')")
-            con.execute(f"CREATE VIEW {schema}.evil_view AS SELECT 1 AS x")
+        insert_rows(con, "frame_clips", [{"entry_key": "e1", "path": "artifacts/clips/e1", "bytes": 1}])
+        register_index(con, received, "frames:toy:a", [{"video": "a.mp4", "entry_key": "e1"}])
+        hide = "SELECT 'main' AS schema_name, 'x' AS function_name, 'macro' AS function_type, 'x' AS view_name, false AS internal"
+        con.execute(f"CREATE MACRO duckdb_functions() AS TABLE {hide} WHERE false")
+        con.execute(f"CREATE MACRO duckdb_views() AS TABLE {hide} WHERE false")
+        for schema in ("main", "elsewhere", '"system"'):
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS catalog.{schema}")
+            con.execute(f"CREATE MACRO catalog.{schema}.read_parquet(p) AS TABLE "
+                        f"SELECT content AS video, 0 AS label, 'e1' AS entry_key FROM read_text('{secret}')")
+            con.execute(f"CREATE VIEW catalog.{schema}.evil_view AS SELECT 1 AS x")
     finally:
         con.close()
-    for query in ("select text from text_embeddings", "select * from frames"):
+    for query in ("select * from frames", "select text from text_embeddings"):
         r = run_cli("sql", query, "--home", received, "--format", "json")
-        assert r.returncode == 0, r.stderr
         assert "the-content-of-a-private-file" not in r.stdout + r.stderr, query
-    r = run_cli("sql", "select count(*) from text_embeddings", "--home", received, "--format", "csv")
-    assert r.returncode == 0 and int(r.stdout.splitlines()[1]) > 0
+        assert r.returncode == 0, r.stderr
+    r = run_cli("sql", "select video from frames", "--home", received, "--format", "csv")
+    assert r.stdout.splitlines()[1:] == ["a.mp4"], r

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from cache.errors import UserError, error_line, one_line
+from cache.errors import UserError, error_line, one_line, printable
 from pipeline.commands import session
 
 STALE_EXIT = 3  # `status`: something is stale or interrupted, nothing failed
@@ -180,6 +180,7 @@ def gc_command(dry_run: bool, superseded: bool, failed: bool, home: Path | None)
         typer.echo(f"left {len(report.foreign)} files msta-pipe did not write under artifacts/ and runs/ "
                    f"(e.g. {', '.join(report.foreign[:3])}): move them out of the home's managed folders")
     if report.unreadable_indexes:
-        typer.echo(f"kept every cached clip: the frame index of {', '.join(report.unreadable_indexes[:3])} cannot be "
-                   "read, so its clips cannot be told from unused ones; rerun its `frames` to rebuild it")
+        lists = printable(", ".join(report.unreadable_indexes[:3]))  # targets a received catalog may have named
+        typer.echo(f"kept every cached clip: the frame index of {lists} cannot be read, so its clips cannot be "
+                   "told from unused ones; rerun its `frames` to rebuild it")
 

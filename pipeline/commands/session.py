@@ -17,9 +17,11 @@ def home_dir(home: Path | None) -> Path:
     path = (home or Path(os.environ.get("MSTA_HOME", ".msta"))).resolve()
     if path.exists() and not path.is_dir():
         raise UserError(f"the home {path} (--home / MSTA_HOME) is a file, not a folder", 2)
-    if "," in str(path):  # the stored views bind their files through DuckDB's file_search_path, a comma list
-        raise UserError(f"the home {path} (--home / MSTA_HOME) has a comma in its path, which DuckDB's file "
-                        "search path cannot hold: choose a folder without one", 2)
+    # DuckDB reads the home's Parquet files by path: its file_search_path is a comma list, and a path
+    # with * ? [ is a pattern (h[1] would read h1)
+    if any(c in str(path) for c in ",*?["):
+        raise UserError(f"the home {path} (--home / MSTA_HOME) has one of , * ? [ in its path, which DuckDB reads "
+                        "as a list or a pattern: choose a folder without them", 2)
     return path
 
 
