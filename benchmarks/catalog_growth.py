@@ -6,8 +6,9 @@ does per video beyond that is catalog work: it registers its clips in `frame_cli
 keys. This builds the catalog with 16k, 64k and 240k registered clips through the project's own
 schema, then runs, in a fresh process per size, what `frames` does for 16 chunks (32k videos):
 the lookups and the batched registration. The `gc` part also writes a one-byte file per clip and
-indexes every clip, then runs `gc --dry-run`'s collection over them. Prints the peak RSS per size
-and 240k/16k, per part.
+indexes every clip, then runs `gc --dry-run`'s collection over them; the `sql` part runs
+`msta-pipe sql`'s query over `frames` in its sandbox, with the index read from its file and, for
+comparison, from a table as before migration 9. Prints the peak RSS per size and 240k/16k, per part.
 
     python benchmarks/catalog_growth.py                        # about 3 min on 2 cores
     python benchmarks/catalog_growth.py --parts registrations  # one part alone
@@ -68,6 +69,29 @@ assert report.files == 0 and not report.foreign, report
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before / 1024)
 """
 
+# `msta-pipe sql`'s query over `frames` in its sandbox; argv[2] "table": the index also copied into a
+# frame_index table, which `sql` reads as it read a catalog before migration 9
+SQL = """
+import resource, sys
+from pathlib import Path
+from cache.catalog import Catalog
+home = Path(sys.argv[1])
+catalog = Catalog(home)
+with catalog.snapshot() as copy:
+    if sys.argv[2] == "table":
+        import duckdb
+        con = duckdb.connect(str(copy))
+        con.execute("CREATE TABLE frame_index AS SELECT target, video, label, entry_key FROM frame_lists, "
+                    "read_parquet(?)", [str(home / con.execute("SELECT path FROM frame_lists").fetchone()[0])])
+        con.close()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    con = catalog.sandboxed_reader(copy, ["frames"])
+    (n, _, _), = con.execute("SELECT count(*), count(DISTINCT video), sum(bytes) FROM frames").fetchall()
+    assert n > 0
+    con.close()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before / 1024)
+"""
+
 # What frames does for 16 chunks of new videos: look the chunk up, register its clips 64 at a time.
 WORK = """
 import resource, sys
@@ -120,9 +144,11 @@ def child(code: str, *args: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="16000,64000,240000", help="registered clips per size, comma-separated")
-    parser.add_argument("--parts", default="lookups,registrations,gc",
+    parser.add_argument("--parts", default="lookups,registrations,gc,sql",
                         help="what to run: lookups (a chunk's keys), registrations (64 clips a transaction), "
-                             "gc (its collection over that many clip files; the frames parts run together)")
+                             "gc (its collection over that many clip files), sql (`msta-pipe sql`'s query over "
+                             "frames, also with the index in a table as before migration 9); the frames parts "
+                             "run together")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     parts = args.parts.split(",")
@@ -131,9 +157,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="msta-catalog-growth-") as tmp:
         for n in sizes:
             home = Path(tmp) / str(n)
-            child(BUILD, str(home), str(n), "files" if "gc" in parts else "rows")
+            child(BUILD, str(home), str(n), "files" if {"gc", "sql"} & set(parts) else "rows")
             size_mb = (home / "catalog.duckdb").stat().st_size / 1e6
             runs = [("gc", GC, ())] if "gc" in parts else []  # gc first: the frames parts register more clips
+            if "sql" in parts:
+                runs += [("sql", SQL, ("file",)), ("sql, index in a table (before migration 9)", SQL, ("table",))]
             if frames_parts:
                 runs.append((frames_parts, WORK, (str(n), frames_parts)))
             for name, code, extra in runs:
@@ -142,7 +170,8 @@ def main() -> None:
                       f"({peak - start:+.0f} MB over the process before the work)", flush=True)
                 peaks.setdefault(name, []).append(peak)
     for name, values in peaks.items():
-        what = "gc --dry-run's collection" if name == "gc" else f"frames' catalog work ({name}) over 16 chunks of 2048 videos"
+        what = {"gc": "gc --dry-run's collection", "sql": "sql's query over frames"}.get(
+            name, name if name.startswith("sql") else f"frames' catalog work ({name}) over 16 chunks of 2048 videos")
         print(f"{what}, fresh process per size: peak RSS {', '.join(f'{p:.0f}' for p in values)} MB at "
               f"{', '.join(map(str, sizes))} registered clips; largest/smallest {values[-1] / values[0]:.2f}")
 
