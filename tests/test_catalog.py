@@ -297,14 +297,16 @@ def test_migration_8_keeps_every_clip_row_and_drops_the_key(tmp_path: Path) -> N
     con.close()
 
 
-def test_migration_9_reads_each_index_from_its_artifact(tmp_path: Path) -> None:
-    """frame_index goes: the `frames` view reads the same rows from the index files `frames` wrote;
-    a list whose file is gone is left out, with a warning, and does not stop the migration."""
+@pytest.mark.parametrize("version", [6, 8])
+def test_migration_9_reads_each_index_from_its_artifact(tmp_path: Path, version: int) -> None:
+    """frame_index goes: the `frames` view reads the same rows from the index files `frames` wrote,
+    from schema 6 (a list's facts on every row) as from 8; a list whose file is gone is left out,
+    with a warning, and does not stop the migration."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     home = tmp_path / "home"
-    con = _catalog_at(home, 8)
+    con = _catalog_at(home, version)
     rows = [{"video": "a.mp4", "label": 3, "entry_key": "e1", "clip_path": "artifacts/e1", "source": "/v/a.mp4",
              "size": 1, "mtime_ns": 2}, {"video": "b.mp4", "label": 5, "entry_key": "e2",
                                         "clip_path": "artifacts/e2", "source": "/v/b.mp4", "size": 1, "mtime_ns": 2}]
@@ -317,18 +319,24 @@ def test_migration_9_reads_each_index_from_its_artifact(tmp_path: Path) -> None:
     con.execute("INSERT INTO artifacts (digest, kind, path, file_sha256) VALUES "
                 "('d1', 'frame_index', 'artifacts/frame_index/d1/d1.parquet', 'x'), "
                 "('d2', 'frame_index', 'artifacts/frame_index/d2/d2.parquet', 'x')")  # d2's file is gone
-    con.execute("INSERT INTO frame_lists VALUES ('frames:toy:train:train', 'd1', 'toy', 'train'), "
-                "('frames:toy:test:test', 'd2', 'toy', 'test')")
-    con.execute("INSERT INTO frame_index VALUES ('frames:toy:train:train', 'a.mp4', 3, 'e1'), "
-                "('frames:toy:train:train', 'b.mp4', 5, 'e2')")
-    before = con.execute("SELECT * FROM frames ORDER BY video").fetchall()
+    if version == 6:
+        con.execute("INSERT INTO frame_index VALUES "
+                    "('frames:toy:train:train', 'd1', 'toy', 'train', 'a.mp4', 3, 'e1'), "
+                    "('frames:toy:train:train', 'd1', 'toy', 'train', 'b.mp4', 5, 'e2'), "
+                    "('frames:toy:test:test', 'd2', 'toy', 'test', 'a.mp4', 3, 'e1')")
+    else:
+        con.execute("INSERT INTO frame_lists VALUES ('frames:toy:train:train', 'd1', 'toy', 'train'), "
+                    "('frames:toy:test:test', 'd2', 'toy', 'test')")
+        con.execute("INSERT INTO frame_index VALUES ('frames:toy:train:train', 'a.mp4', 3, 'e1'), "
+                    "('frames:toy:train:train', 'b.mp4', 5, 'e2'), ('frames:toy:test:test', 'a.mp4', 3, 'e1')")
+    before = con.execute("SELECT * FROM frames WHERE artifact = 'd1' ORDER BY video").fetchall()
     con.close()
     with pytest.warns(UserWarning, match="d2.parquet"), Catalog(home).transaction():
         pass
     assert catalog_rows(home, "SELECT * FROM frames ORDER BY video") == before
-    assert catalog_rows(home, "SELECT target, path FROM frame_lists ORDER BY target") == [
-        ("frames:toy:test:test", "artifacts/frame_index/d2/d2.parquet"),
-        ("frames:toy:train:train", "artifacts/frame_index/d1/d1.parquet")]
+    assert catalog_rows(home, "SELECT target, artifact, dataset, list, path FROM frame_lists ORDER BY target") == [
+        ("frames:toy:test:test", "d2", "toy", "test", "artifacts/frame_index/d2/d2.parquet"),
+        ("frames:toy:train:train", "d1", "toy", "train", "artifacts/frame_index/d1/d1.parquet")]
     assert catalog_rows(home, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'frame_index'") == [(0,)]
     assert len(before) == 2
 
