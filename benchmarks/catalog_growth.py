@@ -43,8 +43,9 @@ with pq.ParquetWriter(index, schema) as writer:
         with catalog.transaction() as con:
             insert_rows(con, "frame_clips", rows)
         if files:
-            writer.write_table(pa.Table.from_pylist([{"video": r["video"], "label": 0, "entry_key": r["entry_key"]}
-                                                     for r in rows], schema=schema))
+            writer.write_table(pa.Table.from_pylist(  # the video as its list names it, under the video root
+                [{"video": r["video"].split("/train/")[1], "label": i % 400, "entry_key": r["entry_key"]}
+                 for i, r in enumerate(rows, first)], schema=schema))
             for r in rows:
                 (home / r["path"]).parent.mkdir(parents=True, exist_ok=True)
                 (home / r["path"]).write_bytes(b"c")
@@ -69,27 +70,35 @@ assert report.files == 0 and not report.foreign, report
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before / 1024)
 """
 
-# `msta-pipe sql`'s query over `frames` in its sandbox; argv[2] "table": the index also copied into a
-# frame_index table, which `sql` reads as it read a catalog before migration 9
+# `msta-pipe sql`'s query over `frames` in its sandbox
 SQL = """
 import resource, sys
 from pathlib import Path
 from cache.catalog import Catalog
-home = Path(sys.argv[1])
-catalog = Catalog(home)
+catalog = Catalog(Path(sys.argv[1]))
 with catalog.snapshot() as copy:
-    if sys.argv[2] == "table":
-        import duckdb
-        con = duckdb.connect(str(copy))
-        con.execute("CREATE TABLE frame_index AS SELECT target, video, label, entry_key FROM frame_lists, "
-                    "read_parquet(?)", [str(home / con.execute("SELECT path FROM frame_lists").fetchone()[0])])
-        con.close()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     con = catalog.sandboxed_reader(copy, ["frames"])
     (n, _, _), = con.execute("SELECT count(*), count(DISTINCT video), sum(bytes) FROM frames").fetchall()
     assert n > 0
     con.close()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before / 1024)
+"""
+
+# A copy of the catalog with the index in a frame_index table, which `sql` reads as it read a catalog
+# before migration 9 (made in its own process: the copying is not the query's memory)
+INDEX_TABLE = """
+import shutil, sys
+from pathlib import Path
+import duckdb
+home, copy = Path(sys.argv[1]), Path(sys.argv[2])
+copy.mkdir()
+shutil.copyfile(home / "catalog.duckdb", copy / "catalog.duckdb")
+con = duckdb.connect(str(copy / "catalog.duckdb"))
+(path,) = con.execute("SELECT path FROM frame_lists").fetchone()
+con.execute("CREATE TABLE frame_index AS SELECT target, video, label, entry_key FROM frame_lists, read_parquet(?)",
+            [str(home / path)])
+con.close()
 """
 
 # What frames does for 16 chunks of new videos: look the chunk up, register its clips 64 at a time.
@@ -159,13 +168,16 @@ def main() -> None:
             home = Path(tmp) / str(n)
             child(BUILD, str(home), str(n), "files" if {"gc", "sql"} & set(parts) else "rows")
             size_mb = (home / "catalog.duckdb").stat().st_size / 1e6
-            runs = [("gc", GC, ())] if "gc" in parts else []  # gc first: the frames parts register more clips
+            runs = [("gc", GC, (str(home),))] if "gc" in parts else []  # first: the frames parts register more clips
             if "sql" in parts:
-                runs += [("sql", SQL, ("file",)), ("sql, index in a table (before migration 9)", SQL, ("table",))]
+                table_home = Path(tmp) / f"{n}-index-table"
+                child(INDEX_TABLE, str(home), str(table_home))
+                runs += [("sql", SQL, (str(home),)),
+                         ("sql, index in a table (before migration 9)", SQL, (str(table_home),))]
             if frames_parts:
-                runs.append((frames_parts, WORK, (str(n), frames_parts)))
-            for name, code, extra in runs:
-                peak, start = (float(x) for x in child(code, str(home), *extra).split())
+                runs.append((frames_parts, WORK, (str(home), str(n), frames_parts)))
+            for name, code, args in runs:
+                peak, start = (float(x) for x in child(code, *args).split())
                 print(f"  {name}: {n:>7} clips registered (catalog {size_mb:.0f} MB): peak RSS {peak:.0f} MB "
                       f"({peak - start:+.0f} MB over the process before the work)", flush=True)
                 peaks.setdefault(name, []).append(peak)
