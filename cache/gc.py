@@ -47,7 +47,7 @@ class Report:
     foreign: list[str] = field(default_factory=list)  # paths under artifacts/ or runs/ the store did not write
     superseded: list[tuple[str, str]] = field(default_factory=list)  # (target, run key) dropped
     cleared: list[tuple[str, str]] = field(default_factory=list)  # (target, run key) of failed runs forgotten
-    unreadable_indexes: list[str] = field(default_factory=list)  # targets whose index is gone: every clip stays
+    unreadable_indexes: list[str] = field(default_factory=list)  # targets whose index cannot be read: every clip stays
 
 
 # What the catalog reaches: the outputs of kept runs and of current tables, and current indexes' clips.

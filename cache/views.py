@@ -3,9 +3,9 @@
 `msta-pipe sql` never trusts a view or macro stored in the file (a catalog copied from someone else
 may define `text_embeddings` over any file, or a `read_parquet` macro): on its private copy of the
 catalog every stored view and macro is dropped and the project's views are defined anew, over this
-home's artifact files only. The views kept
-in the file itself (for a `duckdb` shell) name their Parquet files relative to the home, so a
-copied or moved home never reads the original's files: open it from the home folder.
+home's artifact files only. The views kept in the file itself (for a `duckdb` shell) name their
+Parquet files relative to the home, so a copied or moved home never reads the original's files:
+open it from the home folder.
 
 Parquet `fixed_size_list<float32>[D]` reads back in DuckDB as `FLOAT[]`; the cast to `FLOAT[D]`
 is what makes `array_cosine_similarity` usable in plain SQL.
@@ -49,20 +49,20 @@ def index_files(con: duckdb.DuckDBPyConnection, home: Path) -> tuple[list[tuple[
     with a warning."""
     rows = con.execute("SELECT target, path FROM frame_lists ORDER BY target").fetchall()
     usable, unusable = [], []
-    probe = duckdb.connect()  # its own: an error inside the caller's transaction would end it
-    for target, path in rows:
-        try:
-            readable = path is not None and _is_inside(home, path) and {"video", "label", "entry_key"} <= {
-                name for (name,) in probe.execute("SELECT name FROM parquet_schema(?)", [str(home / path)]).fetchall()}
-        except duckdb.Error:  # a damaged file
-            readable = False
-        if readable:
-            usable.append((target, path))
-        else:
-            unusable.append(target)
-            warnings.warn(f"the frame index of {target} ({path}) is gone, damaged or outside the home's artifacts/: "
-                          "its rows are left out; rerun its `frames` to rebuild it")
-    probe.close()
+    with duckdb.connect() as probe:  # its own: an error inside the caller's transaction would end it
+        for target, path in rows:
+            try:
+                readable = path is not None and _is_inside(home, path) and {"video", "label", "entry_key"} <= {
+                    name for (name,) in probe.execute("SELECT name FROM parquet_schema(?)", [str(home / path)])
+                    .fetchall()}
+            except duckdb.Error:  # a damaged file
+                readable = False
+            if readable:
+                usable.append((target, path))
+            else:
+                unusable.append(target)
+                warnings.warn(f"the frame index of {target} ({path}) is gone, damaged or outside the home's "
+                              "artifacts/: its rows are left out; rerun its `frames` to rebuild it")
     return usable, unusable
 
 
