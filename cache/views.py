@@ -67,14 +67,9 @@ def index_files(con: duckdb.DuckDBPyConnection, home: Path) -> tuple[list[tuple[
 
 
 def refresh_frames(con: duckdb.DuckDBPyConnection, home: Path) -> None:
-    """Redefine the stored `frames` view after frame_lists changed (paths relative to the home, as
-    `refresh_stored`)."""
+    """Redefine the stored `frames` view after frame_lists changed."""
     sources = [(target, f"read_parquet('{quoted(path)}')") for target, path in index_files(con, home)[0]]
-    con.execute("SET file_search_path = ?", [str(home)])
-    try:
-        con.execute(f"CREATE OR REPLACE VIEW frames AS {_FRAMES.format(index=index_select(sources))}")
-    finally:
-        con.execute("RESET file_search_path")
+    _store_view(con, "frames", _FRAMES.format(index=index_select(sources)), home)
 
 
 @dataclass(frozen=True)
@@ -119,11 +114,16 @@ VIEW_NAMES = ("frames", *(view.name for view in FILE_VIEWS))
 
 
 def refresh_stored(con: duckdb.DuckDBPyConnection, view: FileView, home: Path) -> None:
-    """Redefine `view` in the catalog file after its table changed (paths relative to the home;
-    DuckDB checks them as it binds the view, hence the search path, for this statement only)."""
+    """Redefine `view` in the catalog file after its table changed."""
+    _store_view(con, view.name, view.select(view.files(con), None), home)
+
+
+def _store_view(con: duckdb.DuckDBPyConnection, name: str, select: str, home: Path) -> None:
+    """CREATE OR REPLACE the stored view `name` over paths relative to the home: DuckDB checks them as
+    it binds the view, hence the search path, for this statement only."""
     con.execute("SET file_search_path = ?", [str(home)])
     try:
-        con.execute(f"CREATE OR REPLACE VIEW {view.name} AS {view.select(view.files(con), None)}")
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
     finally:
         con.execute("RESET file_search_path")
 
